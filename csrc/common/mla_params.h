@@ -1,0 +1,38 @@
+// Arguments of one decode call, as the FFI handlers hand them to the CPU implementation and the CUDA
+// kernels. All tensors are dense and row-major in the shapes of the contract (README, "API").
+#pragma once
+
+#include <cstdint>
+
+namespace jax_flashmla {
+
+enum class ElementType { kBF16, kF16 };
+
+struct DecodeParams {
+  int batch = 0;
+  int seqlen_q = 0;            // s_q
+  int num_heads_q = 0;         // h_q
+  int num_heads_k = 0;         // h_kv
+  int num_blocks = 0;          // pages in the pool
+  int max_blocks_per_seq = 0;  // block_table columns
+  int num_sm_parts = 0;        // tile_md rows
+  int q_heads_per_k = 0;       // h_q / h_kv
+  int rows_per_head_k = 0;     // s_q * h_q / h_kv; row r is query token r / q_heads_per_k
+  float softmax_scale = 0.f;
+  bool causal = false;
+  ElementType dtype = ElementType::kBF16;
+
+  const void* q = nullptr;               // [batch, s_q, h_q, 576]
+  const void* k_cache = nullptr;         // [num_blocks, 64, h_kv, 576]
+  const int32_t* block_table = nullptr;  // [batch, max_blocks_per_seq]
+  const int32_t* seqlens = nullptr;      // [batch]
+  const int32_t* tile_md = nullptr;      // [num_sm_parts, 8]
+  const int32_t* num_splits = nullptr;   // [batch + 1]
+
+  void* out = nullptr;          // [batch, s_q, h_q, 512], dtype of q
+  float* lse = nullptr;         // [batch, h_q, s_q]
+  float* o_accum = nullptr;     // [batch + num_sm_parts, h_kv, rows_per_head_k, 512]
+  float* lse_accum = nullptr;   // [batch + num_sm_parts, h_kv, rows_per_head_k]
+};
+
+}  // namespace jax_flashmla
