@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import jax
 
-from . import _contract
-from ._primitives import mla_decode_p, mla_metadata_p
+from . import _autodiff, _batching, _contract  # noqa: F401  (_batching registers vmap rules)
+from ._primitives import mla_metadata_p
+from ._sharding import mla_attention_p
 
 
 def _default_sm_count() -> int:
@@ -50,7 +51,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       block_table: int32 [batch, max_blocks_per_seq], page ids of each request, in order.
       cache_seqlens: int32 [batch], tokens of each request in the cache.
       head_dim_v: 512.
-      tile_md, num_splits: from get_mla_metadata, or both None to plan inside the call.
+      tile_md, num_splits: from get_mla_metadata, or both None to plan inside the call. Under
+        vmap, or when the batch is sharded, the call plans its own (per folded batch / per
+        shard) and the given plan goes unused.
       softmax_scale: default 576 ** -0.5.
       causal: with s_q > 1, query token j of request i sees keys 0 .. len_i - s_q + j.
 
@@ -58,13 +61,25 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       out [batch, s_q, h_q, head_dim_v] in q's dtype, and lse float32 [batch, h_q, s_q] (natural
       log of the sum of exp of the scaled scores). A query with no visible key gets out = 0 and
       lse = +inf.
+
+    Differentiable in q and k_cache (jax.grad / jax.vjp), vmappable, and partitioned under jit
+    with named shardings (head- and data-parallel); see docs/transformations.md.
     """
     shapes = _contract.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_md, num_splits)
     scale = _contract.check_softmax_scale(softmax_scale)
     if not isinstance(causal, bool):
         raise _contract.ContractError(f"causal: expected a Python bool, got {causal!r}")
-    if tile_md is None:
-        tile_md, num_splits = get_mla_metadata(cache_seqlens, shapes.rows_per_head_k, shapes.num_heads_k)
-    out, lse, _, _ = mla_decode_p.bind(q, k_cache, block_table, cache_seqlens, tile_md, num_splits,
-                                       softmax_scale=scale, causal=causal)
+    del shapes
+    return _decode(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, scale, causal)
+
+
+def _forward(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, softmax_scale, causal):
+    # Without a plan the op plans inside itself (per shard when partitioned, per folded batch
+    # under vmap); a given plan is used where it is a plan of the requests at hand.
+    plan = () if tile_md is None else (tile_md, num_splits)
+    out, lse = mla_attention_p.bind(q, k_cache, block_table, cache_seqlens, *plan,
+                                    softmax_scale=softmax_scale, causal=causal)
     return out, lse
+
+
+_decode = _autodiff.differentiable(_forward)
