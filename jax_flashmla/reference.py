@@ -33,10 +33,16 @@ def gather_pages(k_cache, block_table):
 def mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v: int = _contract.HEAD_DIM_V,
                          softmax_scale=None, causal: bool = False):
     """Returns (out [b, s_q, h_q, head_dim_v] in q's dtype, lse [b, h_q, s_q] float32)."""
-    shapes = _contract.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v)
+    _contract.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v)
     scale = _contract.check_softmax_scale(softmax_scale)
+    return reference_math(q, k_cache, block_table, cache_seqlens, head_dim_v, scale, causal)
+
+
+def reference_math(q, k_cache, block_table, cache_seqlens, head_dim_v: int, scale: float, causal: bool):
+    """The reference without argument checks, so float32 inputs work too (gradient tests)."""
     b, s_q, h_q, d = q.shape
-    h_kv, g = shapes.num_heads_k, shapes.q_heads_per_k
+    h_kv = k_cache.shape[2]
+    g = h_q // h_kv
 
     keys = gather_pages(k_cache, block_table).astype(jnp.float32)  # [b, t, h_kv, d]
     positions = jnp.arange(keys.shape[1], dtype=jnp.int32)

@@ -1,0 +1,130 @@
+"""Gradients of the decode: the blockwise backward against autodiff of the reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jax_flashmla as fm
+from jax_flashmla import _autodiff, reference
+from mla_cases import make_case
+
+SCALE = fm.HEAD_DIM ** -0.5
+
+
+def _f32_decode(block_table, cache_seqlens, causal, pages_per_step):
+    """The decode in float32: reference forward, our backward. Checks the backward math without
+    bf16 rounding in the way."""
+
+    @jax.custom_vjp
+    def decode(q, k):
+        return reference.reference_math(q, k, block_table, cache_seqlens, fm.HEAD_DIM_V, SCALE, causal)
+
+    def fwd(q, k):
+        out, lse = decode(q, k)
+        return (out, lse), (q, k, out, lse)
+
+    def bwd(res, ct):
+        q, k, out, lse = res
+        return _autodiff.mla_decode_bwd(q, k, block_table, cache_seqlens, out, lse, ct[0], ct[1],
+                                        softmax_scale=SCALE, causal=causal, pages_per_step=pages_per_step)
+
+    decode.defvjp(fwd, bwd)
+    return decode
+
+
+def _loss(decode):
+    # Weighs out and the finite part of lse, so both cotangents reach the backward.
+    def loss(q, k):
+        out, lse = decode(q, k)
+        w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+        return jnp.sum(out.astype(jnp.float32) * w) + 0.3 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+    return loss
+
+
+CASES = [  # (seqlen_q, heads_q, heads_k, causal, lens, pages_per_step)
+    (1, 4, 1, False, [70, 128, 5], 2),
+    (2, 4, 2, True, [1, 190, 64], 4),  # len 1 with s_q 2: the first causal row sees nothing
+    (3, 2, 1, True, [130, 2, 191], 1),
+]
+
+
+@pytest.mark.parametrize("s_q,h_q,h_kv,causal,lens,pps", CASES)
+def test_backward_math_f32_matches_autodiff_of_reference(s_q, h_q, h_kv, causal, lens, pps):
+    q, k, bt, sl = make_case(1, batch=3, seqlen_q=s_q, heads_q=h_q, heads_k=h_kv, lens=lens, dtype=jnp.float32)
+    ours = jax.grad(_loss(_f32_decode(bt, sl, causal, pps)), (0, 1))(q, k)
+    ref_fn = lambda q, k: reference.reference_math(q, k, bt, sl, fm.HEAD_DIM_V, SCALE, causal)
+    want = jax.grad(_loss(ref_fn), (0, 1))(q, k)
+    for got, exp in zip(ours, want):
+        exp = np.nan_to_num(np.asarray(exp))  # autodiff of where(mask, NaN, 0) leaves NaN*0 there
+        np.testing.assert_allclose(np.asarray(got), exp, rtol=2e-4, atol=2e-5 * np.abs(exp).max())
+
+
+def test_check_grads_f32():
+    q, k, bt, sl = make_case(2, batch=2, seqlen_q=2, heads_q=2, lens=[40, 100], max_blocks=2,
+                             dtype=jnp.float32, poison=False)
+    decode = _f32_decode(bt, sl, True, 1)
+    check_grads(lambda q, k: decode(q, k), (q, k), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def _public(bt, sl, causal, **kw):
+    return lambda q, k: fm.flash_mla_with_kvcache(q, k, bt, sl, causal=causal, **kw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("with_plan", [False, True])
+def test_public_grad_matches_reference_grad(dtype, with_plan):
+    q, k, bt, sl = make_case(3, batch=3, seqlen_q=2, heads_q=4, heads_k=2, lens=[5, 150, 64], dtype=dtype)
+    kw = {}
+    if with_plan:
+        kw = dict(zip(("tile_md", "num_splits"), fm.get_mla_metadata(sl, 2 * 4 // 2, 2)))
+    got = jax.grad(_loss(_public(bt, sl, True, **kw)), (0, 1))(q, k)
+    want = jax.grad(_loss(lambda q, k: fm.mla_decode_reference(q, k, bt, sl, causal=True)), (0, 1))(q, k)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        g, w = np.asarray(g, np.float32), np.nan_to_num(np.asarray(w, np.float32))
+        assert not np.isnan(g).any()
+        # Both sides round q, k, out to 16 bits; compare relative to the gradient's scale.
+        assert np.abs(g - w).max() <= 2e-2 * np.abs(w).max(), np.abs(g - w).max()
+
+
+def test_unused_slots_get_zero_and_nan_does_not_leak():
+    q, k, bt, sl = make_case(4, batch=2, lens=[3, 70], max_blocks=3)  # NaN past each length
+    dk = jax.grad(lambda k: jnp.sum(fm.flash_mla_with_kvcache(q, k, bt, sl)[0].astype(jnp.float32)))(k)
+    dk = np.asarray(dk, np.float32)
+    assert not np.isnan(dk).any()
+    used = np.zeros(dk.shape[:2], bool)
+    table = np.asarray(bt)
+    for i, n in enumerate(np.asarray(sl)):
+        for j in range(-(-int(n) // fm.PAGE_SIZE)):
+            used[table[i, j], : min(fm.PAGE_SIZE, int(n) - j * fm.PAGE_SIZE)] = True
+    assert np.all(dk[~used] == 0)
+    assert np.abs(dk[used]).max() > 0
+
+
+def test_grad_under_jit_with_donated_cache_and_checkpoint():
+    q, k, bt, sl = make_case(5, batch=2, seqlen_q=2, heads_q=4, lens=[100, 33])
+    want = jax.grad(_loss(lambda q, k: fm.mla_decode_reference(q, k, bt, sl, causal=True)), (0, 1))(q, k)
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def step(q, k):
+        grads = jax.grad(_loss(jax.checkpoint(_public(bt, sl, True))), (0, 1))(q, k)
+        return grads, k * 0  # hands back a cache-shaped buffer, as a training step would
+
+    got, _ = step(q, jnp.array(k))  # a copy: the original stays valid after donation
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.nan_to_num(np.asarray(w, np.float32))
+        assert np.abs(g - w).max() <= 2e-2 * np.abs(w).max()
+
+
+def test_grad_of_vmapped_decode():
+    q, k, bt, sl = make_case(6, batch=2, heads_q=2, lens=[64, 129])
+    qs = jnp.stack([q, -q])
+    loss = lambda fn: (lambda qs: jnp.sum(jax.vmap(fn)(qs)[0].astype(jnp.float32) ** 2))
+    got = jax.grad(loss(lambda q: fm.flash_mla_with_kvcache(q, k, bt, sl)))(qs)
+    want = jax.grad(loss(lambda q: fm.mla_decode_reference(q, k, bt, sl)))(qs)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
