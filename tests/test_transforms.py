@@ -1,0 +1,163 @@
+"""vmap, pmap, shard_map, jit with donation and checkpoint, each against the pure-JAX reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+import jax_flashmla as fm
+from jax_flashmla import _extension
+from jax_flashmla._primitives import mla_decode_p, mla_metadata_p
+from mla_cases import make_case
+
+
+def assert_matches(got, want):
+    out, lse = got
+    ref_out, ref_lse = want
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=2e-2, rtol=2e-2,
+                               equal_nan=False)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-5, atol=1e-5, equal_nan=False)
+
+
+def _members(seed, count, **kw):
+    cases = [make_case(seed + m, **kw) for m in range(count)]
+    return [jnp.stack(parts) for parts in zip(*cases)]
+
+
+# ---- vmap -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_vmap_all_operands_mapped_one_pool_per_member(causal):
+    qs, ks, bts, sls = _members(10, 3, batch=2, seqlen_q=2, heads_q=4, heads_k=2)
+    got = jax.vmap(lambda *a: fm.flash_mla_with_kvcache(*a, causal=causal))(qs, ks, bts, sls)
+    want = [fm.mla_decode_reference(qs[m], ks[m], bts[m], sls[m], causal=causal) for m in range(3)]
+    assert_matches(got, [jnp.stack(w) for w in zip(*want)])
+
+
+def test_vmap_shared_pool_and_other_in_axes():
+    q, k, bt, sl = make_case(11, batch=3, heads_q=2)
+    qs = jnp.stack([q, 2 * q], axis=1)  # mapped axis not leading
+    sls = jnp.stack([sl, jnp.maximum(sl - 7, 0)])
+    fn = jax.vmap(lambda q, sl: fm.flash_mla_with_kvcache(q, k, bt, sl), in_axes=(1, 0))
+    got = fn(qs, sls)
+    want = [fm.mla_decode_reference(qs[:, m], k, bt, sls[m]) for m in range(2)]
+    assert_matches(got, [jnp.stack(w) for w in zip(*want)])
+
+
+def test_vmap_only_cache_mapped():
+    q, k, bt, sl = make_case(12, batch=2)
+    ks = jnp.stack([k, -k, 0.25 * k + 1])  # NaN stays in the unused slots of every pool
+    got = jax.vmap(lambda k: fm.flash_mla_with_kvcache(q, k, bt, sl))(ks)
+    want = [fm.mla_decode_reference(q, ks[m], bt, sl) for m in range(3)]
+    assert_matches(got, [jnp.stack(w) for w in zip(*want)])
+
+
+def test_vmap_with_mapped_metadata_replans_the_folded_batch():
+    qs, ks, bts, sls = _members(13, 2, batch=2, heads_q=4, lens=None)
+    plans = jax.vmap(lambda s: fm.get_mla_metadata(s, 4, 1, num_sm_parts=3))(sls)
+    assert plans[0].shape == (2, 3, 8) and plans[1].shape == (2, 3)
+    for m in range(2):  # mapped metadata: one plan per member, as an unmapped call makes it
+        single = fm.get_mla_metadata(sls[m], 4, 1, num_sm_parts=3)
+        np.testing.assert_array_equal(plans[0][m], single[0])
+        np.testing.assert_array_equal(plans[1][m], single[1])
+    got = jax.vmap(lambda q, k, bt, sl, md, ns: fm.flash_mla_with_kvcache(q, k, bt, sl, tile_md=md, num_splits=ns))(
+        qs, ks, bts, sls, *plans)
+    want = [fm.mla_decode_reference(qs[m], ks[m], bts[m], sls[m]) for m in range(2)]
+    assert_matches(got, [jnp.stack(w) for w in zip(*want)])
+
+
+def test_vmap_of_decode_primitive_directly():
+    # The per-device primitive has its own rule: a mapped plan is replaced by a plan of the folded
+    # batch (the CPU kernel rejects a plan that does not belong to its cache_seqlens).
+    qs, ks, bts, sls = _members(14, 2, batch=2, heads_q=2)
+    mds, nss = jax.vmap(lambda s: mla_metadata_p.bind(s, num_sm_parts=4))(sls)
+    scale = fm.HEAD_DIM ** -0.5
+    out, lse, _, _ = jax.vmap(lambda *a: mla_decode_p.bind(*a, softmax_scale=scale, causal=False))(
+        qs, ks, bts, sls, mds, nss)
+    want = [fm.mla_decode_reference(qs[m], ks[m], bts[m], sls[m]) for m in range(2)]
+    assert_matches((out, lse), [jnp.stack(w) for w in zip(*want)])
+
+
+def test_nested_vmap():
+    q, k, bt, sl = make_case(15, batch=2, heads_q=2)
+    qs = jnp.stack([jnp.stack([q, -q]), jnp.stack([0.5 * q, q])])
+    got = jax.vmap(jax.vmap(lambda q: fm.flash_mla_with_kvcache(q, k, bt, sl)))(qs)
+    want = jax.vmap(jax.vmap(lambda q: fm.mla_decode_reference(q, k, bt, sl)))(qs)
+    assert_matches(got, want)
+
+
+# ---- pmap and shard_map ---------------------------------------------------------------------------
+
+def test_pmap_lowers_per_device():
+    n = 4
+    q, k, bt, sl = make_case(20, batch=n, seqlen_q=2, heads_q=4)
+    fn = jax.pmap(lambda q, bt, sl: fm.flash_mla_with_kvcache(q, k, bt, sl, causal=True), devices=jax.devices()[:n])
+    out, lse = fn(q[:, None], bt[:, None], sl[:, None])
+    assert_matches((out[:, 0], lse[:, 0]), fm.mla_decode_reference(q, k, bt, sl, causal=True))
+    hlo = fn.lower(q[:, None], bt[:, None], sl[:, None]).compile().as_text()
+    assert _extension.DECODE_TARGET in hlo
+
+
+def _shard_map(fn, mesh, in_specs, out_specs):
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    from jax.experimental.shard_map import shard_map  # older JAX
+
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def test_shard_map_data_parallel_with_local_pools():
+    n = 4
+    mesh = Mesh(np.array(jax.devices()[:n]), ("x",))
+    q, k, bt, sl = make_case(21, batch=2 * n, seqlen_q=2, heads_q=4, shards=n)
+
+    def local(q, k, bt, sl):
+        bt = bt - jax.lax.axis_index("x") * k.shape[0]  # global page ids -> this device's pool
+        return fm.flash_mla_with_kvcache(q, k, bt, sl, causal=True)
+
+    fn = jax.jit(_shard_map(local, mesh, (P("x"),) * 4, (P("x"), P("x"))))
+    assert_matches(fn(q, k, bt, sl), fm.mla_decode_reference(q, k, bt, sl, causal=True))
+    hlo = fn.lower(q, k, bt, sl).compile().as_text()
+    assert "all-gather" not in hlo and _extension.DECODE_TARGET in hlo
+
+
+def test_shard_map_head_parallel():
+    n = 2
+    mesh = Mesh(np.array(jax.devices()[:n]), ("h",))
+    q, k, bt, sl = make_case(22, batch=2, heads_q=4, heads_k=2)
+    fn = jax.jit(_shard_map(lambda q, k: fm.flash_mla_with_kvcache(q, k, bt, sl),
+                            mesh, (P(None, None, "h"), P(None, None, "h")), (P(None, None, "h"), P(None, "h"))))
+    assert_matches(fn(q, k), fm.mla_decode_reference(q, k, bt, sl))
+
+
+# ---- jit with donation, checkpoint ------------------------------------------------------------------
+
+def test_jit_with_donated_cache_appends_then_decodes():
+    q, k, bt, sl = make_case(30, batch=2, heads_q=2, lens=[10, 64], poison=False)
+    new = jax.random.normal(jax.random.PRNGKey(0), (2, fm.HEAD_DIM), jnp.bfloat16)
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def step(k_cache, new, sl):
+        # Writes one token per request at position len, then attends over len + 1 tokens.
+        page = jnp.take_along_axis(bt, (sl // fm.PAGE_SIZE)[:, None], axis=1)[:, 0]
+        k_cache = k_cache.at[page, sl % fm.PAGE_SIZE, 0].set(new)
+        out, lse = fm.flash_mla_with_kvcache(q, k_cache, bt, sl + 1)
+        return k_cache, out, lse
+
+    k_expected = np.asarray(k, np.float32)
+    page = np.asarray(bt)[np.arange(2), np.asarray(sl) // fm.PAGE_SIZE]
+    k_expected[page, np.asarray(sl) % fm.PAGE_SIZE, 0] = np.asarray(new, np.float32)
+    k_expected = jnp.asarray(k_expected, jnp.bfloat16)
+    k_new, out, lse = step(jnp.array(k), new, sl)
+    assert_matches((out, lse), fm.mla_decode_reference(q, k_expected, bt, sl + 1))
+    np.testing.assert_array_equal(np.asarray(k_new, np.float32), np.asarray(k_expected, np.float32))
+
+
+def test_checkpoint_forward():
+    q, k, bt, sl = make_case(31, batch=2, seqlen_q=2, heads_q=2)
+    fn = jax.jit(jax.checkpoint(lambda q, k: fm.flash_mla_with_kvcache(q, k, bt, sl, causal=True)))
+    assert_matches(fn(q, k), fm.mla_decode_reference(q, k, bt, sl, causal=True))
