@@ -213,13 +213,17 @@ def _planless(softmax_scale, causal, q, k_cache, block_table, cache_seqlens):
 
 
 def _partitioned(fun, with_plan):
+    rule = _RULE.format(plan=", t e, c" if with_plan else "")
+    # Everything but batch, heads and pages must stay whole; Shardy wants these in factor order.
+    factors = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
+    keep_whole = tuple(f for f in factors if f not in ("b", "h", "n", "k"))
     cp = custom_partitioning(fun, static_argnums=(0, 1))
     cp.def_partition(
         partition=_make_partition(with_plan),
         infer_sharding_from_operands=_infer,
         propagate_user_sharding=None,
-        sharding_rule=_RULE.format(plan=", t e, c" if with_plan else ""),
-        need_replication_factors=("s", "d", "p", "m", "v") + (("t", "e", "c") if with_plan else ()),
+        sharding_rule=rule,
+        need_replication_factors=keep_whole,
     )
     return cp
 

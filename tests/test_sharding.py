@@ -1,0 +1,155 @@
+"""jit with named shardings on an 8-device CPU mesh: the decode is partitioned, not gathered."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jax_flashmla as fm
+from jax_flashmla import _extension
+from mla_cases import make_case
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (tests/conftest.py sets XLA_FLAGS)")
+
+
+def mesh_of(shape, names):
+    return Mesh(np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape), names)
+
+
+def place(mesh, arrays, specs):
+    return [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(arrays, specs)]
+
+
+def decode_fn(causal, with_plan=False, rows=None, h_kv=None):
+    def fn(q, k, bt, sl):
+        kw = {}
+        if with_plan:
+            kw = dict(zip(("tile_md", "num_splits"), fm.get_mla_metadata(sl, rows, h_kv)))
+        return fm.flash_mla_with_kvcache(q, k, bt, sl, causal=causal, **kw)
+    return jax.jit(fn)
+
+
+def check(fn, mesh, case, specs, causal, *, gathers_allowed=True):
+    """Runs fn on the placed case, compares with the reference; returns (out, lse, compiled HLO)."""
+    args = place(mesh, case, specs)
+    hlo = fn.lower(*args).compile().as_text()
+    out, lse = fn(*args)
+    ref_out, ref_lse = fm.mla_decode_reference(*case, causal=causal)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=2e-2, rtol=2e-2,
+                               equal_nan=False)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-5, atol=1e-5, equal_nan=False)
+    if not gathers_allowed:
+        assert "all-gather" not in hlo, re.findall(r"all-gather[^\n]*", hlo)[:3]
+    return out, lse, hlo
+
+
+def local_out_shapes(hlo):
+    """Shapes of `out` of every decode custom call in the compiled module: what one device computes."""
+    calls = [line for line in hlo.splitlines() if f'custom_call_target="{_extension.DECODE_TARGET}"' in line]
+    assert calls, "no decode custom call in the compiled module"
+    return [tuple(int(d) for d in re.search(r"= \((?:bf16|f16)\[([\d,]+)\]", line).group(1).split(","))
+            for line in calls]
+
+
+@pytest.mark.parametrize("with_plan", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_data_parallel_rebases_page_ids(causal, with_plan):
+    mesh = mesh_of((4,), ("x",))
+    case = make_case(40, batch=8, seqlen_q=2, heads_q=4, shards=4)
+    fn = decode_fn(causal, with_plan, rows=8, h_kv=1)
+    out, lse, hlo = check(fn, mesh, case, (P("x"),) * 4, causal, gathers_allowed=False)
+    assert out.sharding.spec[0] == "x" and lse.sharding.spec[0] == "x"
+    assert local_out_shapes(hlo) == [(2, 2, 4, fm.HEAD_DIM_V)]
+
+
+def test_data_parallel_with_replicated_cache_uses_global_ids():
+    mesh = mesh_of((4,), ("x",))
+    case = make_case(41, batch=8, heads_q=2)  # pages anywhere in the pool
+    _, _, hlo = check(decode_fn(False), mesh, case, (P("x"), P(), P("x"), P("x")), False, gathers_allowed=False)
+    assert local_out_shapes(hlo) == [(2, 1, 2, fm.HEAD_DIM_V)]
+
+
+def test_data_parallel_page_outside_own_shard_is_an_error_on_cpu():
+    mesh = mesh_of((2,), ("x",))
+    q, k, bt, sl = make_case(42, batch=4, heads_q=2, lens=[100, 100, 100, 100], shards=2)
+    bt = bt.at[0, 0].set(bt[3, 0])  # request 0 (shard 0) reads a page of shard 1
+    with pytest.raises(Exception, match="outside the pool"):
+        jax.block_until_ready(decode_fn(False)(*place(mesh, (q, k, bt, sl), (P("x"),) * 4)))
+
+
+@pytest.mark.parametrize("h_kv", [1, 2])
+def test_head_parallel(h_kv):
+    mesh = mesh_of((2,), ("h",))
+    case = make_case(43, batch=2, seqlen_q=2, heads_q=4, heads_k=h_kv)
+    specs = (P(None, None, "h"), P(), P(), P())
+    out, lse, hlo = check(decode_fn(True, True, rows=8 // h_kv, h_kv=h_kv), mesh, case, specs, True,
+                          gathers_allowed=False)
+    assert out.sharding.spec[2] == "h" and lse.sharding.spec[1] == "h"
+    assert local_out_shapes(hlo) == [(2, 2, 2, fm.HEAD_DIM_V)]
+
+
+def test_data_and_head_parallel_on_2d_mesh():
+    mesh = mesh_of((2, 4), ("x", "h"))
+    case = make_case(44, batch=4, seqlen_q=1, heads_q=8, heads_k=1, shards=2)
+    specs = (P("x", None, "h"), P("x"), P("x"), P("x"))
+    out, lse, hlo = check(decode_fn(False), mesh, case, specs, False, gathers_allowed=False)
+    assert tuple(out.sharding.spec)[:3] == ("x", None, "h") and tuple(lse.sharding.spec)[:2] == ("x", "h")
+    assert local_out_shapes(hlo) == [(2, 1, 2, fm.HEAD_DIM_V)]
+
+
+def test_batch_over_two_mesh_axes():
+    mesh = mesh_of((2, 2), ("a", "b"))
+    case = make_case(45, batch=8, heads_q=2, shards=4)
+    _, _, hlo = check(decode_fn(True), mesh, case, (P(("a", "b")),) * 4, True, gathers_allowed=False)
+    assert local_out_shapes(hlo) == [(2, 1, 2, fm.HEAD_DIM_V)]
+
+
+FALLBACKS = {
+    # name: (mesh shape, axis names, case kwargs, specs)
+    "q_on_seqlen": ((2,), ("x",), dict(batch=2, seqlen_q=2, heads_q=2), (P(None, "x"), P(), P(), P())),
+    "cache_on_channels": ((2,), ("x",), dict(batch=2, heads_q=2), (P(), P(None, None, None, "x"), P(), P())),
+    "cache_on_blocks_q_replicated": ((2,), ("x",), dict(batch=2, heads_q=2, num_blocks=8), (P(), P("x"), P(), P())),
+    "cache_blocks_on_other_axis": ((2, 2), ("x", "y"), dict(batch=4, heads_q=2, shards=2),
+                                   (P("x"), P("y"), P("x"), P("x"))),
+    "kv_heads_not_divisible": ((4,), ("h",), dict(batch=2, heads_q=4, heads_k=2), (P(None, None, "h"), P(), P(), P())),
+    "cache_on_page_slots": ((2,), ("x",), dict(batch=2, heads_q=2), (P(), P(None, "x"), P(), P())),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FALLBACKS))
+def test_other_shardings_fall_back_to_a_correct_plan(name):
+    shape, names, kw, specs = FALLBACKS[name]
+    check(decode_fn(True), mesh_of(shape, names), make_case(46, **kw), specs, True)
+
+
+def test_gspmd_callbacks():
+    if not hasattr(jax.config, "jax_use_shardy_partitioner"):
+        pytest.skip("this JAX has no GSPMD propagation to fall back on")
+    previous = jax.config.jax_use_shardy_partitioner
+    try:
+        jax.config.update("jax_use_shardy_partitioner", False)
+    except Exception as e:  # noqa: BLE001  (a JAX that only keeps the flag for compatibility)
+        pytest.skip(f"cannot turn Shardy off: {e}")
+    try:
+        mesh = mesh_of((2, 2), ("x", "h"))
+        case = make_case(47, batch=4, seqlen_q=2, heads_q=4, shards=2)
+        specs = (P("x", None, "h"), P("x"), P("x"), P("x"))
+        _, _, hlo = check(decode_fn(True), mesh, case, specs, True, gathers_allowed=False)
+        assert local_out_shapes(hlo) == [(2, 2, 2, fm.HEAD_DIM_V)]
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
+
+
+def test_grad_under_data_parallel_sharding():
+    mesh = mesh_of((2,), ("x",))
+    q, k, bt, sl = make_case(48, batch=4, seqlen_q=2, heads_q=2, shards=2)
+    loss = lambda fn: (lambda q, k: jnp.sum(fn(q, k)[0].astype(jnp.float32) ** 2))
+    grad = jax.jit(jax.grad(loss(lambda q, k: fm.flash_mla_with_kvcache(q, k, bt, sl, causal=True)), (0, 1)))
+    got = grad(*place(mesh, (q, k), (P("x"), P("x"))))
+    want = jax.grad(loss(lambda q, k: fm.mla_decode_reference(q, k, bt, sl, causal=True)), (0, 1))(q, k)
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.nan_to_num(np.asarray(w, np.float32))
+        assert np.abs(g - w).max() <= 2e-2 * np.abs(w).max()
