@@ -161,3 +161,21 @@ def test_checkpoint_forward():
     q, k, bt, sl = make_case(31, batch=2, seqlen_q=2, heads_q=2)
     fn = jax.jit(jax.checkpoint(lambda q, k: fm.flash_mla_with_kvcache(q, k, bt, sl, causal=True)))
     assert_matches(fn(q, k), fm.mla_decode_reference(q, k, bt, sl, causal=True))
+
+
+def test_docs_snippets_run():
+    # docs/transformations.md promises runnable snippets: run them, in order, in a fresh process.
+    import os
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (root / "docs" / "transformations.md").read_text(), re.S)
+    assert len(blocks) >= 5
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", "\n".join(blocks) + "\nprint('snippets ok')"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "snippets ok" in done.stdout, done.stderr[-3000:]
