@@ -128,3 +128,27 @@ def test_grad_of_vmapped_decode():
     want = jax.grad(loss(lambda q: fm.mla_decode_reference(q, k, bt, sl)))(qs)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+
+
+def _avals(jaxpr):
+    """Every intermediate aval of a jaxpr, sub-jaxprs (scan bodies, custom rules) included."""
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            yield v.aval
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _avals(inner)
+
+
+def test_backward_never_holds_a_whole_sequence():
+    max_blocks = 16  # 1024 keys per request; the backward walks them 4 pages (256 keys) at a time
+    q, k, bt, sl = make_case(7, batch=2, heads_q=4, max_blocks=max_blocks)
+    grad = jax.grad(lambda q, k: jnp.sum(fm.flash_mla_with_kvcache(q, k, bt, sl)[0].astype(jnp.float32)), (0, 1))
+    sizes = [a.shape for a in _avals(jax.make_jaxpr(grad)(q, k).jaxpr) if hasattr(a, "shape")]
+    assert sizes, "no intermediates found"
+    assert not [s for s in sizes if any(d >= max_blocks * fm.PAGE_SIZE for d in s)]
+    # The same probe does see the whole sequence in the reference's gradient.
+    ref = jax.grad(lambda q, k: jnp.sum(fm.mla_decode_reference(q, k, bt, sl)[0].astype(jnp.float32)), (0, 1))
+    assert [s for s in (a.shape for a in _avals(jax.make_jaxpr(ref)(q, k).jaxpr)) if max_blocks * fm.PAGE_SIZE in s]
