@@ -38,6 +38,10 @@ def main(argv):
 
     ext = check_bazel_extension()
     print(f"pytest_runner: jax_flashmla._ext = {ext}", flush=True)
+    # scripts/test.sh runs `python -m pytest` from tests/, so tests import their helpers
+    # (`from conftest import ...`) as top-level modules: give them the same sys.path entry.
+    for test_dir in sorted({os.path.dirname(os.path.abspath(a)) for a in argv if a.endswith(".py")}):
+        sys.path.insert(0, test_dir)
     args = ["-p", "no:cacheprovider", "--rootdir", os.getcwd(), "-ra"]
     if os.path.exists("pyproject.toml"):
         args += ["-c", "pyproject.toml"]
