@@ -93,6 +93,7 @@ cc_library(
     hdrs = glob(["nanobind/include/**/*.h", "nanobind/ext/robin_map/include/**/*.h"]),
     includes = ["nanobind/include", "nanobind/ext/robin_map/include"],
     copts = [
+        "-std=c++17",
         "-fvisibility=hidden",
         "-fno-strict-aliasing",
         "-O3",
