@@ -138,8 +138,6 @@ def _python_configure_impl(ctx):
     ctx.symlink(xla_ffi, "xla_ffi_include")
     ctx.file("WORKSPACE", "workspace(name = \"%s\")\n" % ctx.name)
     ctx.file("BUILD.bazel", _BUILD.format(python = info["executable"], version = info["version"]))
-    ctx.file("defs.bzl", "# Generated: the interpreter of @%s.\nPYTHON_BIN = \"%s\"\nPYTHON_VERSION = \"%s\"\n" %
-                         (ctx.name, info["executable"], info["version"]))
 
 python_configure = repository_rule(
     implementation = _python_configure_impl,
