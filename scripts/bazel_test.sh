@@ -5,6 +5,8 @@
 #
 #   BAZEL_JOBS=2          parallel actions and CPU budget (default 2: CI and dev machines have 2 cores)
 #   BAZEL=bazel           the bazel binary to use
+#   BAZEL_KEEP_SERVER=1   leave the Bazel server running afterwards (default: shut it down, so
+#                         its JVM does not sit idle on a shared machine; the cache stays on disk)
 #   JFM_CUDA, CUDA_PATH, PYTHON_BIN_PATH, ...: see docs/bazel.md
 # Extra arguments are passed to both `bazel build` and `bazel test`, e.g. --config=... or targets' flags.
 set -euo pipefail
@@ -36,6 +38,10 @@ if command -v nvcc >/dev/null 2>&1 || [ -x "${CUDA_PATH:-/usr/local/cuda}/bin/nv
     stamp "nvcc found: installing nvidia-cutlass for the CUTLASS/CuTe headers"
     "$python" -m pip install -q "nvidia-cutlass>=4.0"
   fi
+fi
+
+if [ "${BAZEL_KEEP_SERVER:-0}" != 1 ]; then
+  trap '"$bazel" shutdown >/dev/null 2>&1 || true' EXIT
 fi
 
 # Plain, line-by-line output for CI logs; at most $jobs actions and cores at a time.
