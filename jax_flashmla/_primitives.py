@@ -8,6 +8,7 @@ mla_decode_p: (q, k_cache, block_table, cache_seqlens, tile_md, num_splits)
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -56,8 +57,12 @@ mla_decode_p.def_abstract_eval(_decode_abstract_eval)
 # ---- implementations (eager calls go through jit of the lowering) -------------------------------
 
 def _impl(prim):
+    @functools.lru_cache(maxsize=None)
+    def compiled(params):  # one jitted function per parameter set, so eager calls reuse compilations
+        return jax.jit(functools.partial(prim.bind, **dict(params)))
+
     def impl(*args, **params):
-        return jax.jit(lambda *a: prim.bind(*a, **params))(*args)
+        return compiled(tuple(sorted(params.items())))(*args)
     return impl
 
 

@@ -1,0 +1,154 @@
+"""Trace-time behaviour: shapes, abstract evaluation, metadata plans and the error messages."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flashmla as jfm
+from jax_flashmla import _contract, _extension
+
+B, S_Q, H_Q, H_KV, BLOCKS, MAX_BLOCKS = 3, 2, 8, 2, 10, 4
+
+
+def specs(**changes):
+    args = dict(
+        q=jax.ShapeDtypeStruct((B, S_Q, H_Q, 576), jnp.bfloat16),
+        k_cache=jax.ShapeDtypeStruct((BLOCKS, 64, H_KV, 576), jnp.bfloat16),
+        block_table=jax.ShapeDtypeStruct((B, MAX_BLOCKS), jnp.int32),
+        cache_seqlens=jax.ShapeDtypeStruct((B,), jnp.int32),
+    )
+    args.update(changes)
+    return args
+
+
+def test_constants_match_the_cpp_contract():
+    cpp = _extension._ext.contract_constants()
+    assert cpp == {"HEAD_DIM": _contract.HEAD_DIM, "HEAD_DIM_V": _contract.HEAD_DIM_V,
+                   "PAGE_SIZE": _contract.PAGE_SIZE, "ROWS_PER_TILE": _contract.ROWS_PER_TILE,
+                   "TILE_METADATA_SIZE": _contract.TILE_METADATA_SIZE}
+
+
+def test_eval_shape_of_decode_and_metadata():
+    args = specs()
+    out, lse = jax.eval_shape(lambda a: jfm.flash_mla_with_kvcache(**a, head_dim_v=512, causal=True), args)
+    assert out.shape == (B, S_Q, H_Q, 512) and out.dtype == jnp.bfloat16
+    assert lse.shape == (B, H_Q, S_Q) and lse.dtype == jnp.float32
+    tile_md, num_splits = jax.eval_shape(lambda s: jfm.get_mla_metadata(s, S_Q * H_Q // H_KV, H_KV), args["cache_seqlens"])
+    assert tile_md.shape == (_contract.num_sm_parts(132, S_Q * H_Q // H_KV, H_KV), 8) and tile_md.dtype == jnp.int32
+    assert num_splits.shape == (B + 1,) and num_splits.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("rows,h_kv,expected", [(16, 1, 132), (128, 1, 66), (64, 2, 66), (256, 3, 11), (1, 200, 1)])
+def test_num_sm_parts_rule(rows, h_kv, expected):
+    assert _contract.num_sm_parts(132, rows, h_kv) == expected
+
+
+@pytest.mark.parametrize("parts", [1, 3, 8, 132])
+def test_scheduler_covers_every_page_once(parts):
+    rng = np.random.default_rng(parts)
+    seqlens = np.concatenate([rng.integers(0, 5000, 20), [0, 1, 64, 65]]).astype(np.int32)
+    tile_md, num_splits = _extension.schedule_tiles_host(seqlens, parts)
+    assert tile_md.shape == (parts, 8) and num_splits.shape == (len(seqlens) + 1,)
+    pages = -(-seqlens // 64)
+    covered = np.zeros(len(seqlens), int)
+    pieces = np.zeros(len(seqlens), int)
+    for begin_req, begin_page, end_req, end_page, begin_split, *_ in tile_md:
+        for req in range(begin_req, end_req + 1):
+            lo = begin_page if req == begin_req else 0
+            hi = end_page if req == end_req else pages[req]
+            assert 0 <= lo <= hi <= pages[req]
+            covered[req] += hi - lo
+            pieces[req] += 1
+    np.testing.assert_array_equal(covered, pages)
+    np.testing.assert_array_equal(np.diff(num_splits), pieces)
+    assert num_splits[-1] <= len(seqlens) + parts
+
+
+def test_scheduler_balances_long_requests():
+    seqlens = np.full(4, 64 * 1000, np.int32)
+    tile_md, _ = _extension.schedule_tiles_host(seqlens, 16)
+    work = []
+    for begin_req, begin_page, end_req, end_page, *_ in tile_md:
+        work.append(sum((end_page if r == end_req else 1000) - (begin_page if r == begin_req else 0)
+                        for r in range(begin_req, end_req + 1)))
+    # 250 pages each, give or take the per-piece overhead the cost model charges.
+    assert sum(work) == 4000 and max(work) <= 255 and min(work) >= 225
+
+
+def test_metadata_values_on_cpu():
+    tile_md, num_splits = jfm.get_mla_metadata(jnp.array([64, 0, 640], jnp.int32), 16, 1, num_sm_parts=2)
+    host_md, host_splits = _extension.schedule_tiles_host(np.array([64, 0, 640], np.int32), 2)
+    np.testing.assert_array_equal(np.asarray(tile_md), host_md)
+    np.testing.assert_array_equal(np.asarray(num_splits), host_splits)
+
+
+def _error(match, **changes):
+    args = specs(**changes)
+    head_dim_v = args.pop("head_dim_v", 512)
+    with pytest.raises(jfm.ContractError, match=match):
+        jax.eval_shape(lambda a: jfm.flash_mla_with_kvcache(**a, head_dim_v=head_dim_v), args)
+
+
+def test_bad_ranks_and_shapes():
+    _error(re.escape("q: expected rank 4"), q=jax.ShapeDtypeStruct((B, H_Q, 576), jnp.bfloat16))
+    _error(re.escape("k_cache: expected rank 4"), k_cache=jax.ShapeDtypeStruct((BLOCKS, 64, 576), jnp.bfloat16))
+    _error(re.escape("block_table: expected shape [3, max_blocks_per_seq >= 1], got shape (2, 4)"),
+           block_table=jax.ShapeDtypeStruct((2, 4), jnp.int32))
+    _error(re.escape("cache_seqlens: expected shape [3], got shape (3, 1)"),
+           cache_seqlens=jax.ShapeDtypeStruct((B, 1), jnp.int32))
+
+
+def test_bad_head_dims_and_page_size():
+    _error(re.escape("q: expected head dim (last axis) 576, got 512"), q=jax.ShapeDtypeStruct((B, S_Q, H_Q, 512), jnp.bfloat16))
+    _error(re.escape("k_cache: expected page size (axis 1) 64, got 32"),
+           k_cache=jax.ShapeDtypeStruct((BLOCKS, 32, H_KV, 576), jnp.bfloat16))
+    _error(re.escape("head_dim_v: expected 512, got 256"), head_dim_v=256)
+
+
+def test_heads_not_divisible():
+    _error(re.escape("q: expected num_heads_q divisible by num_heads_k = 3, got num_heads_q = 8"),
+           k_cache=jax.ShapeDtypeStruct((BLOCKS, 64, 3, 576), jnp.bfloat16))
+
+
+def test_bad_dtypes():
+    _error(re.escape("q: expected dtype bfloat16 or float16, got dtype float32"),
+           q=jax.ShapeDtypeStruct((B, S_Q, H_Q, 576), jnp.float32))
+    _error(re.escape("k_cache: expected the dtype of q (bfloat16), got dtype float16"),
+           k_cache=jax.ShapeDtypeStruct((BLOCKS, 64, H_KV, 576), jnp.float16))
+    _error(re.escape("block_table: expected dtype int32, got dtype int16"),
+           block_table=jax.ShapeDtypeStruct((B, MAX_BLOCKS), jnp.int16))
+    _error(re.escape("cache_seqlens: expected dtype int32, got dtype uint32"),
+           cache_seqlens=jax.ShapeDtypeStruct((B,), jnp.uint32))
+
+
+def test_bad_metadata():
+    base = specs()
+    with pytest.raises(jfm.ContractError, match=re.escape("tile_md: expected shape [num_sm_parts, 8], got shape (4, 7)")):
+        jax.eval_shape(lambda a, t, n: jfm.flash_mla_with_kvcache(**a, tile_md=t, num_splits=n), base,
+                       jax.ShapeDtypeStruct((4, 7), jnp.int32), jax.ShapeDtypeStruct((B + 1,), jnp.int32))
+    with pytest.raises(jfm.ContractError, match=re.escape("num_splits: expected shape [4] (batch + 1), got shape (3,)")):
+        jax.eval_shape(lambda a, t, n: jfm.flash_mla_with_kvcache(**a, tile_md=t, num_splits=n), base,
+                       jax.ShapeDtypeStruct((4, 8), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32))
+    with pytest.raises(jfm.ContractError, match="both given or both None"):
+        jax.eval_shape(lambda a, t: jfm.flash_mla_with_kvcache(**a, tile_md=t), base, jax.ShapeDtypeStruct((4, 8), jnp.int32))
+    with pytest.raises(jfm.ContractError, match=re.escape("cache_seqlens: expected dtype int32, got dtype int64")):
+        jfm.get_mla_metadata(np.zeros(3, np.int64), 16, 1)
+    with pytest.raises(jfm.ContractError, match="num_heads_k: expected a positive Python int, got 0"):
+        jfm.get_mla_metadata(np.zeros(3, np.int32), 16, 0)
+
+
+def test_bad_scalars():
+    args = specs()
+    with pytest.raises(jfm.ContractError, match="softmax_scale: expected a finite positive float, got -1.0"):
+        jax.eval_shape(lambda a: jfm.flash_mla_with_kvcache(**a, softmax_scale=-1.0), args)
+    with pytest.raises(jfm.ContractError, match="causal: expected a Python bool, got 1"):
+        jax.eval_shape(lambda a: jfm.flash_mla_with_kvcache(**a, causal=1), args)
+
+
+def test_kernel_path_on_cpu():
+    assert jfm.kernel_path("cpu") == "cpu-ffi"

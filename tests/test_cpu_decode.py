@@ -1,0 +1,126 @@
+"""The CPU FFI handler against the pure-JAX reference over the contract's hard cases."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flashmla as jfm
+from conftest import make_problem
+
+
+def assert_matches_reference(problem, *, causal, softmax_scale=None, num_sm_parts=None):
+    h_q, h_kv = problem.q.shape[2], problem.k_cache.shape[2]
+    rows = problem.q.shape[1] * h_q // h_kv
+    tile_md, num_splits = jfm.get_mla_metadata(jnp.asarray(problem.cache_seqlens), rows, h_kv,
+                                               num_sm_parts=num_sm_parts)
+    out, lse = jfm.flash_mla_with_kvcache(*problem.args, 512, tile_md, num_splits,
+                                          softmax_scale=softmax_scale, causal=causal)
+    ref_out, ref_lse = jfm.mla_decode_reference(*problem.args, 512, softmax_scale=softmax_scale, causal=causal)
+    out, ref_out = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+
+    assert out.dtype == np.float32 and not np.isnan(out).any()
+    # Both accumulate in fp32 and round once to the output dtype: at most one ulp apart.
+    ulp = 2.0 ** -7 if problem.q.dtype == jnp.bfloat16 else 2.0 ** -10
+    np.testing.assert_allclose(out, ref_out, rtol=ulp, atol=1e-6)
+    # Empty rows: lse = +inf in both; elsewhere fp32 agreement.
+    np.testing.assert_array_equal(np.isposinf(lse), np.isposinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "batch,seqlen_q,num_heads_q,num_heads_k",
+    [(1, 1, 1, 1), (3, 1, 16, 1), (4, 2, 9, 3), (2, 4, 63, 1), (5, 2, 8, 8), (3, 3, 6, 2)],
+)
+def test_matches_reference(rng, dtype, causal, batch, seqlen_q, num_heads_q, num_heads_k):
+    lengths = rng.integers(1, 300, size=batch)
+    problem = make_problem(rng, batch=batch, seqlen_q=seqlen_q, num_heads_q=num_heads_q,
+                           num_heads_k=num_heads_k, lengths=lengths, dtype=dtype)
+    assert_matches_reference(problem, causal=causal)
+
+
+def test_zero_and_short_lengths_give_empty_rows(rng):
+    # Length 0: every row empty. Length 1 with s_q = 3 causal: tokens 0 and 1 see nothing.
+    problem = make_problem(rng, batch=4, seqlen_q=3, num_heads_q=4, num_heads_k=1, lengths=[0, 1, 130, 0])
+    out, lse = assert_matches_reference(problem, causal=True)
+    assert np.all(out[0] == 0) and np.all(np.isposinf(lse[0])) and np.all(np.isposinf(lse[3]))
+    assert np.all(np.isposinf(lse[1][:, :2])) and np.all(np.isfinite(lse[1][:, 2]))
+    assert np.all(out[1, :2] == 0) and np.any(out[1, 2] != 0)
+
+
+def test_all_lengths_zero(rng):
+    problem = make_problem(rng, batch=2, seqlen_q=1, num_heads_q=2, num_heads_k=1, lengths=[0, 0])
+    out, lse = assert_matches_reference(problem, causal=False)
+    assert np.all(out == 0) and np.all(np.isposinf(lse))
+
+
+@pytest.mark.parametrize("num_sm_parts", [1, 2, 7, 132])
+def test_split_plans_agree(rng, num_sm_parts):
+    # Long ragged requests with few parts force splits and the combine pass; many parts force
+    # requests spread over many splits.
+    problem = make_problem(rng, batch=3, seqlen_q=2, num_heads_q=5, num_heads_k=1, lengths=[1000, 5, 700])
+    assert_matches_reference(problem, causal=True, num_sm_parts=num_sm_parts)
+
+
+def test_padding_values_that_point_nowhere(rng):
+    for pad in (-1, 10**6, 2**31 - 1):
+        problem = make_problem(rng, batch=2, seqlen_q=1, num_heads_q=3, num_heads_k=1, lengths=[65, 3], pad_value=pad)
+        assert_matches_reference(problem, causal=False)
+
+
+def test_custom_softmax_scale(rng):
+    problem = make_problem(rng, batch=2, seqlen_q=2, num_heads_q=4, num_heads_k=2, lengths=[40, 200])
+    assert_matches_reference(problem, causal=True, softmax_scale=0.1)
+
+
+def test_metadata_omitted_equals_metadata_given(rng):
+    problem = make_problem(rng, batch=3, seqlen_q=1, num_heads_q=8, num_heads_k=1, lengths=[100, 300, 7])
+    tile_md, num_splits = jfm.get_mla_metadata(jnp.asarray(problem.cache_seqlens), 8, 1)
+    given = jfm.flash_mla_with_kvcache(*problem.args, 512, tile_md, num_splits)
+    omitted = jfm.flash_mla_with_kvcache(*problem.args, 512)
+    for a, b in zip(given, omitted):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_under_jit_with_reused_metadata(rng):
+    problem = make_problem(rng, batch=2, seqlen_q=1, num_heads_q=4, num_heads_k=1, lengths=[90, 33])
+
+    @jax.jit
+    def two_layers(q, k_cache, block_table, cache_seqlens):
+        tile_md, num_splits = jfm.get_mla_metadata(cache_seqlens, 4, 1)
+        out1, _ = jfm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, tile_md, num_splits)
+        out2, _ = jfm.flash_mla_with_kvcache(q * 2, k_cache, block_table, cache_seqlens, 512, tile_md, num_splits)
+        return out1, out2
+
+    out1, out2 = two_layers(*problem.args)
+    ref1, _ = jfm.mla_decode_reference(*problem.args)
+    np.testing.assert_allclose(np.asarray(out1, np.float32), np.asarray(ref1, np.float32), rtol=2**-7, atol=1e-6)
+    assert not np.array_equal(np.asarray(out1), np.asarray(out2))
+
+
+def test_page_id_outside_pool_is_an_error(rng):
+    problem = make_problem(rng, batch=2, seqlen_q=1, num_heads_q=2, num_heads_k=1, lengths=[10, 70])
+    problem.block_table[1, 1] = problem.k_cache.shape[0]  # inside the length of request 1
+    with pytest.raises(Exception, match="request 1 page 1 has id"):
+        jax.block_until_ready(jfm.flash_mla_with_kvcache(*problem.args, 512))
+
+
+def test_length_beyond_block_table_is_an_error(rng):
+    problem = make_problem(rng, batch=1, seqlen_q=1, num_heads_q=2, num_heads_k=1, lengths=[10])
+    seqlens = np.array([64 * problem.block_table.shape[1] + 1], np.int32)
+    with pytest.raises(Exception, match="block_table holds only"):
+        jax.block_until_ready(jfm.flash_mla_with_kvcache(problem.q, problem.k_cache, problem.block_table, seqlens, 512))
+
+
+def test_stale_metadata_is_an_error(rng):
+    problem = make_problem(rng, batch=2, seqlen_q=1, num_heads_q=2, num_heads_k=1, lengths=[10, 300])
+    tile_md, num_splits = jfm.get_mla_metadata(jnp.array([10, 20], jnp.int32), 2, 1)
+    with pytest.raises(Exception, match="metadata computed for these cache_seqlens"):
+        jax.block_until_ready(jfm.flash_mla_with_kvcache(*problem.args, 512, tile_md, num_splits))
