@@ -33,7 +33,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import _contract
+from . import _contract, _primitives
 from ._batching import axis_size, fold_requests
 from ._primitives import mla_decode_p, mla_metadata_p
 
@@ -71,10 +71,6 @@ def _abstract_eval(q, k_cache, block_table, cache_seqlens, *plan_args, softmax_s
             jax.core.ShapedArray((shapes.batch, shapes.num_heads_q, shapes.seqlen_q), jnp.float32))
 
 
-def _impl(*args, **params):
-    return jax.jit(lambda *a: mla_attention_p.bind(*a, **params))(*args)
-
-
 def _batch_rule(args, dims, *, softmax_scale, causal):
     # Plans of members are dropped: the folded batch is planned inside the call.
     size = axis_size(args, dims)
@@ -86,7 +82,7 @@ def _batch_rule(args, dims, *, softmax_scale, causal):
 
 
 mla_attention_p.def_abstract_eval(_abstract_eval)
-mla_attention_p.def_impl(_impl)
+mla_attention_p.def_impl(_primitives._impl(mla_attention_p))  # eager: one cached jit per params
 batching.primitive_batchers[mla_attention_p] = _batch_rule
 
 
