@@ -230,6 +230,11 @@ _decode_planless = _partitioned(_planless, False)
 
 def _lowering(ctx, *args, softmax_scale, causal):
     fun = _decode_with_plan if len(args) == 6 else _decode_planless
+    axis_context = ctx.module_context.axis_context
+    if hasattr(axis_context, "device_assignment") and axis_context.device_assignment is None:
+        # No device assignment to partition over (a JAX without the hook below): lower the plain
+        # per-device op, which XLA then treats like any custom call (gathers; still correct).
+        fun = _with_plan if len(args) == 6 else _planless
     return mlir.lower_fun(lambda *a: fun(softmax_scale, causal, *a), multiple_results=True)(ctx, *args)
 
 
