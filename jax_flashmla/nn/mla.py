@@ -1,0 +1,156 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) as a Flax NNX module, with two attention paths.
+
+Per token the layer keeps one compressed vector: the RMS-normalized latent c_kv (kv_lora_rank = 512
+channels) and a RoPE key k_rope (64 channels) shared by all heads. Together they are the 576-wide
+entry a paged cache stores and the kernel reads.
+
+- ``naive``: decompress c_kv into per-head keys and values with W_UK / W_UV (``wkv_b``) and run
+  ordinary softmax attention. Used for prefill and as the oracle.
+- ``absorbed``: fold W_UK into the query (q_latent = q_nope @ W_UK^T, 512 channels per head) so the
+  scores are q_latent . c_kv + q_rope . k_rope, a dot with the cached 576-vector itself; the
+  kernel's output is a 512-latent per head, and W_UV is applied after it. Used for decode (and for
+  training through the kernel). Both paths compute the same function.
+
+Compute dtype follows the input activations (the layers use ``dtype=None``): bfloat16 activations
+over bfloat16 weights run in bfloat16, float32 activations over the same weights run in float32
+(how the oracle is computed). The kernel itself takes bfloat16 or float16: ``absorbed`` casts its
+query to the cache's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .. import api
+from .._contract import HEAD_DIM, HEAD_DIM_V
+
+KV_LORA_RANK = HEAD_DIM_V  # 512: the latent the kernel reads as V
+ROPE_DIM = HEAD_DIM - HEAD_DIM_V  # 64 rotary channels
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Sizes of one MLA layer. kv_lora_rank and qk_rope_head_dim are fixed by the kernel (512, 64).
+
+    DeepSeek-V3: dim=7168, num_heads=128, q_lora_rank=1536, qk_nope_head_dim=128, v_head_dim=128.
+    DeepSeek-V2-Lite: dim=2048, num_heads=16, q_lora_rank=0 (queries not compressed).
+    """
+
+    dim: int
+    num_heads: int
+    q_lora_rank: int = 0  # 0: a plain query projection
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    kv_lora_rank: int = KV_LORA_RANK
+    qk_rope_head_dim: int = ROPE_DIM
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.kv_lora_rank != KV_LORA_RANK or self.qk_rope_head_dim != ROPE_DIM:
+            raise ValueError(f"the kernel needs kv_lora_rank={KV_LORA_RANK} and qk_rope_head_dim={ROPE_DIM}, "
+                             f"got {self.kv_lora_rank} and {self.qk_rope_head_dim}")
+
+    @property
+    def softmax_scale(self) -> float:
+        # The model's scale: both paths score over nope + rope channels of the original query.
+        return (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+
+
+def apply_rope(x, positions, theta: float):
+    """Rotates channel pairs (i, i + d/2) of x [..., s, (heads,) d] by angle position * theta^(-2i/d).
+
+    positions: int [..., s]. Computed in float32, returned in x's dtype.
+    """
+    d = x.shape[-1]
+    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # [..., s, d/2]
+    if x.ndim == positions.ndim + 2:  # a heads axis between s and d
+        angles = angles[..., None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+class MultiHeadLatentAttention(nnx.Module):
+    """One MLA layer: low-rank query and KV compression, decoupled RoPE, two attention paths."""
+
+    def __init__(self, cfg: MLAConfig, *, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        self.cfg = cfg
+        linear = functools.partial(nnx.Linear, use_bias=False, dtype=None, param_dtype=param_dtype, rngs=rngs)
+        norm = functools.partial(nnx.RMSNorm, epsilon=1e-6, dtype=None, param_dtype=param_dtype, rngs=rngs)
+        h, qk_dim = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank:
+            self.wq_a = linear(cfg.dim, cfg.q_lora_rank)
+            self.q_norm = norm(cfg.q_lora_rank)
+            self.wq_b = linear(cfg.q_lora_rank, h * qk_dim)
+        else:
+            self.wq = linear(cfg.dim, h * qk_dim)
+        self.wkv_a = linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # -> c_kv ++ k_rope
+        self.kv_norm = norm(cfg.kv_lora_rank)
+        self.wkv_b = linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim))  # W_UK ++ W_UV
+        self.wo = linear(h * cfg.v_head_dim, cfg.dim)
+
+    def query(self, x, positions):
+        """x [b, s, dim] -> (q_nope [b, s, h, nope], q_rope [b, s, h, 64] rotated to `positions`)."""
+        cfg = self.cfg
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if cfg.q_lora_rank else self.wq(x)
+        q = q.reshape(*x.shape[:2], cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        q_nope, q_rope = jnp.split(q, [cfg.qk_nope_head_dim], axis=-1)
+        return q_nope, apply_rope(q_rope, positions, cfg.rope_theta)
+
+    def latent_kv(self, x, positions):
+        """x [b, s, dim] -> the cache entries [b, s, 576]: normalized c_kv (512) ++ rotated k_rope (64)."""
+        c_kv, k_rope = jnp.split(self.wkv_a(x), [self.cfg.kv_lora_rank], axis=-1)
+        return jnp.concatenate([self.kv_norm(c_kv), apply_rope(k_rope, positions, self.cfg.rope_theta)], axis=-1)
+
+    def _up_projections(self, dtype):
+        """(W_UK [512, h, nope], W_UV [512, h, v]) in `dtype`."""
+        cfg = self.cfg
+        w = self.wkv_b.kernel[...].astype(dtype).reshape(cfg.kv_lora_rank, cfg.num_heads, -1)
+        return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+
+    def naive(self, x, positions, mask):
+        """Full attention of the tokens of x over themselves, keys and values decompressed per head.
+
+        x [b, s, dim], positions int [b, s], mask bool [b, s, s] (query, key) -> (out [b, s, dim],
+        cache entries [b, s, 576]). Softmax in float32, everything else in x's dtype.
+        """
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q_nope, q_rope = self.query(x, positions)
+        entries = self.latent_kv(x, positions)
+        c_kv, k_rope = entries[..., :cfg.kv_lora_rank], entries[..., cfg.kv_lora_rank:]
+        kv = self.wkv_b(c_kv).reshape(b, s, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
+        scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bqhr,bkr->bhqk", q_rope, k_rope, preferred_element_type=jnp.float32))
+        scores = jnp.where(mask[:, None], scores * cfg.softmax_scale, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bhqk,bkhv->bqhv", probs, v).reshape(b, s, cfg.num_heads * cfg.v_head_dim)
+        return self.wo(out), entries
+
+    def absorbed(self, x, positions, k_cache, block_table, cache_seqlens, tile_md=None, num_splits=None,
+                 causal=False):
+        """Attention of the s tokens of x over a paged cache, through jax_flashmla's kernel.
+
+        The cache must already hold these tokens' entries (latent_kv) at their positions, so token j
+        of request i sits at position cache_seqlens[i] - s + j; with causal=True it sees the keys up
+        to and including itself. x [b, s, dim], positions int [b, s], k_cache [pages, 64, 1, 576],
+        block_table / cache_seqlens / tile_md / num_splits as in flash_mla_with_kvcache.
+        Returns out [b, s, dim] in x's dtype.
+        """
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q_nope, q_rope = self.query(x, positions)
+        w_uk, w_uv = self._up_projections(x.dtype)
+        q_latent = jnp.einsum("bshd,chd->bshc", q_nope, w_uk)  # absorb W_UK: score = q_latent . c_kv
+        q = jnp.concatenate([q_latent, q_rope], axis=-1).astype(k_cache.dtype)
+        out, _ = api.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, tile_md,
+                                            num_splits, softmax_scale=cfg.softmax_scale, causal=causal)
+        out = jnp.einsum("bshc,chv->bshv", out.astype(x.dtype), w_uv)  # apply W_UV after attention
+        return self.wo(out.reshape(b, s, cfg.num_heads * cfg.v_head_dim))
