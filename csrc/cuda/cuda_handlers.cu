@@ -1,0 +1,94 @@
+// XLA FFI handlers of the "CUDA" platform. They read shapes (never data) on the host, build the TMA
+// descriptor of k_cache, and enqueue the kernels on XLA's stream: no allocation, no synchronization,
+// so XLA may capture them in command buffers (CUDA graphs).
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "common/ffi_params.h"
+#include "cuda/mla_kernels.h"
+
+namespace jax_flashmla {
+namespace {
+
+ffi::Error cuda_error(const char* what, cudaError_t err) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("jax_flashmla: ") + what + ": " + cudaGetErrorString(err));
+}
+
+// cuTensorMapEncodeTiled from the driver, found at run time so the module links no libcuda.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// k_cache [num_blocks, 64, h_kv, 576] as a 3-D tensor (channel, kv head, token row) whose boxes are
+// 64 channels x 1 head x 64 tokens with 128-byte swizzle: one swizzled 64x64 tile per TMA copy.
+ffi::Error make_kcache_tensor_map(const DecodeParams& p, CUtensorMap& map) {
+  auto encode = tensor_map_encoder();
+  if (encode == nullptr) return ffi::Error(ffi::ErrorCode::kInternal, "jax_flashmla: cuTensorMapEncodeTiled unavailable");
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(kHeadDim), static_cast<cuuint64_t>(p.num_heads_k),
+                              static_cast<cuuint64_t>(p.num_blocks) * kPageSize};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(kHeadDim) * 2,
+                                 static_cast<cuuint64_t>(kHeadDim) * 2 * p.num_heads_k};
+  const cuuint32_t box[3] = {64, 1, kPageSize};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType type =
+      p.dtype == ElementType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  CUresult res = encode(&map, type, 3, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      "jax_flashmla: cuTensorMapEncodeTiled failed with CUresult " + std::to_string(res));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error metadata_cuda(cudaStream_t stream, ffi::Buffer<ffi::S32> seqlens, ffi::ResultBuffer<ffi::S32> tile_md,
+                         ffi::ResultBuffer<ffi::S32> num_splits, int32_t num_sm_parts) {
+  if (auto err = check_metadata_shapes(seqlens, tile_md, num_splits, num_sm_parts); err.failure()) return err;
+  cudaError_t err = launch_metadata(seqlens.typed_data(), static_cast<int>(seqlens.dimensions()[0]), num_sm_parts,
+                                    tile_md->typed_data(), num_splits->typed_data(), stream);
+  if (err != cudaSuccess) return cuda_error("metadata kernel launch", err);
+  return ffi::Error::Success();
+}
+
+ffi::Error decode_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::Buffer<ffi::S32> block_table,
+                       ffi::Buffer<ffi::S32> seqlens, ffi::Buffer<ffi::S32> tile_md, ffi::Buffer<ffi::S32> num_splits,
+                       ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32> lse,
+                       ffi::ResultBuffer<ffi::F32> o_accum, ffi::ResultBuffer<ffi::F32> lse_accum,
+                       float softmax_scale, bool causal) {
+  DecodeParams p;
+  if (auto err = read_decode_params(q, k_cache, block_table, seqlens, tile_md, num_splits, out, lse, o_accum,
+                                    lse_accum, softmax_scale, causal, p);
+      err.failure()) {
+    return err;
+  }
+  if (p.batch == 0) return ffi::Error::Success();
+  CUtensorMap k_map;
+  if (auto err = make_kcache_tensor_map(p, k_map); err.failure()) return err;
+  if (cudaError_t err = launch_decode(p, k_map, stream); err != cudaSuccess) return cuda_error("decode kernel launch", err);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_flashmla
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmMetadataCuda, jax_flashmla::metadata_cuda,
+                              JFM_BIND_METADATA_ARGS(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmDecodeCuda, jax_flashmla::decode_cuda,
+                              JFM_BIND_DECODE_ARGS(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

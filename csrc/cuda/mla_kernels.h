@@ -1,0 +1,25 @@
+// Launchers of the SM90 kernels, called by the CUDA FFI handlers (cuda_handlers.cu). Each enqueues
+// its kernels on `stream` and returns the launch error, if any; none allocates or synchronizes.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/mla_params.h"
+
+namespace jax_flashmla {
+
+// Tile-scheduler metadata on the device: the same plan as schedule_tiles() in mla_contract.h.
+cudaError_t launch_metadata(const int32_t* seqlens, int batch, int num_sm_parts, int32_t* tile_md,
+                            int32_t* num_splits, cudaStream_t stream);
+
+// Split-KV decode of every (part, kv head, 64-row tile), then the combine of split requests.
+// `k_map` is the TMA descriptor of k_cache made by make_kcache_tensor_map().
+cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream);
+
+// Shared memory the decode kernel needs (checked against the device's opt-in limit by the handler).
+int decode_smem_bytes();
+
+}  // namespace jax_flashmla
