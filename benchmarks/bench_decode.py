@@ -737,7 +737,7 @@ def markdown(report: dict, anchors: dict) -> str:
         c, m = base.get("copy", {}), base.get("matmul", {})
         out.append(f"Same run: device-to-device copy {_f(c.get('gbps'), 'num')} GB/s ({c.get('size')}), "
                    f"{m.get('size')} matmul {_f(m.get('tflops'), 'num')} TFLOPS.")
-    if anchors:
+    if anchors and any(anchor_figures(anchors, r) for r in report.get("matrix", [])):
         out.append(f"FM columns: {anchors['path']} (FlashMLA's own run: copy {anchors.get('copy_gbps')} GB/s, "
                    f"matmul {anchors.get('matmul_tflops')} TFLOPS).")
     if report.get("matrix"):

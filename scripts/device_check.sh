@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# One command for the GPU machine (the device tool runs it from the repository root):
+# build and install the package, run the GPU tests, run the benchmark; logs and results in $OUT.
+#
+#   bash scripts/device_check.sh [build] [test] [bench] [all] [-- PYTEST_ARGS...]
+#
+#   no step named = all (build, test, bench). test and bench build first when the installed package
+#   is missing or lacks the CUDA kernels (a fresh machine). Arguments after `--` go to pytest
+#   (e.g. -- -x -k heavy). Environment:
+#     BENCH_ARGS   extra benchmark arguments, e.g. BENCH_ARGS="--cases s_k=4096 --mode matrix"
+#     BUILD_ARGS   extra pip arguments (default: -C cmake.define.JAX_FLASHMLA_CUDA=ON)
+#     ANCHORS      FlashMLA's figures (anchors/flashmla_h100.md) if copied into the checkout
+#     OUT          where logs go (default ./device_out)
+#
+# Files in $OUT: env.txt, build.log (full pip/CMake/ptxas log), ptxas.txt (register and spill report
+# per kernel), gpu_tests.log, bench.log, bench.json. The last lines printed are short summaries.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-$REPO/device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+steps=()
+pytest_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    build|test|bench) steps+=("$1") ;;
+    all) steps+=(build test bench) ;;
+    --) shift; pytest_args=("$@"); break ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "device_check.sh: unknown argument '$1' (steps: build test bench all; pytest args after --)"; exit 2 ;;
+  esac
+  shift
+done
+[ ${#steps[@]} -eq 0 ] && steps=(build test bench)
+want() { local s; for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+
+declare -A rc dur
+SECONDS=0
+
+# ---- environment -----------------------------------------------------------------------------------
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | wc -l) changed paths"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || true
+  echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1)"
+  python3 -c "import sys, jax; print('python', sys.version.split()[0], '| jax', jax.__version__, '| devices', jax.devices())" 2>&1
+} | tee "$OUT/env.txt"
+
+installed_ok() {  # the installed package (not the source folder) imports and carries the CUDA kernels
+  (cd /tmp && python3 -c "import jax_flashmla._extension as e, sys; sys.exit(0 if e.HAS_CUDA_KERNELS else 1)") >/dev/null 2>&1
+}
+
+# ---- build -----------------------------------------------------------------------------------------
+do_build() {
+  local t0=$SECONDS
+  echo; echo "==== build ===="
+  if ! python3 -c "import cutlass_library" >/dev/null 2>&1; then
+    echo "installing nvidia-cutlass from .whl/ (headers only; its own deps are not needed to build)"
+    python3 -m pip install -q --no-index --find-links .whl nvidia-cutlass >/dev/null 2>&1 \
+      || python3 -m pip install -q --no-index --no-deps .whl/nvidia_cutlass-*.whl \
+      || echo "WARNING: nvidia-cutlass not installed (carry .whl/ with its wheel)"
+  fi
+  # shellcheck disable=SC2086
+  python3 -m pip install --no-build-isolation --no-deps -v ${BUILD_ARGS:--C cmake.define.JAX_FLASHMLA_CUDA=ON} . \
+    >"$OUT/build.log" 2>&1
+  rc[build]=$?
+  # ptxas -v report, one line per kernel: registers | stack/spills | function (demangled, shortened).
+  awk '
+    /Compiling entry function/ { n = split($0, part, "\047"); if (n >= 3) fn = part[2] }
+    /bytes stack frame/        { props = $0; sub(/^[ \t]+/, "", props) }
+    /Used [0-9]+ registers/    { match($0, /Used [0-9]+ registers/); print substr($0, RSTART, RLENGTH) " | " props " | " fn; props = "" }
+  ' "$OUT/build.log" | (command -v c++filt >/dev/null && c++filt || cat) | cut -c1-220 | sort -u >"$OUT/ptxas.txt"
+  grep -E "ptxas (warning|error)|[1-9][0-9]* bytes spill (stores|loads)" "$OUT/build.log" | sort -u >>"$OUT/ptxas.txt" || true
+  if [ "${rc[build]}" -ne 0 ]; then
+    echo "build FAILED (rc=${rc[build]}); end of build.log:"
+    grep -nE "error|Error|FAILED" "$OUT/build.log" | head -20
+    tail -n 30 "$OUT/build.log"
+  fi
+  (cd /tmp && python3 -c "import jax_flashmla as j, jax_flashmla._extension as e; print('installed:', j.__file__, '| CUDA kernels:', e.HAS_CUDA_KERNELS, '| kernel_path:', j.kernel_path())") 2>&1 | tail -n 3
+  dur[build]=$((SECONDS - t0))
+}
+
+ensure_built() {
+  if ! want build && [ -z "${rc[build]+x}" ] && ! installed_ok; then
+    echo "(package not installed with CUDA kernels here: building first)"
+    do_build
+  fi
+}
+
+# ---- tests -----------------------------------------------------------------------------------------
+do_test() {
+  local t0=$SECONDS
+  echo; echo "==== test ===="
+  ensure_built
+  # From tests/ so the installed package, not the source folder, is imported.
+  (cd tests && python3 -m pytest -q -p no:cacheprovider -m gpu test_gpu_decode.py -rfEs --durations=8 \
+     "${pytest_args[@]}") >"$OUT/gpu_tests.log" 2>&1
+  rc[test]=$?
+  dur[test]=$((SECONDS - t0))
+  echo "pytest rc=${rc[test]} (${dur[test]} s); log: gpu_tests.log"
+}
+
+# ---- benchmark -------------------------------------------------------------------------------------
+do_bench() {
+  local t0=$SECONDS
+  echo; echo "==== bench ===="
+  ensure_built
+  local anchors=()
+  [ -n "${ANCHORS:-}" ] && anchors=(--anchors "$ANCHORS")
+  # shellcheck disable=SC2086
+  (cd /tmp && python3 "$REPO/benchmarks/bench_decode.py" --json "$OUT/bench.json" --markdown "${anchors[@]}" \
+     ${BENCH_ARGS:-}) >"$OUT/bench.log" 2>&1
+  rc[bench]=$?
+  dur[bench]=$((SECONDS - t0))
+  echo "bench rc=${rc[bench]} (${dur[bench]} s); log: bench.log, results: bench.json"
+}
+
+want build && do_build
+want test && do_test
+want bench && do_bench
+
+# ---- summaries (the device reply shows only the end of the output) --------------------------------
+echo
+echo "================================ summary ================================"
+head -n 5 "$OUT/env.txt"
+if [ -n "${rc[build]+x}" ]; then
+  echo "-- build: rc=${rc[build]} (${dur[build]} s). ptxas (registers | stack/spills | kernel):"
+  head -n 24 "$OUT/ptxas.txt"
+  n=$(wc -l <"$OUT/ptxas.txt"); [ "$n" -gt 24 ] && echo "   ... $n lines in ptxas.txt"
+fi
+if [ -n "${rc[test]+x}" ]; then
+  echo "-- test: rc=${rc[test]} (${dur[test]} s)"
+  grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-200 | head -n 25
+  grep -m 1 -E "^SKIPPED" "$OUT/gpu_tests.log" | cut -c1-200
+  sed -n '/slowest/,/^$/p' "$OUT/gpu_tests.log" | grep -E "^[0-9.]+s " | head -n 5
+  tail -n 1 "$OUT/gpu_tests.log"
+fi
+if [ -n "${rc[bench]+x}" ]; then
+  echo "-- bench: rc=${rc[bench]} (${dur[bench]} s)"
+  grep -E "^  (copy|matmul):|^NOTE|no GPU plane|\[trace\].*(no |unavailable|iterations)" "$OUT/bench.log" | cut -c1-200 | head -n 10
+  if grep -q "^Device: " "$OUT/bench.log"; then
+    sed -n '/^Device: /,$p' "$OUT/bench.log"
+  else
+    tail -n 30 "$OUT/bench.log"
+  fi
+fi
+echo "total ${SECONDS} s"
+status=0
+for s in "${!rc[@]}"; do [ "${rc[$s]}" -ne 0 ] && status=1; done
+exit $status
