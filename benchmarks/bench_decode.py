@@ -7,7 +7,7 @@ bf16; lengths ~ Normal(s_k, s_k/2) clipped to >= 2, one draw per s_k from --seed
   kernel ms   device time of one decode call (decode + combine kernels; the plan is computed once,
               outside): from the JAX profiler, first kernel start to last kernel end of each
               iteration (its "span"; kernels that overlap, e.g. under programmatic dependent launch,
-              count once), median over --iters iterations with the L2 flushed before each.
+              count once), median over --iters (50) iterations with the L2 flushed before each.
   call ms     wall clock of the whole jitted call (metadata + decode + combine), block_until_ready,
               median, L2 flushed before each.
   TFLOPS, GB/s  FlashMLA's formulas over kernel ms: FLOPs = 2 s_q sum(len) h_q (576 + 512),
@@ -405,7 +405,10 @@ class Pool:
 
 def find_anchors(path_arg: str | None) -> str | None:
     if path_arg:
-        return path_arg if os.path.exists(path_arg) else None
+        if not os.path.exists(path_arg):
+            print(f"WARNING: --anchors {path_arg}: no such file")
+            return None
+        return path_arg
     here = os.path.dirname(os.path.abspath(__file__))
     for cand in (os.environ.get("JAX_FLASHMLA_ANCHORS"),
                  os.path.join(here, "..", "shared", "anchors", "flashmla_h100.md"),
@@ -840,7 +843,7 @@ def main(argv=None):
     p.add_argument("--mode", choices=["matrix", "step", "all"], default="all")
     p.add_argument("--cases", help="filter, e.g. 's_k=4096,h_q=64/128' (keys b, s_k, h_q, s_q)")
     p.add_argument("--step-cases", default="h_q=16/128,s_q=1", help="filter of the step mode's cases")
-    p.add_argument("--iters", type=int, default=30, help="timed iterations of the kernel and the whole call")
+    p.add_argument("--iters", type=int, default=50, help="timed iterations of the kernel and the whole call")
     p.add_argument("--ref-iters", type=int, default=5, help="timed iterations of the plain-XLA reference")
     p.add_argument("--baseline-iters", type=int, default=20)
     p.add_argument("--step-iters", type=int, default=20)

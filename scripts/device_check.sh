@@ -15,6 +15,7 @@
 # Files in $OUT: env.txt, build.log (full pip/CMake/ptxas log), ptxas.txt (register and spill report
 # per kernel), gpu_tests.log, bench.log, bench.json. The last lines printed are short summaries.
 set -uo pipefail
+[ -n "${ANCHORS:-}" ] && ANCHORS=$(realpath -m "$ANCHORS")  # relative to where the script was started
 cd "$(dirname "$0")/.."
 REPO=$PWD
 OUT=${OUT:-$REPO/device_out}
@@ -139,7 +140,7 @@ if [ -n "${rc[test]+x}" ]; then
 fi
 if [ -n "${rc[bench]+x}" ]; then
   echo "-- bench: rc=${rc[bench]} (${dur[bench]} s)"
-  grep -E "^  (copy|matmul):|^NOTE|no GPU plane|\[trace\].*(no |unavailable|iterations)" "$OUT/bench.log" | cut -c1-200 | head -n 10
+  grep -E "^  (copy|matmul):|^NOTE|^anchors: .*not found|no GPU plane|\[trace\].*(no |unavailable|iterations)" "$OUT/bench.log" | cut -c1-200 | head -n 10
   if grep -q "^Device: " "$OUT/bench.log"; then
     sed -n '/^Device: /,$p' "$OUT/bench.log"
   else
