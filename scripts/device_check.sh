@@ -10,7 +10,7 @@
 #     BENCH_ARGS   extra benchmark arguments, e.g. BENCH_ARGS="--cases s_k=4096 --mode matrix"
 #     BUILD_ARGS   extra pip arguments (default: -C cmake.define.JAX_FLASHMLA_CUDA=ON)
 #     ANCHORS      FlashMLA's figures (anchors/flashmla_h100.md) if copied into the checkout
-#     OUT          where logs go (default ./device_out)
+#     OUT          where logs go (the device tool sets it; default /tmp/jax_flashmla_device_out)
 #
 # Files in $OUT: env.txt, build.log (full pip/CMake/ptxas log), ptxas.txt (register and spill report
 # per kernel), gpu_tests.log, bench.log, bench.json. The last lines printed are short summaries.
@@ -18,7 +18,7 @@ set -uo pipefail
 [ -n "${ANCHORS:-}" ] && ANCHORS=$(realpath -m "$ANCHORS")  # relative to where the script was started
 cd "$(dirname "$0")/.."
 REPO=$PWD
-OUT=${OUT:-$REPO/device_out}
+OUT=${OUT:-${TMPDIR:-/tmp}/jax_flashmla_device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
