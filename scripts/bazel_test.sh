@@ -33,12 +33,6 @@ if ! "$python" -c "import jax, nanobind, numpy, pytest" >/dev/null 2>&1; then
   stamp "installing the Python packages the build and tests need"
   "$python" -m pip install -q "jax>=0.6" "nanobind>=2.4" numpy pytest
 fi
-if command -v nvcc >/dev/null 2>&1 || [ -x "${CUDA_PATH:-/usr/local/cuda}/bin/nvcc" ]; then
-  if [ "${JFM_CUDA:-auto}" != 0 ] && [ "${JFM_CUDA:-auto}" != off ] && ! "$python" -c "import cutlass_library" >/dev/null 2>&1; then
-    stamp "nvcc found: installing nvidia-cutlass for the CUTLASS/CuTe headers"
-    "$python" -m pip install -q "nvidia-cutlass>=4.0"
-  fi
-fi
 
 if [ "${BAZEL_KEEP_SERVER:-0}" != 1 ]; then
   trap '"$bazel" shutdown >/dev/null 2>&1 || true' EXIT

@@ -57,12 +57,6 @@ installed_ok() {  # the installed package (not the source folder) imports and ca
 do_build() {
   local t0=$SECONDS
   echo; echo "==== build ===="
-  if ! python3 -c "import cutlass_library" >/dev/null 2>&1; then
-    echo "installing nvidia-cutlass from .whl/ (headers only; its own deps are not needed to build)"
-    python3 -m pip install -q --no-index --find-links .whl nvidia-cutlass >/dev/null 2>&1 \
-      || python3 -m pip install -q --no-index --no-deps .whl/nvidia_cutlass-*.whl \
-      || echo "WARNING: nvidia-cutlass not installed (carry .whl/ with its wheel)"
-  fi
   # shellcheck disable=SC2086
   python3 -m pip install --no-build-isolation --no-deps -v ${BUILD_ARGS:--C cmake.define.JAX_FLASHMLA_CUDA=ON} . \
     >"$OUT/build.log" 2>&1

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --upgrade pip
 # Build requirements, installed up front so the build reuses them (no isolated env, incremental build/).
-python3 -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.4" "jax>=0.6" "nvidia-cutlass>=4.0"
+python3 -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.4" "jax>=0.6"
 python3 -m pip install -q --no-build-isolation ".[test,examples]"
 cd / && python3 -c "import jax_flashmla as j; print('jax_flashmla', j.__version__, '| decode path on', __import__('jax').default_backend(), '->', j.kernel_path())"
