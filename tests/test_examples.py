@@ -1,0 +1,152 @@
+"""The Flax examples' core loops on the CPU, in small configurations, and the paged cache they use.
+
+examples/ is not a package: the scripts are imported from their files, found relative to this one.
+(Bazel's per-file test targets carry only tests/ and the package, so there these tests skip.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("optax")
+
+from jax_flashmla import nn  # noqa: E402
+
+EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
+
+
+def _load(name):
+    path = EXAMPLES / f"{name}.py"
+    if not path.exists():
+        pytest.skip(f"{path} is not part of this test's files")
+    module_name = f"_example_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+# Tiny model; prompts up to 80 tokens plus up to 12 new ones cross page boundaries (64) while
+# prefilling and while decoding. 5 pages with 3 slots and 2-page requests: admissions must wait for
+# pages, and 7 requests need far more than 5 pages over the run, so pages are recycled.
+SERVE_FLAGS = ["--layers", "2", "--batch", "3", "--requests", "7", "--prompt-len", "80", "--new-tokens", "12",
+               "--dim", "64", "--heads", "4", "--q-lora-rank", "32", "--nope-dim", "16", "--v-dim", "16",
+               "--mlp-dim", "128", "--vocab", "128", "--pages", "5", "--check-every", "1", "--seed", "1"]
+
+
+def test_serve_decode_matches_naive_with_continuous_batching():
+    serve = _load("serve")
+    args = serve.parse_args(SERVE_FLAGS)
+    r = serve.run(args)
+    assert r["ok"], serve.summary(r)
+    # Every decode step was checked against the float32 naive path, within the stated bound.
+    assert r["checks"] == r["decode_steps"] > 0
+    assert 0 < r["max_abs_diff"] <= args.tolerance_factor * r["bf16_naive_abs_diff"]
+    assert r["max_rel_diff"] < 0.05  # bfloat16 noise is ~1%; a wrong page or position is ~30%+
+    # Continuous batching: every request got its tokens, pages were handed out beyond the pool's
+    # size (so recycled) and all came back.
+    assert r["pages_returned"] and r["pages_handed_out"] > r["num_pages"]
+    lens = [len(g) for g in r["generated"].values()]
+    assert len(lens) == 7 and all(6 <= n <= 12 for n in lens)
+    assert r["decode_tokens"] == sum(lens) - 7  # the first token of each request comes from prefill
+    assert r["decode_steps"] < r["decode_tokens"]  # requests shared steps
+
+
+def test_serve_check_fails_on_a_wrong_softmax_scale(monkeypatch):
+    """The decode check is sharp: the kernel's default scale (576 ** -0.5) instead of the model's
+    (nope + rope) ** -0.5 must fail it."""
+    serve = _load("serve")
+    real = nn.mla.api.flash_mla_with_kvcache
+
+    def default_scale(*args, softmax_scale=None, **kwargs):
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nn.mla.api, "flash_mla_with_kvcache", default_scale)
+    r = serve.run(serve.parse_args(SERVE_FLAGS + ["--requests", "3", "--check-every", "2"]))
+    assert not r["decode_matches"] and not r["ok"]
+    assert r["max_abs_diff"] > 4 * r["bf16_naive_abs_diff"]
+
+
+def test_serve_main_prints_summary_and_exit_code(capsys):
+    serve = _load("serve")
+    assert serve.main(SERVE_FLAGS + ["--requests", "2", "--check-every", "3"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("serve: ") and "tokens/s" in line and "ms/step" in line and line.endswith("OK")
+
+
+def test_train_loss_falls_below_threshold(capsys):
+    train = _load("train")
+    args = train.parse_args([])  # the documented defaults: threshold 1.0 nats within 150 steps
+    r = train.run(args)
+    assert r["ok"], train.summary(r)
+    assert r["start_loss"] > 0.9 * r["chance_loss"]  # starts at chance (ln 32 = 3.47) ...
+    assert r["reached_at"] is not None and r["end_loss"] < args.threshold  # ... and learns to copy
+    assert r["forward_max_abs_diff"] <= args.tolerance_factor * r["forward_bf16_naive_abs_diff"]
+
+
+def test_training_attention_goes_through_the_kernel():
+    """The training forward and its gradient contain the library's op (not a jnp re-implementation)."""
+    from flax import nnx
+
+    attn = nn.MLAConfig(dim=32, num_heads=2, qk_nope_head_dim=8, v_head_dim=8)
+    cfg = nn.DecoderConfig(vocab_size=16, num_layers=1, mlp_dim=32, attention=attn)
+    graphdef, params = nnx.split(nn.MLADecoder(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    tokens = jnp.zeros((2, 70), jnp.int32)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p).causal_paged(tokens))
+    text = str(jax.make_jaxpr(jax.grad(loss))(params))
+    assert "jax_flashmla_attention" in text
+
+
+# --- the paged cache -------------------------------------------------------------------------------
+
+def _live_pages(cache):
+    table, lens = np.asarray(cache.block_table), np.asarray(cache.seq_lens)
+    return [table[i, :nn.pages_needed(int(n))].tolist() for i, n in enumerate(lens)]
+
+
+def test_page_allocator_hands_out_each_page_once_and_takes_all_back():
+    rng = np.random.default_rng(0)
+    slots, num_pages, max_pages = 4, 12, 3
+    cache = nn.init_cache(1, num_pages, slots, max_pages)
+    grow = jax.jit(nn.grow, donate_argnums=0)
+    release = jax.jit(nn.release, donate_argnums=0)
+    handed_out = 0
+    for _ in range(40):
+        lens = np.asarray(cache.seq_lens)
+        if rng.random() < 0.3:
+            cache = release(cache, jnp.asarray(rng.random(slots) < 0.5))
+        else:
+            new = np.minimum(lens + rng.integers(0, 70, slots), max_pages * 64)
+            if sum(nn.pages_needed(int(n)) for n in new) <= num_pages:  # the caller's budget
+                cache = grow(cache, jnp.asarray(new, jnp.int32))
+                handed_out += sum(nn.pages_needed(int(n)) - nn.pages_needed(int(m)) for n, m in zip(new, lens))
+        live = [p for pages in _live_pages(cache) for p in pages]
+        free = np.asarray(cache.free_pages)[:int(cache.num_free)].tolist()
+        assert len(live) == len(set(live)), "a page was handed to two sequences"
+        assert sorted(live + free) == list(range(num_pages)), "pages were lost or duplicated"
+    assert handed_out > 2 * num_pages  # the walk recycled pages
+    cache = release(cache, jnp.ones(slots, bool))
+    assert int(cache.num_free) == num_pages and not np.asarray(cache.seq_lens).any()
+
+
+def test_write_places_tokens_at_their_positions_and_drops_padding():
+    cache = nn.init_cache(1, 6, 2, 3)
+    cache = nn.grow(cache, jnp.asarray([70, 0], jnp.int32))  # slot 0: 2 pages, slot 1: none
+    entries = jnp.arange(2 * 4 * 576, dtype=jnp.float32).reshape(2, 4, 576).astype(jnp.bfloat16) + 1
+    # Row 0 writes tokens 62..64 (3 valid of 4: across a page boundary); row 1 writes nothing.
+    pool = nn.write(cache.pools[0], cache.block_table, jnp.asarray([62, 0]), entries, jnp.asarray([3, 0]))
+    table = np.asarray(cache.block_table)
+    pool, entries = np.asarray(pool, np.float32), np.asarray(entries, np.float32)
+    np.testing.assert_array_equal(pool[table[0, 0], 62:64, 0], entries[0, :2])
+    np.testing.assert_array_equal(pool[table[0, 1], 0, 0], entries[0, 2])
+    assert np.count_nonzero(pool.any(axis=-1)) == 3  # nothing else was written
