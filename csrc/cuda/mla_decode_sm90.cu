@@ -14,9 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
 #include <cmath>
-#include <cstdlib>
 
 #include "common/mla_contract.h"
 #include "cuda/mla_kernels.h"
@@ -84,13 +82,6 @@ __device__ __forceinline__ int page_row_coord(const DecodeParams& p, int req, in
   return page * kPageSize;
 }
 
-// Asks L2 for a page that the stages will load later: two stages alone leave too few bytes in flight
-// to cover memory latency when a page takes about as long to compute as to load.
-__device__ __forceinline__ void prefetch_page(const CUtensorMap* map, int row_coord, int kv_head) {
-#pragma unroll
-  for (int t = 0; t < kChannelTiles; ++t) tma_prefetch_l2_3d(map, t * kChannelTile, kv_head, row_coord);
-}
-
 __device__ __forceinline__ void issue_page(SharedStorage& s, int stage, const CUtensorMap* map, int row_coord,
                                            int kv_head, uint64_t policy) {
   mbar_arrive_expect_tx(&s.k_full[stage], kBlockBytes);
@@ -134,8 +125,7 @@ __device__ __forceinline__ void zero_tail_rows(SharedStorage& s, int stage, int 
 
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads, 1)
-    decode_kernel(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ DecodeParams p,
-                  int prefetch_ahead) {
+    decode_kernel(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
   SharedStorage& s = *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
@@ -169,9 +159,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < min(kStages, n_pages); ++i) {
         issue_page(s, (pages_done + i) % kStages, &k_map, page_row_coord(p, req, page_begin + i), kv_head, policy);
       }
-      for (int i = kStages; i < min(kStages + prefetch_ahead, n_pages); ++i) {
-        prefetch_page(&k_map, page_row_coord(p, req, page_begin + i), kv_head);
-      }
     }
     load_q_tile<Elem>(s, p, req, kv_head, row0);
     fence_proxy_async();
@@ -185,9 +172,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     for (int b = 0; b < n_pages; ++b, ++pages_done) {
       const int stage = pages_done % kStages;
-      if (tid == 0 && prefetch_ahead > 0 && b + kStages + prefetch_ahead < n_pages) {
-        prefetch_page(&k_map, page_row_coord(p, req, page_begin + b + kStages + prefetch_ahead), kv_head);
-      }
       mbar_wait(&s.k_full[stage], (pages_done / kStages) & 1);
       const int key0 = (page_begin + b) * kPageSize;
       if (len - key0 < kPageSize) {
@@ -399,16 +383,6 @@ cudaError_t launch_metadata(const int32_t* seqlens, int batch, int num_sm_parts,
   return cudaGetLastError();
 }
 
-// Pages past the two stages that each CTA asks L2 for ahead of time. JAX_FLASHMLA_L2_PREFETCH_PAGES
-// overrides it (0 turns prefetching off), for measuring.
-static int l2_prefetch_pages() {
-  static const int pages = [] {
-    const char* env = std::getenv("JAX_FLASHMLA_L2_PREFETCH_PAGES");
-    return env != nullptr ? std::max(0, std::atoi(env)) : 2;
-  }();
-  return pages;
-}
-
 template <typename Elem>
 static cudaError_t launch_decode_typed(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
   // The opt-in shared-memory size is a per-device function attribute: set it once per device.
@@ -423,7 +397,7 @@ static cudaError_t launch_decode_typed(const DecodeParams& p, const CUtensorMap&
   }
   const int row_tiles = ceil_div(p.rows_per_head_k, kRowsPerTile);
   const dim3 grid(p.num_sm_parts, p.num_heads_k, row_tiles);
-  sm90::decode_kernel<Elem><<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(k_map, p, l2_prefetch_pages());
+  sm90::decode_kernel<Elem><<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(k_map, p);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   const dim3 combine_grid(p.batch, p.num_heads_k, ceil_div(p.rows_per_head_k, 4));
   sm90::combine_kernel<Elem><<<combine_grid, 128, 0, stream>>>(p);

@@ -57,13 +57,6 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
-// Starts moving the box at (c0, c1, c2) from memory into L2, without shared memory or completion.
-__device__ __forceinline__ void tma_prefetch_l2_3d(const CUtensorMap* map, int c0, int c1, int c2) {
-  asm volatile("cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, {%1, %2, %3}];" ::"l"(reinterpret_cast<uint64_t>(map)),
-               "r"(c0), "r"(c1), "r"(c2)
-               : "memory");
-}
-
 // ---- wgmma ---------------------------------------------------------------------------------------
 
 // Shared-memory matrix descriptor for a 128-byte-swizzled operand (tiles of 8 rows x 128 bytes,
