@@ -5,7 +5,8 @@ The full suites are tests/test_gpu_decode.py and benchmarks/bench_decode.py; thi
 short device visit. The timings are wall clock of one jitted call (decode + combine, metadata passed
 in), median of `--iters` calls: dispatch is included. On the CPU it runs the correctness cases only.
 
-Usage (repository root, package installed): python3 benchmarks/quick_check.py [--time-only] [--iters 30]
+Usage (repository root, package installed):
+  python3 benchmarks/quick_check.py [--time-only] [--iters 30] [--case H_Q,S_Q ...]
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ def correctness() -> bool:
     return all(results)
 
 
-def timing(iters: int) -> None:
-    for h_q, s_q in ((16, 1), (64, 1), (128, 2)):
+TIMED_CASES = ((16, 1), (64, 1), (128, 2))  # (h_q, s_q)
+
+
+def timing(iters: int, cases=TIMED_CASES) -> None:
+    for h_q, s_q in cases:
         b, s_k = 128, 8192
         rng = np.random.default_rng(0)
         lens = np.clip(rng.normal(s_k, s_k / 2, b), s_q, None).astype(np.int32)
@@ -105,11 +109,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time-only", action="store_true")
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--case", action="append", metavar="H_Q,S_Q",
+                        help="time only this case (repeatable), e.g. --case 16,1; default: 16,1 64,1 128,2")
     args = parser.parse_args()
+    cases = TIMED_CASES if not args.case else tuple(tuple(int(v) for v in c.split(",")) for c in args.case)
     print("backend", jax.default_backend(), "| path", jfm.kernel_path(), "|", jax.devices()[0])
     ok = True if args.time_only else correctness()
     if jax.default_backend() != "cpu":
-        timing(args.iters)
+        timing(args.iters, cases)
     sys.exit(0 if ok else 1)
 
 
