@@ -11,24 +11,16 @@
 // K pages arrive by TMA (9 boxes of 64 tokens x 64 channels, 128-byte swizzle) into two stages, so
 // the next page loads while this one is computed. Pieces that are a whole request write out/lse;
 // split requests write fp32 partials to the accumulator workspace and the combine kernel merges them.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include <cstdlib>
+#include <cstring>
 
-#include <cmath>
-
-#include "common/mla_contract.h"
+#include "cuda/decode_common.cuh"
 #include "cuda/mla_kernels.h"
-#include "cuda/sm90_ptx.cuh"
 #include "cuda/wgmma_ops.cuh"
 
 namespace jax_flashmla {
 namespace sm90 {
 
-constexpr int kThreads = 256;                        // two consumer warpgroups
-constexpr int kChannelTile = 64;                     // channels per 128-byte swizzled tile
-constexpr int kTileBytes = 64 * kChannelTile * 2;    // 64 rows x 64 channels of 16-bit elements
-constexpr int kChannelTiles = kHeadDim / kChannelTile;  // 9
-constexpr int kBlockBytes = kChannelTiles * kTileBytes;  // one page of K, or the Q tile: 73728
 constexpr int kStages = 2;
 
 struct SharedStorage {
@@ -42,86 +34,18 @@ struct SharedStorage {
 
 constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + room to align the dynamic base
 
-// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a 128-byte-swizzled tile.
-__device__ __forceinline__ int swizzled_offset(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
-
 template <typename Elem>
 struct Wgmma;
 template <>
 struct Wgmma<__nv_bfloat16> {
   __device__ static void scores(float* d, uint64_t a, uint64_t b, int acc) { wgmma_m64n32k16_ss_Bf16<0>(d, a, b, acc); }
   __device__ static void values(float* d, uint64_t a, uint64_t b) { wgmma_m64n256k16_ss_Bf16<1>(d, a, b, 1); }
-  __device__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
 };
 template <>
 struct Wgmma<__half> {
   __device__ static void scores(float* d, uint64_t a, uint64_t b, int acc) { wgmma_m64n32k16_ss_F16<0>(d, a, b, acc); }
   __device__ static void values(float* d, uint64_t a, uint64_t b) { wgmma_m64n256k16_ss_F16<1>(d, a, b, 1); }
-  __device__ static uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
 };
-
-// Exclusive end of the keys that query row `row` (of this kv head) sees.
-__device__ __forceinline__ int key_limit(const DecodeParams& p, int len, int row) {
-  if (!p.causal) return len;
-  const int token = row / p.q_heads_per_k;
-  return min(max(len - p.seqlen_q + token + 1, 0), len);
-}
-
-// Page id of page `index` of request `req`; ids outside the pool, and pages past the block table,
-// become a coordinate past the end of the tensor map, which TMA fills with zeros.
-__device__ __forceinline__ int page_row_coord(const DecodeParams& p, int req, int index) {
-  int page = -1;
-  if (index < p.max_blocks_per_seq) page = p.block_table[static_cast<int64_t>(req) * p.max_blocks_per_seq + index];
-  if (page < 0 || page >= p.num_blocks) page = p.num_blocks;
-  return page * kPageSize;
-}
-
-__device__ __forceinline__ void issue_page(SharedStorage& s, int stage, const CUtensorMap* map, int row_coord,
-                                           int kv_head, uint64_t policy) {
-  mbar_arrive_expect_tx(&s.k_full[stage], kBlockBytes);
-#pragma unroll
-  for (int t = 0; t < kChannelTiles; ++t) {
-    tma_load_3d(s.k[stage] + t * kTileBytes, map, &s.k_full[stage], t * kChannelTile, kv_head, row_coord, policy);
-  }
-}
-
-// Loads the 64-row Q tile of (req, kv head, row tile) into the swizzled layout; rows past the
-// request's query rows are zero.
-template <typename Elem>
-__device__ __forceinline__ void load_q_tile(SharedStorage& s, const DecodeParams& p, int req, int kv_head, int row0) {
-  constexpr int kChunksPerRow = kHeadDim * 2 / 16;  // 72 chunks of 16 bytes
-  const auto* q = static_cast<const uint8_t*>(p.q);
-  for (int i = threadIdx.x; i < kRowsPerTile * kChunksPerRow; i += kThreads) {
-    const int r = i / kChunksPerRow, c = i % kChunksPerRow;
-    const int row = row0 + r;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (row < p.rows_per_head_k) {
-      const int token = row / p.q_heads_per_k;
-      const int head = kv_head * p.q_heads_per_k + row % p.q_heads_per_k;
-      const int64_t elem = ((static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDim;
-      v = __ldg(reinterpret_cast<const uint4*>(q + elem * 2) + c);
-    }
-    *reinterpret_cast<uint4*>(s.q + (c / 8) * kTileBytes + swizzled_offset(r, c % 8)) = v;
-  }
-}
-
-// Zeroes K rows [valid, 64) of a stage: slots past a request's length may hold NaN, and P = 0 times
-// V = NaN would still poison O.
-__device__ __forceinline__ void zero_tail_rows(SharedStorage& s, int stage, int valid) {
-  const int rows = kPageSize - valid;
-  for (int i = threadIdx.x; i < rows * kChannelTiles * 8; i += kThreads) {
-    const int r = valid + i / (kChannelTiles * 8);
-    const int rest = i % (kChannelTiles * 8);
-    *reinterpret_cast<uint4*>(s.k[stage] + (rest / 8) * kTileBytes + swizzled_offset(r, rest % 8)) =
-        make_uint4(0, 0, 0, 0);
-  }
-}
 
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -134,7 +58,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int r_lo = (tid % 128) / 32 * 16 + lane / 4;  // this thread's two accumulator rows: r_lo, r_lo + 8
   const int col_q = 2 * (lane % 4);                   // first of its two columns in each 8-column chunk
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const int slots = max_accum_slots(p.batch, p.num_sm_parts);
 
   if (tid == 0) {
     for (int i = 0; i < kStages; ++i) mbar_init(&s.k_full[i], 1);
@@ -144,23 +67,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint64_t policy = evict_first_policy();
 
   const int32_t* md = p.tile_md + static_cast<int64_t>(part) * kTileMetadataSize;
-  const int md_begin_req = md[kMdBeginReq], md_end_req = md[kMdEndReq];
   uint32_t pages_done = 0;  // pages this CTA consumed: selects the stage and the mbarrier phase
 
-  for (int req = max(md_begin_req, 0); req <= min(md_end_req, p.batch - 1); ++req) {
-    const int len = max(p.seqlens[req], 0);
-    const int pages = pages_of(len);
-    const int page_begin = min(max(req == md_begin_req ? md[kMdBeginPage] : 0, 0), pages);
-    const int page_end = min(max(req == md_end_req ? md[kMdEndPage] : pages, page_begin), pages);
-    const int split = req == md_begin_req ? md[kMdBeginSplit] : 0;
-    const int n_pages = page_end - page_begin;
+  for (int req = max(md[kMdBeginReq], 0); req <= min(md[kMdEndReq], p.batch - 1); ++req) {
+    const PieceRange piece = piece_range(md, p, req);
+    const int len = piece.len, page_begin = piece.page_begin, n_pages = piece.n_pages;
 
     if (tid == 0) {
       for (int i = 0; i < min(kStages, n_pages); ++i) {
-        issue_page(s, (pages_done + i) % kStages, &k_map, page_row_coord(p, req, page_begin + i), kv_head, policy);
+        const int stage = (pages_done + i) % kStages;
+        issue_page(s.k[stage], &s.k_full[stage], &k_map, page_row_coord(p, req, page_begin + i), kv_head, policy);
       }
     }
-    load_q_tile<Elem>(s, p, req, kv_head, row0);
+    load_q_tile(s.q, p, req, kv_head, row0);
     fence_proxy_async();
     __syncthreads();
 
@@ -175,7 +94,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_wait(&s.k_full[stage], (pages_done / kStages) & 1);
       const int key0 = (page_begin + b) * kPageSize;
       if (len - key0 < kPageSize) {
-        zero_tail_rows(s, stage, len - key0);
+        zero_tail_rows(s.k[stage], len - key0, tid, kThreads);
         fence_proxy_async();
         __syncthreads();
       }
@@ -236,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (hi) l_hi += p0 + p1; else l_lo += p0 + p1;
         const int row = r_lo + (hi ? 8 : 0);
         const int col = wg * 32 + (i / 4) * 8 + col_q;  // token within the page
-        *reinterpret_cast<uint32_t*>(s.p + swizzled_offset(row, col / 8) + (col % 8) * 2) = Wgmma<Elem>::pack(p0, p1);
+        *reinterpret_cast<uint32_t*>(s.p + swizzled_offset(row, col / 8) + (col % 8) * 2) = pack2<Elem>(p0, p1);
       }
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? alpha_hi : alpha_lo;
@@ -256,59 +175,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       pin_registers<128>(o);
       __syncthreads();  // the stage and P are free again
       if (tid == 0 && b + kStages < n_pages) {
-        issue_page(s, stage, &k_map, page_row_coord(p, req, page_begin + b + kStages), kv_head, policy);
+        issue_page(s.k[stage], &s.k_full[stage], &k_map, page_row_coord(p, req, page_begin + b + kStages), kv_head,
+                   policy);
       }
     }
 
-    // Epilogue: total row sums over both warpgroups' tokens, then normalize and store.
-#pragma unroll
-    for (int d = 1; d <= 2; d <<= 1) {
-      l_lo += __shfl_xor_sync(0xffffffff, l_lo, d);
-      l_hi += __shfl_xor_sync(0xffffffff, l_hi, d);
-    }
-    if (lane % 4 == 0) {
-      s.row_sum[wg][r_lo] = l_lo;
-      s.row_sum[wg][r_lo + 8] = l_hi;
-    }
-    __syncthreads();
-    l_lo = s.row_sum[0][r_lo] + s.row_sum[1][r_lo];
-    l_hi = s.row_sum[0][r_lo + 8] + s.row_sum[1][r_lo + 8];
-    __syncthreads();  // row_sum and the Q tile may be overwritten by the next piece
-
-    const int total_splits = p.num_splits[req + 1] - p.num_splits[req];
-    const int64_t slot = static_cast<int64_t>(p.num_splits[req]) + split;
-    const bool final_out = total_splits == 1;
-    if (!final_out && (slot < 0 || slot >= slots)) continue;  // stale metadata: never write outside
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = row0 + r_lo + 8 * half;
-      if (row >= p.rows_per_head_k) continue;
-      const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
-      const bool empty = l == 0.f;
-      const float inv = empty ? 0.f : 1.f / l;
-      const float lse = empty ? (final_out ? INFINITY : -INFINITY) : (m + log2f(l)) * 0.6931471805599453f;
-      const int token = row / p.q_heads_per_k;
-      const int head = kv_head * p.q_heads_per_k + row % p.q_heads_per_k;
-      if (final_out) {
-        Elem* out = static_cast<Elem*>(p.out) +
-                    ((static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDimV + wg * 256;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          const int i = j * 4 + half * 2;
-          *reinterpret_cast<uint32_t*>(out + j * 8 + col_q) = Wgmma<Elem>::pack(o[i] * inv, o[i + 1] * inv);
-        }
-        if (wg == 0 && lane % 4 == 0) p.lse[(static_cast<int64_t>(req) * p.num_heads_q + head) * p.seqlen_q + token] = lse;
-      } else {
-        const int64_t acc_row = (slot * p.num_heads_k + kv_head) * p.rows_per_head_k + row;
-        float* acc = p.o_accum + acc_row * kHeadDimV + wg * 256;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          const int i = j * 4 + half * 2;
-          *reinterpret_cast<float2*>(acc + j * 8 + col_q) = make_float2(o[i] * inv, o[i + 1] * inv);
-        }
-        if (wg == 0 && lane % 4 == 0) p.lse_accum[acc_row] = lse;
-      }
-    }
+    finish_piece<Elem>(p, o, s.row_sum, req, piece.split, kv_head, row0, r_lo, wg, lane, l_lo, l_hi, m_lo, m_hi);
   }
 }
 
@@ -348,8 +220,8 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ De
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     uint2 packed;
-    packed.x = Wgmma<Elem>::pack(sum[c].x * inv, sum[c].y * inv);
-    packed.y = Wgmma<Elem>::pack(sum[c].z * inv, sum[c].w * inv);
+    packed.x = pack2<Elem>(sum[c].x * inv, sum[c].y * inv);
+    packed.y = pack2<Elem>(sum[c].z * inv, sum[c].w * inv);
     *reinterpret_cast<uint2*>(out + (c * 32 + lane) * 4) = packed;
   }
   if (lane == 0) {
@@ -383,6 +255,16 @@ cudaError_t launch_metadata(const int32_t* seqlens, int batch, int num_sm_parts,
   return cudaGetLastError();
 }
 
+// JAX_FLASHMLA_DECODE_SCHEDULE=seesaw selects the experimental kernel of mla_decode_seesaw.cu, which
+// has not run on a GPU yet; anything else (the default) the verified kernel above.
+static bool use_seesaw_schedule() {
+  static const bool seesaw = [] {
+    const char* env = std::getenv("JAX_FLASHMLA_DECODE_SCHEDULE");
+    return env != nullptr && std::strcmp(env, "seesaw") == 0;
+  }();
+  return seesaw;
+}
+
 template <typename Elem>
 static cudaError_t launch_decode_typed(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
   // The opt-in shared-memory size is a per-device function attribute: set it once per device.
@@ -395,10 +277,14 @@ static cudaError_t launch_decode_typed(const DecodeParams& p, const CUtensorMap&
     if (err != cudaSuccess) return err;
     if (device >= 0 && device < 64) configured[device] = true;
   }
-  const int row_tiles = ceil_div(p.rows_per_head_k, kRowsPerTile);
-  const dim3 grid(p.num_sm_parts, p.num_heads_k, row_tiles);
-  sm90::decode_kernel<Elem><<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(k_map, p);
-  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  if (use_seesaw_schedule()) {
+    if (cudaError_t err = launch_seesaw_decode(p, k_map, stream); err != cudaSuccess) return err;
+  } else {
+    const int row_tiles = ceil_div(p.rows_per_head_k, kRowsPerTile);
+    const dim3 grid(p.num_sm_parts, p.num_heads_k, row_tiles);
+    sm90::decode_kernel<Elem><<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(k_map, p);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
   const dim3 combine_grid(p.batch, p.num_heads_k, ceil_div(p.rows_per_head_k, 4));
   sm90::combine_kernel<Elem><<<combine_grid, 128, 0, stream>>>(p);
   return cudaGetLastError();

@@ -19,6 +19,10 @@ cudaError_t launch_metadata(const int32_t* seqlens, int batch, int num_sm_parts,
 // `k_map` is the TMA descriptor of k_cache made by make_kcache_tensor_map().
 cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream);
 
+// The experimental "seesaw" schedule of the decode kernel (mla_decode_seesaw.cu), without the
+// combine; launch_decode runs it instead of the default one when JAX_FLASHMLA_DECODE_SCHEDULE=seesaw.
+cudaError_t launch_seesaw_decode(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream);
+
 // Shared memory the decode kernel needs (checked against the device's opt-in limit by the handler).
 int decode_smem_bytes();
 

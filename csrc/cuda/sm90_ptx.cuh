@@ -38,6 +38,21 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t phase) {
       : "memory");
 }
 
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// ---- named barriers (id 0 is __syncthreads) ------------------------------------------------------
+
+// Waits until `count` threads have reached barrier `id` (by bar_sync or bar_arrive).
+__device__ __forceinline__ void bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+// Counts this thread at barrier `id` without waiting.
+__device__ __forceinline__ void bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+
 // ---- TMA ----------------------------------------------------------------------------------------
 
 // An L2 policy that evicts the streamed KV cache first, keeping L2 for what is reused.

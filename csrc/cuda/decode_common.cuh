@@ -1,0 +1,183 @@
+// Pieces shared by the decode kernels (mla_decode_sm90.cu, mla_decode_seesaw.cu): shared-memory
+// tile geometry, the Q and K page loads, masking helpers and the per-piece output store.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "common/mla_contract.h"
+#include "common/mla_params.h"
+#include "cuda/sm90_ptx.cuh"
+
+namespace jax_flashmla {
+namespace sm90 {
+
+constexpr int kThreads = 256;                           // two consumer warpgroups
+constexpr int kChannelTile = 64;                        // channels per 128-byte swizzled tile
+constexpr int kTileBytes = 64 * kChannelTile * 2;       // 64 rows x 64 channels of 16-bit elements
+constexpr int kChannelTiles = kHeadDim / kChannelTile;  // 9; tiles 0..7 are V, tile 8 is RoPE
+constexpr int kBlockBytes = kChannelTiles * kTileBytes;  // one page of K, or the Q tile: 73728
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a 128-byte-swizzled tile.
+__device__ __forceinline__ int swizzled_offset(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+
+template <typename Elem>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Exclusive end of the keys that query row `row` (of this kv head) sees.
+__device__ __forceinline__ int key_limit(const DecodeParams& p, int len, int row) {
+  if (!p.causal) return len;
+  const int token = row / p.q_heads_per_k;
+  return min(max(len - p.seqlen_q + token + 1, 0), len);
+}
+
+// Page id of page `index` of request `req`; ids outside the pool, and pages past the block table,
+// become a coordinate past the end of the tensor map, which TMA fills with zeros.
+__device__ __forceinline__ int page_row_coord(const DecodeParams& p, int req, int index) {
+  int page = -1;
+  if (index < p.max_blocks_per_seq) page = p.block_table[static_cast<int64_t>(req) * p.max_blocks_per_seq + index];
+  if (page < 0 || page >= p.num_blocks) page = p.num_blocks;
+  return page * kPageSize;
+}
+
+// One page of K (all 576 channels of 64 tokens of one kv head) into `stage`, completing on `full`.
+__device__ __forceinline__ void issue_page(uint8_t* stage, uint64_t* full, const CUtensorMap* map, int row_coord,
+                                           int kv_head, uint64_t policy) {
+  mbar_arrive_expect_tx(full, kBlockBytes);
+#pragma unroll
+  for (int t = 0; t < kChannelTiles; ++t) {
+    tma_load_3d(stage + t * kTileBytes, map, full, t * kChannelTile, kv_head, row_coord, policy);
+  }
+}
+
+// Loads the 64-row Q tile of (req, kv head, rows from row0) into the swizzled layout, with all
+// kThreads threads; rows past the request's query rows are zero.
+__device__ __forceinline__ void load_q_tile(uint8_t* q_tile, const DecodeParams& p, int req, int kv_head, int row0) {
+  constexpr int kChunksPerRow = kHeadDim * 2 / 16;  // 72 chunks of 16 bytes
+  const auto* q = static_cast<const uint8_t*>(p.q);
+  for (int i = threadIdx.x; i < kRowsPerTile * kChunksPerRow; i += kThreads) {
+    const int r = i / kChunksPerRow, c = i % kChunksPerRow;
+    const int row = row0 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row < p.rows_per_head_k) {
+      const int token = row / p.q_heads_per_k;
+      const int head = kv_head * p.q_heads_per_k + row % p.q_heads_per_k;
+      const int64_t elem = ((static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDim;
+      v = __ldg(reinterpret_cast<const uint4*>(q + elem * 2) + c);
+    }
+    *reinterpret_cast<uint4*>(q_tile + (c / 8) * kTileBytes + swizzled_offset(r, c % 8)) = v;
+  }
+}
+
+// Zeroes K rows [valid, 64) of a stage, shared out over `num_threads` threads (this one is `thread`):
+// slots past a request's length may hold NaN, and P = 0 times V = NaN would still poison O.
+__device__ __forceinline__ void zero_tail_rows(uint8_t* stage, int valid, int thread, int num_threads) {
+  const int rows = kPageSize - valid;
+  for (int i = thread; i < rows * kChannelTiles * 8; i += num_threads) {
+    const int r = valid + i / (kChannelTiles * 8);
+    const int rest = i % (kChannelTiles * 8);
+    *reinterpret_cast<uint4*>(stage + (rest / 8) * kTileBytes + swizzled_offset(r, rest % 8)) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The page range of request `req` in a part's tile_md row, clamped to the request's pages and the
+// batch so that a stale plan can never index outside block_table.
+struct PieceRange {
+  int len;         // the request's tokens
+  int page_begin;  // first page of the piece
+  int n_pages;     // pages in the piece
+  int split;       // index of the piece among its request's splits
+};
+
+__device__ __forceinline__ PieceRange piece_range(const int32_t* md, const DecodeParams& p, int req) {
+  PieceRange r;
+  r.len = max(p.seqlens[req], 0);
+  const int pages = pages_of(r.len);
+  r.page_begin = min(max(req == md[kMdBeginReq] ? md[kMdBeginPage] : 0, 0), pages);
+  const int page_end = min(max(req == md[kMdEndReq] ? md[kMdEndPage] : pages, r.page_begin), pages);
+  r.n_pages = page_end - r.page_begin;
+  r.split = req == md[kMdBeginReq] ? md[kMdBeginSplit] : 0;
+  return r;
+}
+
+// Stores one warpgroup's half of a piece's output: `o` is the 64x256 fp32 accumulator fragment of
+// channels [256 wg, 256 wg + 256) (rows r_lo and r_lo + 8 of this thread), normalized by l. A whole
+// request writes out/lse; a split one its accumulator slot. m is the row max in log2 units.
+template <typename Elem>
+__device__ __forceinline__ void store_piece(const DecodeParams& p, const float* o, int req, int kv_head, int row0,
+                                            int r_lo, int wg, int lane, float l_lo, float l_hi, float m_lo,
+                                            float m_hi, bool final_out, int64_t slot) {
+  const int col_q = 2 * (lane % 4);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row0 + r_lo + 8 * half;
+    if (row >= p.rows_per_head_k) continue;
+    const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
+    const bool empty = l == 0.f;
+    const float inv = empty ? 0.f : 1.f / l;
+    const float lse = empty ? (final_out ? INFINITY : -INFINITY) : (m + log2f(l)) * 0.6931471805599453f;
+    const int token = row / p.q_heads_per_k;
+    const int head = kv_head * p.q_heads_per_k + row % p.q_heads_per_k;
+    if (final_out) {
+      Elem* out = static_cast<Elem*>(p.out) +
+                  ((static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDimV + wg * 256;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int i = j * 4 + half * 2;
+        *reinterpret_cast<uint32_t*>(out + j * 8 + col_q) = pack2<Elem>(o[i] * inv, o[i + 1] * inv);
+      }
+      if (wg == 0 && lane % 4 == 0) p.lse[(static_cast<int64_t>(req) * p.num_heads_q + head) * p.seqlen_q + token] = lse;
+    } else {
+      const int64_t acc_row = (slot * p.num_heads_k + kv_head) * p.rows_per_head_k + row;
+      float* acc = p.o_accum + acc_row * kHeadDimV + wg * 256;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int i = j * 4 + half * 2;
+        *reinterpret_cast<float2*>(acc + j * 8 + col_q) = make_float2(o[i] * inv, o[i + 1] * inv);
+      }
+      if (wg == 0 && lane % 4 == 0) p.lse_accum[acc_row] = lse;
+    }
+  }
+}
+
+// Ends a piece: adds the two warpgroups' row sums (each thread holds partial sums of rows r_lo and
+// r_lo + 8 over its columns) through `row_sum`, then stores the output. All kThreads threads call it.
+template <typename Elem>
+__device__ __forceinline__ void finish_piece(const DecodeParams& p, const float* o, float (*row_sum)[kRowsPerTile],
+                                             int req, int split, int kv_head, int row0, int r_lo, int wg, int lane,
+                                             float l_lo, float l_hi, float m_lo, float m_hi) {
+#pragma unroll
+  for (int d = 1; d <= 2; d <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffff, l_lo, d);
+    l_hi += __shfl_xor_sync(0xffffffff, l_hi, d);
+  }
+  if (lane % 4 == 0) {
+    row_sum[wg][r_lo] = l_lo;
+    row_sum[wg][r_lo + 8] = l_hi;
+  }
+  __syncthreads();
+  l_lo = row_sum[0][r_lo] + row_sum[1][r_lo];
+  l_hi = row_sum[0][r_lo + 8] + row_sum[1][r_lo + 8];
+  __syncthreads();  // row_sum, the Q tile and the stages may be overwritten by the next piece
+
+  const int total_splits = p.num_splits[req + 1] - p.num_splits[req];
+  const int64_t slot = static_cast<int64_t>(p.num_splits[req]) + split;
+  const bool final_out = total_splits == 1;
+  if (!final_out && (slot < 0 || slot >= max_accum_slots(p.batch, p.num_sm_parts))) return;  // stale plan
+  store_piece<Elem>(p, o, req, kv_head, row0, r_lo, wg, lane, l_lo, l_hi, m_lo, m_hi, final_out, slot);
+}
+
+}  // namespace sm90
+}  // namespace jax_flashmla

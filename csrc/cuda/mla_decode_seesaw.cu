@@ -1,0 +1,341 @@
+// EXPERIMENTAL, not yet run on a GPU: a second schedule of the decode kernel, FlashMLA's "seesaw",
+// chosen at run time with JAX_FLASHMLA_DECODE_SCHEDULE=seesaw (mla_decode_sm90.cu's launcher). The
+// default schedule stays the verified one until this one passes tests/test_gpu_decode.py.
+//
+// Same work unit, tiles, TMA loads and outputs as the default kernel. The pages of a piece go in
+// pairs: page A (even) into stage 0, page B (odd) into stage 1. Warpgroup 0 owns output channels
+// 0..255 (O_L) and scores page A; warpgroup 1 owns channels 256..511 (O_R) and scores page B, each
+// with wgmma m64n64k16 over all 64 tokens. Per pair:
+//   WG0: S_A; m_a = max(m, rowmax S_A); P_A; O_L = O_L * 2^(m - m_a) + P_A V_A[:, L]  (P_A in registers)
+//        publishes m_a and P_A (in page A's RoPE tile, which nothing reads after S_A)  -> barrier A
+//   WG1: S_B; waits for m_a, P_A; O_R = O_R * 2^(m - m_a) + P_A V_A[:, R]  (P_A from shared memory)
+//        m_b = max(m_a, rowmax S_B); P_B; publishes m_b and P_B (page B's RoPE tile) -> barrier B
+//        O_R = O_R * 2^(m_a - m_b) + P_B V_B[:, R]  (P_B in registers)
+//   WG0: waits for m_b, P_B; O_L = O_L * 2^(m_a - m_b) + P_B V_B[:, L]  (P_B from shared memory)
+// so one warpgroup's softmax overlaps the other's matrix work, Q is read once per 64 scores instead
+// of per 32, and no shared memory is added. Each warpgroup sums the P it computed; the two sums are
+// added at the end of the piece. A stage is reloaded (by warpgroup 1's first thread) once both
+// warpgroups have arrived on its `k_empty` mbarrier.
+#include "cuda/decode_common.cuh"
+#include "cuda/mla_kernels.h"
+#include "cuda/wgmma_ops.cuh"
+
+namespace jax_flashmla {
+namespace sm90 {
+namespace seesaw {
+
+struct SharedStorage {
+  alignas(1024) uint8_t q[kBlockBytes];     // Q tile, 9 swizzled tiles of 64 rows x 64 channels
+  alignas(1024) uint8_t k[2][kBlockBytes];  // stage 0: even pages (A), stage 1: odd pages (B)
+  float max_a[kRowsPerTile];                // running max after page A (published by warpgroup 0)
+  float max_b[kRowsPerTile];                // running max after page B (published by warpgroup 1)
+  float row_sum[2][kRowsPerTile];           // per-warpgroup row sums, at the end of a piece
+  uint64_t k_full[2];                       // TMA completion of each stage
+  uint64_t k_empty[2];                      // both warpgroups done with a stage (256 arrivals)
+};
+
+constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + room to align the dynamic base
+constexpr int kBarPageA = 1, kBarPageB = 2, kBarWarpgroup = 3;  // named barriers (kBarWarpgroup + wg)
+constexpr int kPTile = kChannelTiles - 1;  // the RoPE tile of a page, reused for that page's P
+
+template <typename Elem>
+struct Ops;
+template <>
+struct Ops<__nv_bfloat16> {
+  __device__ static void scores(float* d, uint64_t a, uint64_t b, int acc) { wgmma_m64n64k16_ss_Bf16<0>(d, a, b, acc); }
+  __device__ static void values_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_m64n256k16_rs_Bf16<1>(d, a, b, 1); }
+  __device__ static void values_ss(float* d, uint64_t a, uint64_t b) { wgmma_m64n256k16_ss_Bf16<1>(d, a, b, 1); }
+};
+template <>
+struct Ops<__half> {
+  __device__ static void scores(float* d, uint64_t a, uint64_t b, int acc) { wgmma_m64n64k16_ss_F16<0>(d, a, b, acc); }
+  __device__ static void values_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_m64n256k16_rs_F16<1>(d, a, b, 1); }
+  __device__ static void values_ss(float* d, uint64_t a, uint64_t b) { wgmma_m64n256k16_ss_F16<1>(d, a, b, 1); }
+};
+
+template <int kCount>
+__device__ __forceinline__ void pin_words(uint32_t* r) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// S = Q K^T over all 64 tokens of the page in `stage` (this warpgroup only).
+template <typename Elem>
+__device__ __forceinline__ void page_scores(const SharedStorage& s, const uint8_t* stage, float* sc) {
+  wgmma_fence();
+#pragma unroll
+  for (int t = 0; t < kChannelTiles; ++t) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t a = smem_desc_sw128(s.q + t * kTileBytes + kk * 32, 16, 1024);
+      const uint64_t b = smem_desc_sw128(stage + t * kTileBytes + kk * 32, 16, 1024);
+      Ops<Elem>::scores(sc, a, b, (t | kk) != 0);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_registers<32>(sc);
+}
+
+// Scales scores to log2 units and masks keys at or past each row's limit; returns the row maxima.
+__device__ __forceinline__ void mask_scores(float* sc, int key0, int col_q, int limit_lo, int limit_hi, float scale_log2,
+                                            float& mx_lo, float& mx_hi) {
+  mx_lo = -INFINITY;
+  mx_hi = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    const int key = key0 + (i / 4) * 8 + col_q + (i & 1);
+    const bool hi = (i >> 1) & 1;
+    const float v = key < (hi ? limit_hi : limit_lo) ? sc[i] * scale_log2 : -INFINITY;
+    sc[i] = v;
+    if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
+  }
+#pragma unroll
+  for (int d = 1; d <= 2; d <<= 1) {
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffff, mx_lo, d));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffff, mx_hi, d));
+  }
+}
+
+// A row that has seen no key keeps max -inf; exponents are taken against 0 then, giving 0, not NaN.
+__device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.f : m; }
+
+// P = 2^(S - base) packed to 16 bits, in the register order of wgmma's A operand (token step kk is
+// p[4 kk .. 4 kk + 3]), also written to `tile` for the other warpgroup; adds the row sums to l.
+template <typename Elem>
+__device__ __forceinline__ void make_p(const float* sc, float base_lo, float base_hi, uint32_t* packed, uint8_t* tile,
+                                       int r_lo, int col_q, float& l_lo, float& l_hi) {
+#pragma unroll
+  for (int i = 0; i < 32; i += 2) {
+    const bool hi = (i >> 1) & 1;
+    const float base = hi ? base_hi : base_lo;
+    const float p0 = exp2f(sc[i] - base), p1 = exp2f(sc[i + 1] - base);
+    if (hi) l_hi += p0 + p1; else l_lo += p0 + p1;
+    packed[i / 2] = pack2<Elem>(p0, p1);
+    const int row = r_lo + (hi ? 8 : 0);
+    const int col = (i / 4) * 8 + col_q;
+    *reinterpret_cast<uint32_t*>(tile + swizzled_offset(row, col / 8) + (col % 8) * 2) = packed[i / 2];
+  }
+}
+
+__device__ __forceinline__ void scale_rows(float* o, float a_lo, float a_hi) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? a_hi : a_lo;
+}
+
+// V of `stage`, channels [256 wg, 256 wg + 256), token step kk: the MN-major B operand of PV.
+__device__ __forceinline__ uint64_t v_desc(const uint8_t* stage, int wg, int kk) {
+  return smem_desc_sw128(stage + (4 * wg) * kTileBytes + kk * 16 * 128, kTileBytes, 1024);
+}
+// P in a stage's RoPE tile, token step kk: the K-major A operand of PV.
+__device__ __forceinline__ uint64_t p_desc(const uint8_t* stage, int kk) {
+  return smem_desc_sw128(stage + kPTile * kTileBytes + kk * 32, 16, 1024);
+}
+
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads, 1)
+    decode_kernel(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ DecodeParams p) {
+  extern __shared__ uint8_t smem_raw[];
+  SharedStorage& s = *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+
+  const int part = blockIdx.x, kv_head = blockIdx.y, row0 = blockIdx.z * kRowsPerTile;
+  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128, lane = tid % 32;
+  const int r_lo = wtid / 32 * 16 + lane / 4;  // this thread's two accumulator rows: r_lo, r_lo + 8
+  const int col_q = 2 * (lane % 4);            // first of its two columns in each 8-column chunk
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+
+  if (tid == 0) {
+    for (int i = 0; i < 2; ++i) {
+      mbar_init(&s.k_full[i], 1);
+      mbar_init(&s.k_empty[i], kThreads);
+    }
+    fence_mbar_init();
+  }
+  __syncthreads();
+  const uint64_t policy = evict_first_policy();
+
+  const int32_t* md = p.tile_md + static_cast<int64_t>(part) * kTileMetadataSize;
+  uint32_t uses[2] = {0, 0};  // pages each stage has held so far: the parity of its mbarrier phases
+
+  for (int req = max(md[kMdBeginReq], 0); req <= min(md[kMdEndReq], p.batch - 1); ++req) {
+    const PieceRange piece = piece_range(md, p, req);
+    const int len = piece.len, page_begin = piece.page_begin, n_pages = piece.n_pages;
+
+    if (tid == 0) {
+      for (int i = 0; i < min(2, n_pages); ++i) {
+        issue_page(s.k[i], &s.k_full[i], &k_map, page_row_coord(p, req, page_begin + i), kv_head, policy);
+      }
+    }
+    load_q_tile(s.q, p, req, kv_head, row0);
+    fence_proxy_async();
+    __syncthreads();
+
+    const int limit_lo = key_limit(p, len, row0 + r_lo), limit_hi = key_limit(p, len, row0 + r_lo + 8);
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+
+    for (int a = 0; a < n_pages; a += 2) {
+      const bool has_b = a + 1 < n_pages;
+      const int key_a = (page_begin + a) * kPageSize, key_b = key_a + kPageSize;
+      float sc[32];
+      uint32_t packed[16];
+      if (wg == 0) {
+        // ---- warpgroup 0: scores and softmax of page A, then O_L += P_A V_A and P_B V_B ----
+        mbar_wait(&s.k_full[0], uses[0] & 1);
+        if (len - key_a < kPageSize) {
+          zero_tail_rows(s.k[0], len - key_a, wtid, 128);
+          fence_proxy_async();
+          bar_sync(kBarWarpgroup + 0, 128);
+        }
+        page_scores<Elem>(s, s.k[0], sc);
+        float mx_lo, mx_hi;
+        mask_scores(sc, key_a, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
+        const float ma_lo = fmaxf(m_lo, mx_lo), ma_hi = fmaxf(m_hi, mx_hi);
+        const float base_lo = exp_base(ma_lo), base_hi = exp_base(ma_hi);
+        const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
+        l_lo *= alpha_lo;
+        l_hi *= alpha_hi;
+        make_p<Elem>(sc, base_lo, base_hi, packed, s.k[0] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi);
+        scale_rows(o, alpha_lo, alpha_hi);
+        if (lane % 4 == 0) {
+          s.max_a[r_lo] = ma_lo;
+          s.max_a[r_lo + 8] = ma_hi;
+        }
+        fence_proxy_async();
+        bar_arrive(kBarPageA, 2 * 128);
+        m_lo = ma_lo;
+        m_hi = ma_hi;
+
+        pin_registers<128>(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_rs(o, packed + 4 * kk, v_desc(s.k[0], 0, kk));
+        wgmma_commit();
+        if (has_b) {
+          bar_sync(kBarPageB, 2 * 128);
+          const float mb_lo = s.max_b[r_lo], mb_hi = s.max_b[r_lo + 8];
+          const float beta_lo = exp2f(m_lo - exp_base(mb_lo)), beta_hi = exp2f(m_hi - exp_base(mb_hi));
+          wgmma_wait<0>();
+          pin_registers<128>(o);
+          pin_words<16>(packed);
+          mbar_arrive(&s.k_empty[0]);
+          scale_rows(o, beta_lo, beta_hi);
+          l_lo *= beta_lo;
+          l_hi *= beta_hi;
+          m_lo = mb_lo;
+          m_hi = mb_hi;
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[1], kk), v_desc(s.k[1], 0, kk));
+          wgmma_commit();
+          wgmma_wait<0>();
+          pin_registers<128>(o);
+          mbar_arrive(&s.k_empty[1]);
+        } else {
+          wgmma_wait<0>();
+          pin_registers<128>(o);
+          pin_words<16>(packed);
+          mbar_arrive(&s.k_empty[0]);
+        }
+      } else {
+        // ---- warpgroup 1: scores of page B, O_R += P_A V_A, softmax of page B, O_R += P_B V_B ----
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+        if (has_b) {
+          mbar_wait(&s.k_full[1], uses[1] & 1);
+          if (len - key_b < kPageSize) {
+            zero_tail_rows(s.k[1], len - key_b, wtid, 128);
+            fence_proxy_async();
+            bar_sync(kBarWarpgroup + 1, 128);
+          }
+          page_scores<Elem>(s, s.k[1], sc);
+          mask_scores(sc, key_b, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
+        }
+        bar_sync(kBarPageA, 2 * 128);
+        const float ma_lo = s.max_a[r_lo], ma_hi = s.max_a[r_lo + 8];
+        const float alpha_lo = exp2f(m_lo - exp_base(ma_lo)), alpha_hi = exp2f(m_hi - exp_base(ma_hi));
+        scale_rows(o, alpha_lo, alpha_hi);
+        l_lo *= alpha_lo;
+        l_hi *= alpha_hi;
+        m_lo = ma_lo;
+        m_hi = ma_hi;
+        pin_registers<128>(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[0], kk), v_desc(s.k[0], 1, kk));
+        wgmma_commit();
+        if (has_b) {
+          const float mb_lo = fmaxf(m_lo, mx_lo), mb_hi = fmaxf(m_hi, mx_hi);
+          const float base_lo = exp_base(mb_lo), base_hi = exp_base(mb_hi);
+          const float beta_lo = exp2f(m_lo - base_lo), beta_hi = exp2f(m_hi - base_hi);
+          l_lo *= beta_lo;
+          l_hi *= beta_hi;
+          make_p<Elem>(sc, base_lo, base_hi, packed, s.k[1] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi);
+          if (lane % 4 == 0) {
+            s.max_b[r_lo] = mb_lo;
+            s.max_b[r_lo + 8] = mb_hi;
+          }
+          fence_proxy_async();
+          bar_arrive(kBarPageB, 2 * 128);
+          wgmma_wait<0>();
+          pin_registers<128>(o);
+          mbar_arrive(&s.k_empty[0]);
+          if (wtid == 0 && a + 2 < n_pages) {  // reload stage 0 once warpgroup 0 is done with it too
+            mbar_wait(&s.k_empty[0], uses[0] & 1);
+            issue_page(s.k[0], &s.k_full[0], &k_map, page_row_coord(p, req, page_begin + a + 2), kv_head, policy);
+          }
+          scale_rows(o, beta_lo, beta_hi);
+          m_lo = mb_lo;
+          m_hi = mb_hi;
+          pin_registers<128>(o);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_rs(o, packed + 4 * kk, v_desc(s.k[1], 1, kk));
+          wgmma_commit();
+          wgmma_wait<0>();
+          pin_registers<128>(o);
+          pin_words<16>(packed);
+          mbar_arrive(&s.k_empty[1]);
+          if (wtid == 0 && a + 3 < n_pages) {
+            mbar_wait(&s.k_empty[1], uses[1] & 1);
+            issue_page(s.k[1], &s.k_full[1], &k_map, page_row_coord(p, req, page_begin + a + 3), kv_head, policy);
+          }
+        } else {
+          wgmma_wait<0>();
+          pin_registers<128>(o);
+          mbar_arrive(&s.k_empty[0]);
+        }
+      }
+      ++uses[0];
+      if (has_b) ++uses[1];
+    }
+
+    finish_piece<Elem>(p, o, s.row_sum, req, piece.split, kv_head, row0, r_lo, wg, lane, l_lo, l_hi, m_lo, m_hi);
+  }
+}
+
+template <typename Elem>
+cudaError_t launch_typed(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
+  static bool configured[64] = {};  // the opt-in shared-memory size is a per-device attribute
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  if (device < 0 || device >= 64 || !configured[device]) {
+    cudaError_t err = cudaFuncSetAttribute(decode_kernel<Elem>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (device >= 0 && device < 64) configured[device] = true;
+  }
+  const dim3 grid(p.num_sm_parts, p.num_heads_k, ceil_div(p.rows_per_head_k, kRowsPerTile));
+  decode_kernel<Elem><<<grid, kThreads, kSmemBytes, stream>>>(k_map, p);
+  return cudaGetLastError();
+}
+
+}  // namespace seesaw
+}  // namespace sm90
+
+cudaError_t launch_seesaw_decode(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
+  return p.dtype == ElementType::kBF16 ? sm90::seesaw::launch_typed<__nv_bfloat16>(p, k_map, stream)
+                                       : sm90::seesaw::launch_typed<__half>(p, k_map, stream);
+}
+
+}  // namespace jax_flashmla
