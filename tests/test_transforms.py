@@ -163,22 +163,45 @@ def test_checkpoint_forward():
     assert_matches(fn(q, k), fm.mla_decode_reference(q, k, bt, sl, causal=True))
 
 
-def test_docs_snippets_run(tmp_path):
-    # docs/transformations.md promises runnable snippets: run them, in order, in a fresh process
-    # that imports the same jax_flashmla as this test (the installed or Bazel-built one, never the
-    # source folder, which has no compiled extension in a fresh checkout).
+def _run_snippets(blocks, tmp_path):
+    """Runs python blocks, in order, in a fresh process that imports the same jax_flashmla as this
+    test (the installed or Bazel-built one, never the source folder, which has no compiled
+    extension in a fresh checkout)."""
     import os
     import pathlib
-    import re
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    blocks = re.findall(r"```python\n(.*?)```", (root / "docs" / "transformations.md").read_text(), re.S)
-    assert len(blocks) >= 5
     package_parent = pathlib.Path(fm.__file__).absolute().parents[1]  # not resolved: Bazel runfiles are links
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(package_parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", "\n".join(blocks) + "\nprint('snippets ok')"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "snippets ok" in done.stdout, done.stderr[-3000:]
+
+
+def _python_blocks(text):
+    import re
+
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def test_docs_snippets_run(tmp_path):
+    # docs/transformations.md promises runnable snippets.
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    blocks = _python_blocks((root / "docs" / "transformations.md").read_text())
+    assert len(blocks) >= 5
+    _run_snippets(blocks, tmp_path)
+
+
+def test_readme_transformation_snippets_run(tmp_path):
+    # So do the README's "JAX transformations" section (setup block first, then one per transformation).
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## JAX transformations", 1)[1].split("\n## ", 1)[0]
+    blocks = _python_blocks(section)
+    assert len(blocks) >= 7
+    _run_snippets(blocks, tmp_path)
