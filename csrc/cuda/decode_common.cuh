@@ -112,6 +112,57 @@ __device__ __forceinline__ PieceRange piece_range(const int32_t* md, const Decod
   return r;
 }
 
+// Scales a score fragment to log2 units and masks keys at or past each row's limit; returns the
+// row maxima over the warpgroup's columns. The fragment holds kValues accumulators of a 64 x
+// (2 kValues) wgmma tile (rows r_lo, r_lo + 8); `key0` is the key of its first column.
+template <int kValues>
+__device__ __forceinline__ void mask_scores(float* sc, int key0, int col_q, int limit_lo, int limit_hi,
+                                            float scale_log2, float& mx_lo, float& mx_hi) {
+  mx_lo = -INFINITY;
+  mx_hi = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kValues; ++i) {
+    const int key = key0 + (i / 4) * 8 + col_q + (i & 1);
+    const bool hi = (i >> 1) & 1;
+    const float v = key < (hi ? limit_hi : limit_lo) ? sc[i] * scale_log2 : -INFINITY;
+    sc[i] = v;
+    if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
+  }
+#pragma unroll
+  for (int d = 1; d <= 2; d <<= 1) {
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffff, mx_lo, d));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffff, mx_hi, d));
+  }
+}
+
+// A row that has seen no key keeps max -inf; exponents are taken against 0 then, giving 0, not NaN.
+__device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.f : m; }
+
+// Rescales the rows of a 64x256 output fragment (rows r_lo and r_lo + 8 of this thread).
+__device__ __forceinline__ void scale_rows(float* o, float a_lo, float a_hi) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? a_hi : a_lo;
+}
+
+// V of `stage`, channels [256 wg, 256 wg + 256), token step kk: the MN-major B operand of PV.
+__device__ __forceinline__ uint64_t v_desc(const uint8_t* stage, int wg, int kk) {
+  return smem_desc_sw128(stage + (4 * wg) * kTileBytes + kk * 16 * 128, kTileBytes, 1024);
+}
+
+// Raises `kKernel`'s dynamic shared-memory limit to `bytes`. The attribute belongs to the current
+// device, so it is set once per device (a template argument per kernel keeps their flags apart).
+template <auto kKernel>
+inline cudaError_t allow_dynamic_smem(int bytes) {
+  static bool configured[64] = {};
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  const bool tracked = device >= 0 && device < 64;
+  if (tracked && configured[device]) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && tracked) configured[device] = true;
+  return err;
+}
+
 // Stores one warpgroup's half of a piece's output: `o` is the 64x256 fp32 accumulator fragment of
 // channels [256 wg, 256 wg + 256) (rows r_lo and r_lo + 8 of this thread), normalized by l. A whole
 // request writes out/lse; a split one its accumulator slot. m is the row max in log2 units.

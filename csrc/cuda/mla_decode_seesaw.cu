@@ -77,29 +77,6 @@ __device__ __forceinline__ void page_scores(const SharedStorage& s, const uint8_
   pin_registers<32>(sc);
 }
 
-// Scales scores to log2 units and masks keys at or past each row's limit; returns the row maxima.
-__device__ __forceinline__ void mask_scores(float* sc, int key0, int col_q, int limit_lo, int limit_hi, float scale_log2,
-                                            float& mx_lo, float& mx_hi) {
-  mx_lo = -INFINITY;
-  mx_hi = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    const int key = key0 + (i / 4) * 8 + col_q + (i & 1);
-    const bool hi = (i >> 1) & 1;
-    const float v = key < (hi ? limit_hi : limit_lo) ? sc[i] * scale_log2 : -INFINITY;
-    sc[i] = v;
-    if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
-  }
-#pragma unroll
-  for (int d = 1; d <= 2; d <<= 1) {
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffff, mx_lo, d));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffff, mx_hi, d));
-  }
-}
-
-// A row that has seen no key keeps max -inf; exponents are taken against 0 then, giving 0, not NaN.
-__device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.f : m; }
-
 // P = 2^(S - base) packed to 16 bits, in the register order of wgmma's A operand (token step kk is
 // p[4 kk .. 4 kk + 3]), also written to `tile` for the other warpgroup; adds the row sums to l.
 template <typename Elem>
@@ -118,18 +95,17 @@ __device__ __forceinline__ void make_p(const float* sc, float base_lo, float bas
   }
 }
 
-__device__ __forceinline__ void scale_rows(float* o, float a_lo, float a_hi) {
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? a_hi : a_lo;
-}
-
-// V of `stage`, channels [256 wg, 256 wg + 256), token step kk: the MN-major B operand of PV.
-__device__ __forceinline__ uint64_t v_desc(const uint8_t* stage, int wg, int kk) {
-  return smem_desc_sw128(stage + (4 * wg) * kTileBytes + kk * 16 * 128, kTileBytes, 1024);
-}
 // P in a stage's RoPE tile, token step kk: the K-major A operand of PV.
 __device__ __forceinline__ uint64_t p_desc(const uint8_t* stage, int kk) {
   return smem_desc_sw128(stage + kPTile * kTileBytes + kk * 32, 16, 1024);
+}
+
+// Waits for this warpgroup's matrix work (keeping the accumulators live until it is done), then
+// counts the warpgroup as done with the stage behind `empty`.
+__device__ __forceinline__ void release_stage(float* o, uint64_t* empty) {
+  wgmma_wait<0>();
+  pin_registers<128>(o);
+  mbar_arrive(empty);
 }
 
 template <typename Elem>
@@ -191,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         page_scores<Elem>(s, s.k[0], sc);
         float mx_lo, mx_hi;
-        mask_scores(sc, key_a, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
+        mask_scores<32>(sc, key_a, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
         const float ma_lo = fmaxf(m_lo, mx_lo), ma_hi = fmaxf(m_hi, mx_hi);
         const float base_lo = exp_base(ma_lo), base_hi = exp_base(ma_hi);
         const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
@@ -217,10 +193,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           bar_sync(kBarPageB, 2 * 128);
           const float mb_lo = s.max_b[r_lo], mb_hi = s.max_b[r_lo + 8];
           const float beta_lo = exp2f(m_lo - exp_base(mb_lo)), beta_hi = exp2f(m_hi - exp_base(mb_hi));
-          wgmma_wait<0>();
-          pin_registers<128>(o);
-          pin_words<16>(packed);
-          mbar_arrive(&s.k_empty[0]);
+          release_stage(o, &s.k_empty[0]);
+          pin_words<16>(packed);  // the RS wgmma read them until now
           scale_rows(o, beta_lo, beta_hi);
           l_lo *= beta_lo;
           l_hi *= beta_hi;
@@ -230,14 +204,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[1], kk), v_desc(s.k[1], 0, kk));
           wgmma_commit();
-          wgmma_wait<0>();
-          pin_registers<128>(o);
-          mbar_arrive(&s.k_empty[1]);
+          release_stage(o, &s.k_empty[1]);
         } else {
-          wgmma_wait<0>();
-          pin_registers<128>(o);
-          pin_words<16>(packed);
-          mbar_arrive(&s.k_empty[0]);
+          release_stage(o, &s.k_empty[0]);
+          pin_words<16>(packed);  // the RS wgmma read them until now
         }
       } else {
         // ---- warpgroup 1: scores of page B, O_R += P_A V_A, softmax of page B, O_R += P_B V_B ----
@@ -250,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             bar_sync(kBarWarpgroup + 1, 128);
           }
           page_scores<Elem>(s, s.k[1], sc);
-          mask_scores(sc, key_b, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
+          mask_scores<32>(sc, key_b, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
         }
         bar_sync(kBarPageA, 2 * 128);
         const float ma_lo = s.max_a[r_lo], ma_hi = s.max_a[r_lo + 8];
@@ -278,9 +248,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           fence_proxy_async();
           bar_arrive(kBarPageB, 2 * 128);
-          wgmma_wait<0>();
-          pin_registers<128>(o);
-          mbar_arrive(&s.k_empty[0]);
+          release_stage(o, &s.k_empty[0]);
           if (wtid == 0 && a + 2 < n_pages) {  // reload stage 0 once warpgroup 0 is done with it too
             mbar_wait(&s.k_empty[0], uses[0] & 1);
             issue_page(s.k[0], &s.k_full[0], &k_map, page_row_coord(p, req, page_begin + a + 2), kv_head, policy);
@@ -293,18 +261,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_rs(o, packed + 4 * kk, v_desc(s.k[1], 1, kk));
           wgmma_commit();
-          wgmma_wait<0>();
-          pin_registers<128>(o);
-          pin_words<16>(packed);
-          mbar_arrive(&s.k_empty[1]);
+          release_stage(o, &s.k_empty[1]);
+          pin_words<16>(packed);  // the RS wgmma read them until now
           if (wtid == 0 && a + 3 < n_pages) {
             mbar_wait(&s.k_empty[1], uses[1] & 1);
             issue_page(s.k[1], &s.k_full[1], &k_map, page_row_coord(p, req, page_begin + a + 3), kv_head, policy);
           }
         } else {
-          wgmma_wait<0>();
-          pin_registers<128>(o);
-          mbar_arrive(&s.k_empty[0]);
+          release_stage(o, &s.k_empty[0]);
         }
       }
       ++uses[0];
@@ -317,14 +281,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename Elem>
 cudaError_t launch_typed(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
-  static bool configured[64] = {};  // the opt-in shared-memory size is a per-device attribute
-  int device = 0;
-  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-  if (device < 0 || device >= 64 || !configured[device]) {
-    cudaError_t err = cudaFuncSetAttribute(decode_kernel<Elem>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (device >= 0 && device < 64) configured[device] = true;
-  }
+  if (cudaError_t err = allow_dynamic_smem<decode_kernel<Elem>>(kSmemBytes); err != cudaSuccess) return err;
   const dim3 grid(p.num_sm_parts, p.num_heads_k, ceil_div(p.rows_per_head_k, kRowsPerTile));
   decode_kernel<Elem><<<grid, kThreads, kSmemBytes, stream>>>(k_map, p);
   return cudaGetLastError();

@@ -117,20 +117,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       pin_registers<16>(sc);
 
       // Scale to log2 units and mask keys past each row's limit; this warpgroup's row maxima.
-      float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int key = key0 + wg * 32 + (i / 4) * 8 + col_q + (i & 1);
-        const bool hi = (i >> 1) & 1;
-        const float v = key < (hi ? limit_hi : limit_lo) ? sc[i] * scale_log2 : -INFINITY;
-        sc[i] = v;
-        if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
-      }
-#pragma unroll
-      for (int d = 1; d <= 2; d <<= 1) {
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffff, mx_lo, d));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffff, mx_hi, d));
-      }
+      float mx_lo, mx_hi;
+      mask_scores<16>(sc, key0 + wg * 32, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
       if (lane % 4 == 0) {
         s.row_max[wg][r_lo] = mx_lo;
         s.row_max[wg][r_lo + 8] = mx_hi;
@@ -139,9 +127,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       const float new_lo = fmaxf(m_lo, fmaxf(s.row_max[0][r_lo], s.row_max[1][r_lo]));
       const float new_hi = fmaxf(m_hi, fmaxf(s.row_max[0][r_lo + 8], s.row_max[1][r_lo + 8]));
-      // A row that has seen no key yet keeps max -inf; subtract 0 then so exp2 gives 0, not NaN.
-      const float base_lo = new_lo == -INFINITY ? 0.f : new_lo;
-      const float base_hi = new_hi == -INFINITY ? 0.f : new_hi;
+      const float base_lo = exp_base(new_lo), base_hi = exp_base(new_hi);
       const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
       m_lo = new_lo;
       m_hi = new_hi;
@@ -157,8 +143,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int col = wg * 32 + (i / 4) * 8 + col_q;  // token within the page
         *reinterpret_cast<uint32_t*>(s.p + swizzled_offset(row, col / 8) + (col % 8) * 2) = pack2<Elem>(p0, p1);
       }
-#pragma unroll
-      for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? alpha_hi : alpha_lo;
+      scale_rows(o, alpha_lo, alpha_hi);
       fence_proxy_async();
       __syncthreads();  // all of P written
 
@@ -166,9 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t a = smem_desc_sw128(s.p + kk * 32, 16, 1024);
-        const uint64_t bd = smem_desc_sw128(k_stage + (4 * wg) * kTileBytes + kk * 16 * 128, kTileBytes, 1024);
-        Wgmma<Elem>::values(o, a, bd);
+        Wgmma<Elem>::values(o, smem_desc_sw128(s.p + kk * 32, 16, 1024), v_desc(k_stage, wg, kk));
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -247,8 +230,6 @@ __global__ void metadata_kernel(const int32_t* seqlens, int batch, int num_sm_pa
 
 }  // namespace sm90
 
-int decode_smem_bytes() { return sm90::kSmemBytes; }
-
 cudaError_t launch_metadata(const int32_t* seqlens, int batch, int num_sm_parts, int32_t* tile_md,
                             int32_t* num_splits, cudaStream_t stream) {
   sm90::metadata_kernel<<<1, 256, 0, stream>>>(seqlens, batch, num_sm_parts, tile_md, num_splits);
@@ -267,19 +248,12 @@ static bool use_seesaw_schedule() {
 
 template <typename Elem>
 static cudaError_t launch_decode_typed(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
-  // The opt-in shared-memory size is a per-device function attribute: set it once per device.
-  static bool configured[64] = {};
-  int device = 0;
-  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-  if (device < 0 || device >= 64 || !configured[device]) {
-    cudaError_t err = cudaFuncSetAttribute(sm90::decode_kernel<Elem>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           sm90::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (device >= 0 && device < 64) configured[device] = true;
-  }
   if (use_seesaw_schedule()) {
     if (cudaError_t err = launch_seesaw_decode(p, k_map, stream); err != cudaSuccess) return err;
   } else {
+    if (cudaError_t err = sm90::allow_dynamic_smem<sm90::decode_kernel<Elem>>(sm90::kSmemBytes); err != cudaSuccess) {
+      return err;
+    }
     const int row_tiles = ceil_div(p.rows_per_head_k, kRowsPerTile);
     const dim3 grid(p.num_sm_parts, p.num_heads_k, row_tiles);
     sm90::decode_kernel<Elem><<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(k_map, p);

@@ -23,7 +23,4 @@ cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& k_map, cudaS
 // combine; launch_decode runs it instead of the default one when JAX_FLASHMLA_DECODE_SCHEDULE=seesaw.
 cudaError_t launch_seesaw_decode(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream);
 
-// Shared memory the decode kernel needs (checked against the device's opt-in limit by the handler).
-int decode_smem_bytes();
-
 }  // namespace jax_flashmla
