@@ -24,13 +24,7 @@ import jax_flashmla as jfm
 from jax_flashmla.reference import reference_math
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from conftest import make_problem  # noqa: E402  (shuffled pages, NaN in unused slots)
-
-
-def cos_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    denom = (a * a + b * b).sum()
-    return 0.0 if denom == 0 else float(1 - 2 * (a * b).sum() / denom)
+from conftest import cos_diff, make_problem  # noqa: E402  (shuffled pages, NaN in unused slots)
 
 
 def check(b, s_q, h_q, h_kv, lengths, causal, dtype=jnp.bfloat16, num_sm_parts=None, seed=0) -> bool:

@@ -56,6 +56,16 @@ def make_problem(rng, *, batch, seqlen_q, num_heads_q, num_heads_k, lengths, dty
     return Problem(q.astype(dtype), k_cache.astype(dtype), block_table, lengths)
 
 
+def cos_diff(x, y) -> float:
+    """FlashMLA's closeness measure, 1 - 2 sum(xy) / sum(x^2 + y^2), in float64."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    denom = float((x * x + y * y).sum())
+    if denom == 0.0:  # both all zero (every row empty): identical
+        return 0.0
+    return 1.0 - 2.0 * float((x * y).sum()) / denom
+
+
 @pytest.fixture
 def rng(request):
     # A fresh stream per test, reproducible from the test's name.

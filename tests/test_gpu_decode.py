@@ -42,7 +42,7 @@ import pytest
 
 import jax_flashmla as jfm
 from jax_flashmla import reference as _reference
-from conftest import make_problem
+from conftest import cos_diff, make_problem
 
 _ON_CPU = os.environ.get("JAX_FLASHMLA_GPU_TESTS_ON_CPU") == "1"
 EXPECTED_PATH = "cpu-ffi" if _ON_CPU else "cuda-sm90"
@@ -177,15 +177,6 @@ def visible_keys(lengths, seqlen_q: int, causal: bool) -> np.ndarray:
     if not causal:
         return np.broadcast_to(lengths, (lengths.shape[0], seqlen_q))
     return np.maximum(lengths - seqlen_q + np.arange(seqlen_q)[None, :] + 1, 0)
-
-
-def cos_diff(x, y) -> float:
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    denom = float((x * x + y * y).sum())
-    if denom == 0.0:  # both all zero (every row empty): identical
-        return 0.0
-    return 1.0 - 2.0 * float((x * y).sum()) / denom
 
 
 @functools.partial(jax.jit, static_argnames=("softmax_scale", "causal"))
