@@ -12,6 +12,7 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
 
 import dataclasses
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -68,5 +69,49 @@ def cos_diff(x, y) -> float:
 
 @pytest.fixture
 def rng(request):
-    # A fresh stream per test, reproducible from the test's name.
-    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))
+    # A fresh stream per test, the same on every run and machine: seeded from a checksum of the
+    # test's name (Python's hash() of a string changes from process to process).
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def weighted_abs_values(problem: Problem, *, causal: bool, softmax_scale: float | None = None) -> np.ndarray:
+    """sum_i p_i |v_i| for every output element, in float64: the scale of the terms each output sums.
+
+    Two fp32 implementations that add those terms in different orders differ by a small multiple of
+    fp32's unit roundoff times this scale, however much the terms cancel; an element that cancels to
+    near zero can therefore differ by many of its own ulps while being right to fp32 precision."""
+    q = np.asarray(problem.q, np.float64)
+    k_cache = np.asarray(problem.k_cache, np.float64)
+    b, s_q, h_q, d = q.shape
+    h_kv = k_cache.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    out = np.zeros((b, s_q, h_q, _contract.HEAD_DIM_V))
+    for i, n in enumerate(int(x) for x in problem.cache_seqlens):
+        if n == 0:
+            continue
+        pages = problem.block_table[i, : -(-n // _contract.PAGE_SIZE)]
+        keys = k_cache[pages].reshape(-1, h_kv, d)[:n]  # [n, h_kv, d]
+        for s in range(s_q):
+            limit = n - (s_q - 1 - s) if causal else n
+            if limit <= 0:
+                continue
+            for h in range(h_q):
+                head_keys = keys[:limit, h // (h_q // h_kv)]
+                scores = head_keys @ q[i, s, h] * scale
+                p = np.exp(scores - scores.max())
+                out[i, s, h] = (p / p.sum()) @ np.abs(head_keys[:, : _contract.HEAD_DIM_V])
+    return out
+
+
+def assert_output_close(out, ref_out, problem: Problem, *, causal: bool, softmax_scale: float | None = None):
+    """Two fp32-accumulating implementations, each rounded once to the output dtype: at most one
+    output ulp apart, plus fp32 reassociation noise on cancelled elements. That noise was measured
+    at up to ~25 u (u = 2**-24) times `weighted_abs_values`; the bound allows 128 u. A wrong mask,
+    scale or page is off by orders of magnitude more (1e-3 and up, relative)."""
+    out, ref_out = np.asarray(out, np.float64), np.asarray(ref_out, np.float64)
+    ulp = 2.0 ** -7 if problem.q.dtype == jnp.bfloat16 else 2.0 ** -10
+    noise = 128 * 2.0 ** -24 * weighted_abs_values(problem, causal=causal, softmax_scale=softmax_scale)
+    excess = np.abs(out - ref_out) - (ulp * np.abs(ref_out) + noise)
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    assert excess.max() <= 0, (f"output differs at {worst}: {out[worst]} vs reference {ref_out[worst]} "
+                               f"(allowed {ulp * abs(ref_out[worst]) + noise[worst]:.3g})")
