@@ -144,9 +144,15 @@ __device__ __forceinline__ void scale_rows(float* o, float a_lo, float a_hi) {
   for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? a_hi : a_lo;
 }
 
+// scale_rows, skipped by the whole warp when no factor of its 16 rows differs from 1 (x * 1 == x):
+// once the row maxima settle most pages change none of them. Call with the warp converged.
+__device__ __forceinline__ void rescale_rows(float* o, float a_lo, float a_hi) {
+  if (__any_sync(0xffffffffu, a_lo != 1.f || a_hi != 1.f)) scale_rows(o, a_lo, a_hi);
+}
+
 // V of `stage`, channels [256 wg, 256 wg + 256), token step kk: the MN-major B operand of PV.
 __device__ __forceinline__ uint64_t v_desc(const uint8_t* stage, int wg, int kk) {
-  return smem_desc_sw128(stage + (4 * wg) * kTileBytes + kk * 16 * 128, kTileBytes, 1024);
+  return desc_advance(smem_desc_sw128(stage + (4 * wg) * kTileBytes, kTileBytes, 1024), kk * 16 * 128);
 }
 
 // Raises `kKernel`'s dynamic shared-memory limit to `bytes`. The attribute belongs to the current

@@ -62,14 +62,14 @@ __device__ __forceinline__ void pin_words(uint32_t* r) {
 // S = Q K^T over all 64 tokens of the page in `stage` (this warpgroup only).
 template <typename Elem>
 __device__ __forceinline__ void page_scores(const SharedStorage& s, const uint8_t* stage, float* sc) {
+  const uint64_t q_desc = smem_desc_sw128(s.q, 16, 1024), k_desc = smem_desc_sw128(stage, 16, 1024);
   wgmma_fence();
 #pragma unroll
   for (int t = 0; t < kChannelTiles; ++t) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t a = smem_desc_sw128(s.q + t * kTileBytes + kk * 32, 16, 1024);
-      const uint64_t b = smem_desc_sw128(stage + t * kTileBytes + kk * 32, 16, 1024);
-      Ops<Elem>::scores(sc, a, b, (t | kk) != 0);
+      const uint32_t offset = t * kTileBytes + kk * 32;
+      Ops<Elem>::scores(sc, desc_advance(q_desc, offset), desc_advance(k_desc, offset), (t | kk) != 0);
     }
   }
   wgmma_commit();
@@ -97,7 +97,7 @@ __device__ __forceinline__ void make_p(const float* sc, float base_lo, float bas
 
 // P in a stage's RoPE tile, token step kk: the K-major A operand of PV.
 __device__ __forceinline__ uint64_t p_desc(const uint8_t* stage, int kk) {
-  return smem_desc_sw128(stage + kPTile * kTileBytes + kk * 32, 16, 1024);
+  return desc_advance(smem_desc_sw128(stage + kPTile * kTileBytes, 16, 1024), kk * 32);
 }
 
 // Waits for this warpgroup's matrix work (keeping the accumulators live until it is done), then
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         l_lo *= alpha_lo;
         l_hi *= alpha_hi;
         make_p<Elem>(sc, base_lo, base_hi, packed, s.k[0] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi);
-        scale_rows(o, alpha_lo, alpha_hi);
+        rescale_rows(o, alpha_lo, alpha_hi);
         if (lane % 4 == 0) {
           s.max_a[r_lo] = ma_lo;
           s.max_a[r_lo + 8] = ma_hi;
@@ -191,11 +191,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_commit();
         if (has_b) {
           bar_sync(kBarPageB, 2 * 128);
+          // Page B's bytes reach this warpgroup through warpgroup 1's wait and the barrier; waiting on
+          // the (already completed) phase here as well makes the TMA writes visible to it directly.
+          // Safe: stage 1 cannot be reloaded before this warpgroup releases it below.
+          mbar_wait(&s.k_full[1], uses[1] & 1);
           const float mb_lo = s.max_b[r_lo], mb_hi = s.max_b[r_lo + 8];
           const float beta_lo = exp2f(m_lo - exp_base(mb_lo)), beta_hi = exp2f(m_hi - exp_base(mb_hi));
           release_stage(o, &s.k_empty[0]);
           pin_words<16>(packed);  // the RS wgmma read them until now
-          scale_rows(o, beta_lo, beta_hi);
+          rescale_rows(o, beta_lo, beta_hi);
           l_lo *= beta_lo;
           l_hi *= beta_hi;
           m_lo = mb_lo;
@@ -223,9 +227,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           mask_scores<32>(sc, key_b, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
         }
         bar_sync(kBarPageA, 2 * 128);
+        mbar_wait(&s.k_full[0], uses[0] & 1);  // as warpgroup 0 does for page B: completed already
         const float ma_lo = s.max_a[r_lo], ma_hi = s.max_a[r_lo + 8];
         const float alpha_lo = exp2f(m_lo - exp_base(ma_lo)), alpha_hi = exp2f(m_hi - exp_base(ma_hi));
-        scale_rows(o, alpha_lo, alpha_hi);
+        rescale_rows(o, alpha_lo, alpha_hi);
         l_lo *= alpha_lo;
         l_hi *= alpha_hi;
         m_lo = ma_lo;
@@ -253,7 +258,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             mbar_wait(&s.k_empty[0], uses[0] & 1);
             issue_page(s.k[0], &s.k_full[0], &k_map, page_row_coord(p, req, page_begin + a + 2), kv_head, policy);
           }
-          scale_rows(o, beta_lo, beta_hi);
+          rescale_rows(o, beta_lo, beta_hi);
           m_lo = mb_lo;
           m_hi = mb_hi;
           pin_registers<128>(o);

@@ -33,6 +33,7 @@ struct SharedStorage {
 };
 
 constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + room to align the dynamic base
+static_assert(kSmemBytes <= 227 * 1024, "over the SM90 per-block limit (and desc_advance needs addresses < 2^18)");
 
 template <typename Elem>
 struct Wgmma;
@@ -54,7 +55,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   SharedStorage& s = *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
   const int part = blockIdx.x, kv_head = blockIdx.y, row0 = blockIdx.z * kRowsPerTile;
-  const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32;
+  const int tid = threadIdx.x, lane = tid % 32;
+  // The warpgroup index through a shuffle, so the compiler knows it is warp-uniform and keeps the
+  // wgmma descriptors built from it in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int r_lo = (tid % 128) / 32 * 16 + lane / 4;  // this thread's two accumulator rows: r_lo, r_lo + 8
   const int col_q = 2 * (lane % 4);                   // first of its two columns in each 8-column chunk
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
@@ -73,11 +77,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     const PieceRange piece = piece_range(md, p, req);
     const int len = piece.len, page_begin = piece.page_begin, n_pages = piece.n_pages;
 
+    // Thread 0 keeps the page id of the next reload one page ahead, so the block-table read (a
+    // dependent global load) is not on the path from a stage freeing up to its reload.
+    int next_row_coord = 0;
     if (tid == 0) {
       for (int i = 0; i < min(kStages, n_pages); ++i) {
         const int stage = (pages_done + i) % kStages;
         issue_page(s.k[stage], &s.k_full[stage], &k_map, page_row_coord(p, req, page_begin + i), kv_head, policy);
       }
+      if (kStages < n_pages) next_row_coord = page_row_coord(p, req, page_begin + kStages);
     }
     load_q_tile(s.q, p, req, kv_head, row0);
     fence_proxy_async();
@@ -102,14 +110,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // S = Q K^T for tokens [32 wg, 32 wg + 32) of the page.
       float sc[16];
+      const uint64_t q_desc = smem_desc_sw128(s.q, 16, 1024);
+      const uint64_t k_desc = smem_desc_sw128(k_stage + wg * 32 * 128, 16, 1024);
       wgmma_fence();
 #pragma unroll
       for (int t = 0; t < kChannelTiles; ++t) {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-          const uint64_t a = smem_desc_sw128(s.q + t * kTileBytes + kk * 32, 16, 1024);
-          const uint64_t bd = smem_desc_sw128(k_stage + t * kTileBytes + wg * 32 * 128 + kk * 32, 16, 1024);
-          Wgmma<Elem>::scores(sc, a, bd, (t | kk) != 0);
+          const uint32_t offset = t * kTileBytes + kk * 32;
+          Wgmma<Elem>::scores(sc, desc_advance(q_desc, offset), desc_advance(k_desc, offset), (t | kk) != 0);
         }
       }
       wgmma_commit();
@@ -143,23 +152,24 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int col = wg * 32 + (i / 4) * 8 + col_q;  // token within the page
         *reinterpret_cast<uint32_t*>(s.p + swizzled_offset(row, col / 8) + (col % 8) * 2) = pack2<Elem>(p0, p1);
       }
-      scale_rows(o, alpha_lo, alpha_hi);
+      rescale_rows(o, alpha_lo, alpha_hi);  // usually skipped: it stands between P and the PV wgmma
       fence_proxy_async();
       __syncthreads();  // all of P written
 
       // O[:, 256 wg : 256 wg + 256] += P V.
+      const uint64_t p_desc = smem_desc_sw128(s.p, 16, 1024);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        Wgmma<Elem>::values(o, smem_desc_sw128(s.p + kk * 32, 16, 1024), v_desc(k_stage, wg, kk));
+        Wgmma<Elem>::values(o, desc_advance(p_desc, kk * 32), v_desc(k_stage, wg, kk));
       }
       wgmma_commit();
       wgmma_wait<0>();
       pin_registers<128>(o);
       __syncthreads();  // the stage and P are free again
       if (tid == 0 && b + kStages < n_pages) {
-        issue_page(s.k[stage], &s.k_full[stage], &k_map, page_row_coord(p, req, page_begin + b + kStages), kv_head,
-                   policy);
+        issue_page(s.k[stage], &s.k_full[stage], &k_map, next_row_coord, kv_head, policy);
+        if (b + kStages + 1 < n_pages) next_row_coord = page_row_coord(p, req, page_begin + b + kStages + 1);
       }
     }
 

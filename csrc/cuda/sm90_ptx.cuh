@@ -87,6 +87,11 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(const void* start, uint32_t 
   return desc;
 }
 
+// The descriptor of `start + bytes` given the descriptor of `start` (bytes a multiple of 16): the
+// start-address field is address / 16 in bits 0..13, and shared-memory addresses stay below 2^18,
+// so the sum never carries out of the field. One add instead of rebuilding the descriptor per wgmma.
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
 // Orders this thread's prior register writes before the warpgroup's next wgmma reads them.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
