@@ -11,6 +11,7 @@
 #     BUILD_ARGS   extra pip arguments (default: -C cmake.define.JAX_FLASHMLA_CUDA=ON)
 #     ANCHORS      FlashMLA's figures (anchors/flashmla_h100.md) if copied into the checkout
 #     OUT          where logs go (the device tool sets it; default /tmp/jax_flashmla_device_out)
+#     TEST_TIMEOUT seconds the GPU tests may run before they are stopped (default 540)
 #
 # Time on an H100 (2026-11-25): the build took 25 s; the GPU tests ran their first 63 of 90 cases in
 # 6.5 minutes (about 6 s a case) before that call's time limit, so the whole file needs about 9-10
@@ -94,10 +95,13 @@ do_test() {
   local t0=$SECONDS
   echo; echo "==== test ===="
   ensure_built
-  # From tests/ so the installed package, not the source folder, is imported.
-  (cd tests && python3 -m pytest -q -p no:cacheprovider -m gpu test_gpu_decode.py -rfEs --durations=8 \
-     "${pytest_args[@]}") >"$OUT/gpu_tests.log" 2>&1
+  # From tests/ so the installed package, not the source folder, is imported. -v names each test
+  # as it starts, so a kernel that hangs shows which case; TEST_TIMEOUT (seconds) stops it before
+  # the device call's own limit, so the summary below still prints.
+  (cd tests && timeout -k 10 "${TEST_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider -m gpu test_gpu_decode.py \
+     -rfEs --durations=8 "${pytest_args[@]}") >"$OUT/gpu_tests.log" 2>&1
   rc[test]=$?
+  [ "${rc[test]}" = 124 ] && echo "pytest stopped by TEST_TIMEOUT=${TEST_TIMEOUT:-540} s (a hang, or too many cases for one call)"
   dur[test]=$((SECONDS - t0))
   echo "pytest rc=${rc[test]} (${dur[test]} s); log: gpu_tests.log"
 }
