@@ -98,7 +98,11 @@ do_test() {
   # From tests/ so the installed package, not the source folder, is imported. -v names each test
   # as it starts, so a kernel that hangs shows which case; TEST_TIMEOUT (seconds) stops it before
   # the device call's own limit, so the summary below still prints.
-  (cd tests && timeout -k 10 "${TEST_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider -m gpu test_gpu_decode.py \
+  # Every case compiles the reference for new shapes; XLA's GEMM autotuning (seconds per shape, and
+  # nothing the comparison needs) is switched off unless XLA_FLAGS already sets it.
+  local xla_flags="${XLA_FLAGS:-}"
+  [[ "$xla_flags" == *xla_gpu_autotune_level* ]] || xla_flags="$xla_flags --xla_gpu_autotune_level=0"
+  (cd tests && XLA_FLAGS="$xla_flags" timeout -k 10 "${TEST_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider -m gpu test_gpu_decode.py \
      -rfEs --durations=8 "${pytest_args[@]}") >"$OUT/gpu_tests.log" 2>&1
   rc[test]=$?
   [ "${rc[test]}" = 124 ] && echo "pytest stopped by TEST_TIMEOUT=${TEST_TIMEOUT:-540} s (a hang, or too many cases for one call)"
