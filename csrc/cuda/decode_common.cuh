@@ -144,6 +144,25 @@ __device__ __forceinline__ void scale_rows(float* o, float a_lo, float a_hi) {
   for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? a_hi : a_lo;
 }
 
+// S = Q K^T of one warpgroup over all 576 channels (9 tiles x 4 steps of k16), Q and K read from
+// shared memory through descriptors of their first tile; returns with the wgmma done. `Op::scores`
+// is the wgmma shape (N = kRegs / 2 tokens), `sc` its kRegs accumulator registers.
+template <typename Op, int kRegs>
+__device__ __forceinline__ void score_page(uint64_t q_desc, uint64_t k_desc, float* sc) {
+  wgmma_fence();
+#pragma unroll
+  for (int t = 0; t < kChannelTiles; ++t) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t offset = t * kTileBytes + kk * 32;
+      Op::scores(sc, desc_advance(q_desc, offset), desc_advance(k_desc, offset), (t | kk) != 0);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_registers<kRegs>(sc);
+}
+
 // scale_rows, skipped by the whole warp when no factor of its 16 rows differs from 1 (x * 1 == x):
 // once the row maxima settle most pages change none of them. Call with the warp converged.
 __device__ __forceinline__ void rescale_rows(float* o, float a_lo, float a_hi) {

@@ -62,19 +62,7 @@ __device__ __forceinline__ void pin_words(uint32_t* r) {
 // S = Q K^T over all 64 tokens of the page in `stage` (this warpgroup only).
 template <typename Elem>
 __device__ __forceinline__ void page_scores(const SharedStorage& s, const uint8_t* stage, float* sc) {
-  const uint64_t q_desc = smem_desc_sw128(s.q, 16, 1024), k_desc = smem_desc_sw128(stage, 16, 1024);
-  wgmma_fence();
-#pragma unroll
-  for (int t = 0; t < kChannelTiles; ++t) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t offset = t * kTileBytes + kk * 32;
-      Ops<Elem>::scores(sc, desc_advance(q_desc, offset), desc_advance(k_desc, offset), (t | kk) != 0);
-    }
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-  pin_registers<32>(sc);
+  score_page<Ops<Elem>, 32>(smem_desc_sw128(s.q, 16, 1024), smem_desc_sw128(stage, 16, 1024), sc);
 }
 
 // P = 2^(S - base) packed to 16 bits, in the register order of wgmma's A operand (token step kk is

@@ -110,20 +110,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // S = Q K^T for tokens [32 wg, 32 wg + 32) of the page.
       float sc[16];
-      const uint64_t q_desc = smem_desc_sw128(s.q, 16, 1024);
-      const uint64_t k_desc = smem_desc_sw128(k_stage + wg * 32 * 128, 16, 1024);
-      wgmma_fence();
-#pragma unroll
-      for (int t = 0; t < kChannelTiles; ++t) {
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          const uint32_t offset = t * kTileBytes + kk * 32;
-          Wgmma<Elem>::scores(sc, desc_advance(q_desc, offset), desc_advance(k_desc, offset), (t | kk) != 0);
-        }
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      pin_registers<16>(sc);
+      const uint64_t k_desc = smem_desc_sw128(k_stage + wg * 32 * 128, 16, 1024);  // this half's 32 tokens
+      score_page<Wgmma<Elem>, 16>(smem_desc_sw128(s.q, 16, 1024), k_desc, sc);
 
       // Scale to log2 units and mask keys past each row's limit; this warpgroup's row maxima.
       float mx_lo, mx_hi;
