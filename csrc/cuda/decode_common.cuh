@@ -62,6 +62,23 @@ __device__ __forceinline__ void issue_page(uint8_t* stage, uint64_t* full, const
   }
 }
 
+// The same page in kParts parts of consecutive 64-channel boxes, part j completing on `full[j]`, so a
+// consumer can start on the first boxes while the rest of the page is in flight.
+template <int kParts>
+__device__ __forceinline__ void issue_page_parts(uint8_t* stage, uint64_t* full, const CUtensorMap* map,
+                                                 int row_coord, int kv_head, uint64_t policy) {
+  static_assert(kChannelTiles % kParts == 0, "parts of whole boxes");
+  constexpr int kBoxes = kChannelTiles / kParts;
+#pragma unroll
+  for (int j = 0; j < kParts; ++j) {
+    mbar_arrive_expect_tx(&full[j], kBoxes * kTileBytes);
+#pragma unroll
+    for (int t = j * kBoxes; t < (j + 1) * kBoxes; ++t) {
+      tma_load_3d(stage + t * kTileBytes, map, &full[j], t * kChannelTile, kv_head, row_coord, policy);
+    }
+  }
+}
+
 // Loads the 64-row Q tile of (req, kv head, rows from row0) into the swizzled layout, with all
 // kThreads threads; rows past the request's query rows are zero.
 __device__ __forceinline__ void load_q_tile(uint8_t* q_tile, const DecodeParams& p, int req, int kv_head, int row0) {
@@ -146,12 +163,14 @@ __device__ __forceinline__ void scale_rows(float* o, float a_lo, float a_hi) {
 
 // S = Q K^T of one warpgroup over all 576 channels (9 tiles x 4 steps of k16), Q and K read from
 // shared memory through descriptors of their first tile; returns with the wgmma done. `Op::scores`
-// is the wgmma shape (N = kRegs / 2 tokens), `sc` its kRegs accumulator registers.
-template <typename Op, int kRegs>
-__device__ __forceinline__ void score_page(uint64_t q_desc, uint64_t k_desc, float* sc) {
+// is the wgmma shape (N = kRegs / 2 tokens), `sc` its kRegs accumulator registers. `before_tile(t)`
+// runs before tile t's wgmma are issued (a wait for that K box, or nothing).
+template <typename Op, int kRegs, typename BeforeTile>
+__device__ __forceinline__ void score_page(uint64_t q_desc, uint64_t k_desc, float* sc, BeforeTile before_tile) {
   wgmma_fence();
 #pragma unroll
   for (int t = 0; t < kChannelTiles; ++t) {
+    before_tile(t);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const uint32_t offset = t * kTileBytes + kk * 32;

@@ -62,7 +62,7 @@ __device__ __forceinline__ void pin_words(uint32_t* r) {
 // S = Q K^T over all 64 tokens of the page in `stage` (this warpgroup only).
 template <typename Elem>
 __device__ __forceinline__ void page_scores(const SharedStorage& s, const uint8_t* stage, float* sc) {
-  score_page<Ops<Elem>, 32>(smem_desc_sw128(s.q, 16, 1024), smem_desc_sw128(stage, 16, 1024), sc);
+  score_page<Ops<Elem>, 32>(smem_desc_sw128(s.q, 16, 1024), smem_desc_sw128(stage, 16, 1024), sc, [](int) {});
 }
 
 // P = 2^(S - base) packed to 16 bits, in the register order of wgmma's A operand (token step kk is

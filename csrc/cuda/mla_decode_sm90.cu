@@ -11,6 +11,7 @@
 // K pages arrive by TMA (9 boxes of 64 tokens x 64 channels, 128-byte swizzle) into two stages, so
 // the next page loads while this one is computed. Pieces that are a whole request write out/lse;
 // split requests write fp32 partials to the accumulator workspace and the combine kernel merges them.
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -22,6 +23,7 @@ namespace jax_flashmla {
 namespace sm90 {
 
 constexpr int kStages = 2;
+constexpr int kPageParts = 3;  // with kBoxWait
 
 struct SharedStorage {
   alignas(1024) uint8_t q[kBlockBytes];           // Q tile, 9 swizzled tiles of 64 rows x 64 channels
@@ -29,7 +31,8 @@ struct SharedStorage {
   alignas(1024) uint8_t p[kTileBytes];            // P of the current page, 64 rows x 64 tokens
   float row_max[2][kRowsPerTile];                 // per-warpgroup row maxima of the current page
   float row_sum[2][kRowsPerTile];                 // per-warpgroup row sums, at the end of a piece
-  uint64_t k_full[kStages];                       // TMA completion of each stage
+  uint64_t k_full[kStages][3];                    // TMA completion of each stage: [0] for the whole
+                                                  // page, or one per third of it with kBoxWait
 };
 
 constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + room to align the dynamic base
@@ -48,7 +51,11 @@ struct Wgmma<__half> {
   __device__ static void values(float* d, uint64_t a, uint64_t b) { wgmma_m64n256k16_ss_F16<1>(d, a, b, 1); }
 };
 
-template <typename Elem>
+// kBoxWait (EXPERIMENTAL, opt-in, not yet run on a GPU): a page arrives in three parts of three
+// 64-channel boxes, each on its own mbarrier, and the scores wait part by part, so they start while
+// the rest of the page is in flight. (Three parts, not nine boxes: ptxas closes the wgmma group at
+// every wait, and each close may drain the tensor pipe.)
+template <typename Elem, bool kBoxWait>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
@@ -64,11 +71,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
   if (tid == 0) {
-    for (int i = 0; i < kStages; ++i) mbar_init(&s.k_full[i], 1);
+    for (int i = 0; i < kStages; ++i) {
+      for (int j = 0; j < (kBoxWait ? kPageParts : 1); ++j) mbar_init(&s.k_full[i][j], 1);
+    }
     fence_mbar_init();
   }
   __syncthreads();
   const uint64_t policy = evict_first_policy();
+  // Loads the page at `row_coord` into `stage`: one transaction, or box by box (kBoxWait).
+  auto issue = [&](int stage, int row_coord) {
+    if constexpr (kBoxWait) {
+      issue_page_parts<kPageParts>(s.k[stage], s.k_full[stage], &k_map, row_coord, kv_head, policy);
+    } else {
+      issue_page(s.k[stage], &s.k_full[stage][0], &k_map, row_coord, kv_head, policy);
+    }
+  };
 
   const int32_t* md = p.tile_md + static_cast<int64_t>(part) * kTileMetadataSize;
   uint32_t pages_done = 0;  // pages this CTA consumed: selects the stage and the mbarrier phase
@@ -83,7 +100,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid == 0) {
       for (int i = 0; i < min(kStages, n_pages); ++i) {
         const int stage = (pages_done + i) % kStages;
-        issue_page(s.k[stage], &s.k_full[stage], &k_map, page_row_coord(p, req, page_begin + i), kv_head, policy);
+        issue(stage, page_row_coord(p, req, page_begin + i));
       }
       if (kStages < n_pages) next_row_coord = page_row_coord(p, req, page_begin + kStages);
     }
@@ -99,9 +116,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     for (int b = 0; b < n_pages; ++b, ++pages_done) {
       const int stage = pages_done % kStages;
-      mbar_wait(&s.k_full[stage], (pages_done / kStages) & 1);
+      const uint32_t parity = (pages_done / kStages) & 1;
       const int key0 = (page_begin + b) * kPageSize;
-      if (len - key0 < kPageSize) {
+      const bool tail = len - key0 < kPageSize;
+      // The whole page: always without kBoxWait; with it only for a tail page, whose rows past the
+      // length are zeroed before anything reads them. Otherwise the scores wait part by part.
+      if (!kBoxWait || tail) {
+        for (int j = 0; j < (kBoxWait ? kPageParts : 1); ++j) mbar_wait(&s.k_full[stage][j], parity);
+      }
+      if (tail) {
         zero_tail_rows(s.k[stage], len - key0, tid, kThreads);
         fence_proxy_async();
         __syncthreads();
@@ -111,7 +134,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       // S = Q K^T for tokens [32 wg, 32 wg + 32) of the page.
       float sc[16];
       const uint64_t k_desc = smem_desc_sw128(k_stage + wg * 32 * 128, 16, 1024);  // this half's 32 tokens
-      score_page<Wgmma<Elem>, 16>(smem_desc_sw128(s.q, 16, 1024), k_desc, sc);
+      score_page<Wgmma<Elem>, 16>(smem_desc_sw128(s.q, 16, 1024), k_desc, sc, [&](int t) {
+        constexpr int kBoxesPerPart = kChannelTiles / kPageParts;
+        if constexpr (kBoxWait) {
+          if (t % kBoxesPerPart == 0) mbar_wait(&s.k_full[stage][t / kBoxesPerPart], parity);
+        }
+      });
 
       // Scale to log2 units and mask keys past each row's limit; this warpgroup's row maxima.
       float mx_lo, mx_hi;
@@ -156,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       pin_registers<128>(o);
       __syncthreads();  // the stage and P are free again
       if (tid == 0 && b + kStages < n_pages) {
-        issue_page(s.k[stage], &s.k_full[stage], &k_map, next_row_coord, kv_head, policy);
+        issue(stage, next_row_coord);
         if (b + kStages + 1 < n_pages) next_row_coord = page_row_coord(p, req, page_begin + b + kStages + 1);
       }
     }
@@ -234,29 +262,42 @@ cudaError_t launch_metadata(const int32_t* seqlens, int batch, int num_sm_parts,
   return cudaGetLastError();
 }
 
-// JAX_FLASHMLA_DECODE_SCHEDULE=seesaw selects the experimental kernel of mla_decode_seesaw.cu, which
-// has not run on a GPU yet; anything else (the default) the verified kernel above.
-static bool use_seesaw_schedule() {
-  static const bool seesaw = [] {
+// JAX_FLASHMLA_DECODE_SCHEDULE (read once per process) picks an experimental schedule, neither run on
+// a GPU yet: "seesaw" the kernel of mla_decode_seesaw.cu, "boxes" the kernel above with kBoxWait.
+// Unset or "default": the verified kernel above (another value says so on stderr, then uses it).
+enum class DecodeSchedule { kDefault, kBoxes, kSeesaw };
+
+static DecodeSchedule decode_schedule() {
+  static const DecodeSchedule schedule = [] {
     const char* env = std::getenv("JAX_FLASHMLA_DECODE_SCHEDULE");
-    return env != nullptr && std::strcmp(env, "seesaw") == 0;
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "default") == 0) return DecodeSchedule::kDefault;
+    if (std::strcmp(env, "seesaw") == 0) return DecodeSchedule::kSeesaw;
+    if (std::strcmp(env, "boxes") == 0) return DecodeSchedule::kBoxes;
+    std::fprintf(stderr, "jax_flashmla: JAX_FLASHMLA_DECODE_SCHEDULE=%s is not one of default, boxes, seesaw; "
+                 "using default\n", env);
+    return DecodeSchedule::kDefault;
   }();
-  return seesaw;
+  return schedule;
+}
+
+template <typename Elem, bool kBoxWait>
+static cudaError_t launch_split_kv(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
+  constexpr auto kernel = sm90::decode_kernel<Elem, kBoxWait>;
+  if (cudaError_t err = sm90::allow_dynamic_smem<kernel>(sm90::kSmemBytes); err != cudaSuccess) return err;
+  const dim3 grid(p.num_sm_parts, p.num_heads_k, ceil_div(p.rows_per_head_k, kRowsPerTile));
+  kernel<<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(k_map, p);
+  return cudaGetLastError();
 }
 
 template <typename Elem>
 static cudaError_t launch_decode_typed(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
-  if (use_seesaw_schedule()) {
-    if (cudaError_t err = launch_seesaw_decode(p, k_map, stream); err != cudaSuccess) return err;
-  } else {
-    if (cudaError_t err = sm90::allow_dynamic_smem<sm90::decode_kernel<Elem>>(sm90::kSmemBytes); err != cudaSuccess) {
-      return err;
-    }
-    const int row_tiles = ceil_div(p.rows_per_head_k, kRowsPerTile);
-    const dim3 grid(p.num_sm_parts, p.num_heads_k, row_tiles);
-    sm90::decode_kernel<Elem><<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(k_map, p);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
+  switch (decode_schedule()) {
+    case DecodeSchedule::kSeesaw: err = launch_seesaw_decode(p, k_map, stream); break;
+    case DecodeSchedule::kBoxes: err = launch_split_kv<Elem, true>(p, k_map, stream); break;
+    case DecodeSchedule::kDefault: err = launch_split_kv<Elem, false>(p, k_map, stream); break;
   }
+  if (err != cudaSuccess) return err;
   const dim3 combine_grid(p.batch, p.num_heads_k, ceil_div(p.rows_per_head_k, 4));
   sm90::combine_kernel<Elem><<<combine_grid, 128, 0, stream>>>(p);
   return cudaGetLastError();
