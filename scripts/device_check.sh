@@ -2,9 +2,12 @@
 # One command for the GPU machine (the device tool runs it from the repository root):
 # build and install the package, run the GPU tests, run the benchmark; logs and results in $OUT.
 #
-#   bash scripts/device_check.sh [build] [test] [bench] [all] [-- PYTEST_ARGS...]
+#   bash scripts/device_check.sh [build] [test] [bench] [schedules] [all] [-- PYTEST_ARGS...]
 #
-#   no step named = all (build, test, bench). test and bench build first when the installed package
+#   no step named = all (build, test, bench). schedules runs benchmarks/quick_check.py (nine
+#   correctness cases, then three timings) once per decode schedule of docs/kernel.md, each in its
+#   own process with JAX_FLASHMLA_DECODE_SCHEDULE set: an A/B of the schedules in one call.
+#   test, bench and schedules build first when the installed package
 #   is missing or lacks the CUDA kernels (a fresh machine). Arguments after `--` go to pytest
 #   (e.g. -- -x -k heavy). Environment:
 #     BENCH_ARGS   extra benchmark arguments, e.g. BENCH_ARGS="--cases s_k=4096 --mode matrix"
@@ -12,6 +15,8 @@
 #     ANCHORS      FlashMLA's figures (anchors/flashmla_h100.md) if copied into the checkout
 #     OUT          where logs go (the device tool sets it; default /tmp/jax_flashmla_device_out)
 #     TEST_TIMEOUT seconds the GPU tests may run before they are stopped (default 540)
+#     SCHEDULES    the schedules step's list (default: "default boxes seesaw"), each stopped after
+#                  SCHEDULE_TIMEOUT seconds (default 180)
 #
 # Time on an H100 (2026-11-25): the build took 25 s; the GPU tests ran their first 63 of 90 cases in
 # 6.5 minutes (about 6 s a case) before that call's time limit, so the whole file needs about 9-10
@@ -19,7 +24,7 @@
 # `test -- -k "not matches_reference"`, and run `bench` in a call of its own.
 #
 # Files in $OUT: env.txt, build.log (full pip/CMake/ptxas log), ptxas.txt (register and spill report
-# per kernel), gpu_tests.log, bench.log, bench.json. The last lines printed are short summaries.
+# per kernel), gpu_tests.log, bench.log, bench.json, quick_<schedule>.log. The last lines printed are short summaries.
 set -uo pipefail
 [ -n "${ANCHORS:-}" ] && ANCHORS=$(realpath -m "$ANCHORS")  # relative to where the script was started
 cd "$(dirname "$0")/.."
@@ -32,11 +37,11 @@ steps=()
 pytest_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    build|test|bench) steps+=("$1") ;;
+    build|test|bench|schedules) steps+=("$1") ;;
     all) steps+=(build test bench) ;;
     --) shift; pytest_args=("$@"); break ;;
     -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (steps: build test bench all; pytest args after --)"; exit 2 ;;
+    *) echo "device_check.sh: unknown argument '$1' (steps: build test bench schedules all; pytest args after --)"; exit 2 ;;
   esac
   shift
 done
@@ -125,9 +130,26 @@ do_bench() {
   echo "bench rc=${rc[bench]} (${dur[bench]} s); log: bench.log, results: bench.json"
 }
 
+# ---- schedules A/B ---------------------------------------------------------------------------------
+do_schedules() {
+  local t0=$SECONDS sched
+  echo; echo "==== schedules ===="
+  ensure_built
+  rc[schedules]=0
+  for sched in ${SCHEDULES:-default boxes seesaw}; do
+    (cd /tmp && JAX_FLASHMLA_DECODE_SCHEDULE=$sched timeout -k 10 "${SCHEDULE_TIMEOUT:-180}" \
+       python3 "$REPO/benchmarks/quick_check.py") >"$OUT/quick_$sched.log" 2>&1
+    local r=$?
+    [ $r -ne 0 ] && rc[schedules]=$r
+    echo "schedule $sched: rc=$r$([ $r = 124 ] && echo ' (timed out: a hang?)') ($((SECONDS - t0)) s); log: quick_$sched.log"
+  done
+  dur[schedules]=$((SECONDS - t0))
+}
+
 want build && do_build
 want test && do_test
 want bench && do_bench
+want schedules && do_schedules
 
 # ---- summaries (the device reply shows only the end of the output) --------------------------------
 echo
@@ -153,6 +175,12 @@ if [ -n "${rc[bench]+x}" ]; then
   else
     tail -n 30 "$OUT/bench.log"
   fi
+fi
+if [ -n "${rc[schedules]+x}" ]; then
+  echo "-- schedules: rc=${rc[schedules]} (${dur[schedules]} s)"
+  for sched in ${SCHEDULES:-default boxes seesaw}; do
+    echo "   [$sched]"; tail -n 8 "$OUT/quick_$sched.log" | sed 's/^/   /'
+  done
 fi
 echo "total ${SECONDS} s"
 status=0
