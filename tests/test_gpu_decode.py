@@ -22,6 +22,9 @@ Every kernel call is preceded by allocating and freeing NaN-filled buffers of th
 so a kernel that leaves an output element unwritten shows up as NaN (the allocator hands the freed
 memory to the next allocation of that size).
 
+With JAX_FLASHMLA_DECODE_SCHEDULE set (docs/kernel.md: `boxes`, `seesaw`) the same tests check an
+experimental schedule of the kernel.
+
 Setting JAX_FLASHMLA_GPU_TESTS_ON_CPU=1 runs this file on the CPU FFI path instead (to check the
 test code itself where there is no GPU; the heavy cases are slow there, select with -k).
 """

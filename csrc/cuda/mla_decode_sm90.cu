@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   const uint64_t policy = evict_first_policy();
-  // Loads the page at `row_coord` into `stage`: one transaction, or box by box (kBoxWait).
+  // Loads the page at `row_coord` into `stage`: whole on one mbarrier, or in kPageParts (kBoxWait).
   auto issue = [&](int stage, int row_coord) {
     if constexpr (kBoxWait) {
       issue_page_parts<kPageParts>(s.k[stage], s.k_full[stage], &k_map, row_coord, kv_head, policy);
