@@ -2,11 +2,14 @@
 # One command for the GPU machine (the device tool runs it from the repository root):
 # build and install the package, run the GPU tests, run the benchmark; logs and results in $OUT.
 #
-#   bash scripts/device_check.sh [build] [test] [bench] [schedules] [all] [-- PYTEST_ARGS...]
+#   bash scripts/device_check.sh [build] [test] [bench] [schedules] [sanitize] [all] [-- PYTEST_ARGS...]
 #
 #   no step named = all (build, test, bench). schedules runs benchmarks/quick_check.py (nine
 #   correctness cases, then three timings) once per decode schedule of docs/kernel.md, each in its
 #   own process with JAX_FLASHMLA_DECODE_SCHEDULE set: an A/B of the schedules in one call.
+#   sanitize runs quick_check.py's correctness cases under compute-sanitizer (memcheck, synccheck,
+#   racecheck; decode kernels only) once per schedule and tool: out-of-bounds accesses, misused
+#   barriers and shared-memory races that a passing test can hide.
 #   test, bench and schedules build first when the installed package
 #   is missing or lacks the CUDA kernels (a fresh machine). Arguments after `--` go to pytest
 #   (e.g. -- -x -k heavy). Environment:
@@ -16,7 +19,9 @@
 #     OUT          where logs go (the device tool sets it; default /tmp/jax_flashmla_device_out)
 #     TEST_TIMEOUT seconds the GPU tests may run before they are stopped (default 540)
 #     SCHEDULES    the schedules step's list (default: "default boxes seesaw"), each stopped after
-#                  SCHEDULE_TIMEOUT seconds (default 180)
+#                  SCHEDULE_TIMEOUT seconds (default 180); also the sanitize step's list
+#     SANITIZE_TOOLS the sanitize step's tools (default: "memcheck synccheck racecheck"), each run
+#                  stopped after SANITIZE_TIMEOUT seconds (default 240)
 #
 # Time on an H100 (2026-11-25): the build took 25 s; the GPU tests ran their first 63 of 90 cases in
 # 6.5 minutes (about 6 s a case) before that call's time limit, so the whole file needs about 9-10
@@ -24,7 +29,7 @@
 # `test -- -k "not matches_reference"`, and run `bench` in a call of its own.
 #
 # Files in $OUT: env.txt, build.log (full pip/CMake/ptxas log), ptxas.txt (register and spill report
-# per kernel), gpu_tests.log, bench.log, bench.json, quick_<schedule>.log. The last lines printed are short summaries.
+# per kernel), gpu_tests.log, bench.log, bench.json, quick_<schedule>.log, sanitize_<schedule>_<tool>.log. The last lines printed are short summaries.
 set -uo pipefail
 [ -n "${ANCHORS:-}" ] && ANCHORS=$(realpath -m "$ANCHORS")  # relative to where the script was started
 cd "$(dirname "$0")/.."
@@ -37,11 +42,11 @@ steps=()
 pytest_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    build|test|bench|schedules) steps+=("$1") ;;
+    build|test|bench|schedules|sanitize) steps+=("$1") ;;
     all) steps+=(build test bench) ;;
     --) shift; pytest_args=("$@"); break ;;
     -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (steps: build test bench schedules all; pytest args after --)"; exit 2 ;;
+    *) echo "device_check.sh: unknown argument '$1' (steps: build test bench schedules sanitize all; pytest args after --)"; exit 2 ;;
   esac
   shift
 done
@@ -146,10 +151,31 @@ do_schedules() {
   dur[schedules]=$((SECONDS - t0))
 }
 
+# ---- compute-sanitizer ----------------------------------------------------------------------------
+do_sanitize() {
+  local t0=$SECONDS sched tool r log
+  echo; echo "==== sanitize ===="
+  ensure_built
+  rc[sanitize]=0
+  for sched in ${SCHEDULES:-default boxes seesaw}; do
+    for tool in ${SANITIZE_TOOLS:-memcheck synccheck racecheck}; do
+      log="$OUT/sanitize_${sched}_$tool.log"
+      (cd /tmp && JAX_FLASHMLA_DECODE_SCHEDULE=$sched XLA_PYTHON_CLIENT_PREALLOCATE=false \
+         timeout -k 10 "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --kernel-name kns=decode_kernel \
+         --error-exitcode 9 python3 "$REPO/benchmarks/quick_check.py" --check-only) >"$log" 2>&1
+      r=$?
+      [ $r -ne 0 ] && rc[sanitize]=$r
+      echo "sanitize $sched $tool: rc=$r$([ $r = 9 ] && echo ' (errors reported)')$([ $r = 124 ] && echo ' (timed out)') ($((SECONDS - t0)) s); $(grep -m 1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log")"
+    done
+  done
+  dur[sanitize]=$((SECONDS - t0))
+}
+
 want build && do_build
 want test && do_test
 want bench && do_bench
 want schedules && do_schedules
+want sanitize && do_sanitize
 
 # ---- summaries (the device reply shows only the end of the output) --------------------------------
 echo
@@ -180,6 +206,13 @@ if [ -n "${rc[schedules]+x}" ]; then
   echo "-- schedules: rc=${rc[schedules]} (${dur[schedules]} s)"
   for sched in ${SCHEDULES:-default boxes seesaw}; do
     echo "   [$sched]"; tail -n 8 "$OUT/quick_$sched.log" | sed 's/^/   /'
+  done
+fi
+if [ -n "${rc[sanitize]+x}" ]; then
+  echo "-- sanitize: rc=${rc[sanitize]} (${dur[sanitize]} s)"
+  for log in "$OUT"/sanitize_*.log; do
+    [ -e "$log" ] || continue
+    echo "   $(basename "$log"): $(grep -m 1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" || echo 'no summary line')"
   done
 fi
 echo "total ${SECONDS} s"
