@@ -242,10 +242,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_proxy_async();
           bar_arrive(kBarPageB, 2 * 128);
           release_stage(o, &s.k_empty[0]);
-          if (wtid == 0 && a + 2 < n_pages) {  // reload stage 0 once warpgroup 0 is done with it too
-            mbar_wait(&s.k_empty[0], uses[0] & 1);
-            issue_page(s.k[0], &s.k_full[0], &k_map, page_row_coord(p, req, page_begin + a + 2), kv_head, policy);
-          }
           rescale_rows(o, beta_lo, beta_hi);
           m_lo = mb_lo;
           m_hi = mb_hi;
@@ -254,6 +250,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_rs(o, packed + 4 * kk, v_desc(s.k[1], 1, kk));
           wgmma_commit();
+          // Reload stage 0 once warpgroup 0 is done with it too; waiting only after P_B V_B is
+          // issued lets that wgmma run meanwhile.
+          if (wtid == 0 && a + 2 < n_pages) {
+            mbar_wait(&s.k_empty[0], uses[0] & 1);
+            issue_page(s.k[0], &s.k_full[0], &k_map, page_row_coord(p, req, page_begin + a + 2), kv_head, policy);
+          }
           release_stage(o, &s.k_empty[1]);
           pin_words<16>(packed);  // the RS wgmma read them until now
           if (wtid == 0 && a + 3 < n_pages) {
