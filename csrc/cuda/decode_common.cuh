@@ -52,21 +52,12 @@ __device__ __forceinline__ int page_row_coord(const DecodeParams& p, int req, in
   return page * kPageSize;
 }
 
-// One page of K (all 576 channels of 64 tokens of one kv head) into `stage`, completing on `full`.
+// One page of K (all 576 channels of 64 tokens of one kv head) into `stage`, in kParts parts of
+// consecutive 64-channel boxes, part j completing on `full[j]`: one part for a consumer that waits
+// for the whole page, more for one that starts on the first boxes while the rest is in flight.
+template <int kParts = 1>
 __device__ __forceinline__ void issue_page(uint8_t* stage, uint64_t* full, const CUtensorMap* map, int row_coord,
                                            int kv_head, uint64_t policy) {
-  mbar_arrive_expect_tx(full, kBlockBytes);
-#pragma unroll
-  for (int t = 0; t < kChannelTiles; ++t) {
-    tma_load_3d(stage + t * kTileBytes, map, full, t * kChannelTile, kv_head, row_coord, policy);
-  }
-}
-
-// The same page in kParts parts of consecutive 64-channel boxes, part j completing on `full[j]`, so a
-// consumer can start on the first boxes while the rest of the page is in flight.
-template <int kParts>
-__device__ __forceinline__ void issue_page_parts(uint8_t* stage, uint64_t* full, const CUtensorMap* map,
-                                                 int row_coord, int kv_head, uint64_t policy) {
   static_assert(kChannelTiles % kParts == 0, "parts of whole boxes");
   constexpr int kBoxes = kChannelTiles / kParts;
 #pragma unroll
@@ -155,12 +146,6 @@ __device__ __forceinline__ void mask_scores(float* sc, int key0, int col_q, int 
 // A row that has seen no key keeps max -inf; exponents are taken against 0 then, giving 0, not NaN.
 __device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.f : m; }
 
-// Rescales the rows of a 64x256 output fragment (rows r_lo and r_lo + 8 of this thread).
-__device__ __forceinline__ void scale_rows(float* o, float a_lo, float a_hi) {
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? a_hi : a_lo;
-}
-
 // S = Q K^T of one warpgroup over all 576 channels (9 tiles x 4 steps of k16), Q and K read from
 // shared memory through descriptors of their first tile; returns with the wgmma done. `Op::scores`
 // is the wgmma shape (N = kRegs / 2 tokens), `sc` its kRegs accumulator registers. `before_tile(t)`
@@ -182,10 +167,13 @@ __device__ __forceinline__ void score_page(uint64_t q_desc, uint64_t k_desc, flo
   pin_registers<kRegs>(sc);
 }
 
-// scale_rows, skipped by the whole warp when no factor of its 16 rows differs from 1 (x * 1 == x):
-// once the row maxima settle most pages change none of them. Call with the warp converged.
+// Rescales the rows of a 64x256 output fragment (rows r_lo and r_lo + 8 of this thread) by a_lo and
+// a_hi. The whole warp skips it when no factor of its 16 rows differs from 1 (x * 1 == x): once the
+// row maxima settle most pages change none of them. Call with the warp converged.
 __device__ __forceinline__ void rescale_rows(float* o, float a_lo, float a_hi) {
-  if (__any_sync(0xffffffffu, a_lo != 1.f || a_hi != 1.f)) scale_rows(o, a_lo, a_hi);
+  if (!__any_sync(0xffffffffu, a_lo != 1.f || a_hi != 1.f)) return;
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? a_hi : a_lo;
 }
 
 // V of `stage`, channels [256 wg, 256 wg + 256), token step kk: the MN-major B operand of PV.

@@ -31,8 +31,8 @@ struct SharedStorage {
   alignas(1024) uint8_t p[kTileBytes];            // P of the current page, 64 rows x 64 tokens
   float row_max[2][kRowsPerTile];                 // per-warpgroup row maxima of the current page
   float row_sum[2][kRowsPerTile];                 // per-warpgroup row sums, at the end of a piece
-  uint64_t k_full[kStages][3];                    // TMA completion of each stage: [0] for the whole
-                                                  // page, or one per third of it with kBoxWait
+  uint64_t k_full[kStages][kPageParts];           // TMA completion of each stage: [0] for the whole
+                                                  // page, or one per part of it with kBoxWait
 };
 
 constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + room to align the dynamic base
@@ -58,6 +58,7 @@ struct Wgmma<__half> {
 template <typename Elem, bool kBoxWait>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ DecodeParams p) {
+  constexpr int kParts = kBoxWait ? kPageParts : 1;  // mbarriers per stage
   extern __shared__ uint8_t smem_raw[];
   SharedStorage& s = *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
@@ -72,19 +73,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (tid == 0) {
     for (int i = 0; i < kStages; ++i) {
-      for (int j = 0; j < (kBoxWait ? kPageParts : 1); ++j) mbar_init(&s.k_full[i][j], 1);
+      for (int j = 0; j < kParts; ++j) mbar_init(&s.k_full[i][j], 1);
     }
     fence_mbar_init();
   }
   __syncthreads();
   const uint64_t policy = evict_first_policy();
-  // Loads the page at `row_coord` into `stage`: whole on one mbarrier, or in kPageParts (kBoxWait).
   auto issue = [&](int stage, int row_coord) {
-    if constexpr (kBoxWait) {
-      issue_page_parts<kPageParts>(s.k[stage], s.k_full[stage], &k_map, row_coord, kv_head, policy);
-    } else {
-      issue_page(s.k[stage], &s.k_full[stage][0], &k_map, row_coord, kv_head, policy);
-    }
+    issue_page<kParts>(s.k[stage], s.k_full[stage], &k_map, row_coord, kv_head, policy);
   };
 
   const int32_t* md = p.tile_md + static_cast<int64_t>(part) * kTileMetadataSize;
@@ -122,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The whole page: always without kBoxWait; with it only for a tail page, whose rows past the
       // length are zeroed before anything reads them. Otherwise the scores wait part by part.
       if (!kBoxWait || tail) {
-        for (int j = 0; j < (kBoxWait ? kPageParts : 1); ++j) mbar_wait(&s.k_full[stage][j], parity);
+        for (int j = 0; j < kParts; ++j) mbar_wait(&s.k_full[stage][j], parity);
       }
       if (tail) {
         zero_tail_rows(s.k[stage], len - key0, tid, kThreads);
@@ -135,9 +131,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       float sc[16];
       const uint64_t k_desc = smem_desc_sw128(k_stage + wg * 32 * 128, 16, 1024);  // this half's 32 tokens
       score_page<Wgmma<Elem>, 16>(smem_desc_sw128(s.q, 16, 1024), k_desc, sc, [&](int t) {
-        constexpr int kBoxesPerPart = kChannelTiles / kPageParts;
         if constexpr (kBoxWait) {
-          if (t % kBoxesPerPart == 0) mbar_wait(&s.k_full[stage][t / kBoxesPerPart], parity);
+          if (t % (kChannelTiles / kParts) == 0) mbar_wait(&s.k_full[stage][t / (kChannelTiles / kParts)], parity);
         }
       });
 
