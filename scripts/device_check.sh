@@ -37,6 +37,7 @@ REPO=$PWD
 OUT=${OUT:-${TMPDIR:-/tmp}/jax_flashmla_device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+SCHEDULES=${SCHEDULES:-default boxes seesaw}  # the decode schedules of docs/kernel.md
 
 steps=()
 pytest_args=()
@@ -141,7 +142,7 @@ do_schedules() {
   echo; echo "==== schedules ===="
   ensure_built
   rc[schedules]=0
-  for sched in ${SCHEDULES:-default boxes seesaw}; do
+  for sched in $SCHEDULES; do
     (cd /tmp && JAX_FLASHMLA_DECODE_SCHEDULE=$sched timeout -k 10 "${SCHEDULE_TIMEOUT:-180}" \
        python3 "$REPO/benchmarks/quick_check.py") >"$OUT/quick_$sched.log" 2>&1
     local r=$?
@@ -157,7 +158,7 @@ do_sanitize() {
   echo; echo "==== sanitize ===="
   ensure_built
   rc[sanitize]=0
-  for sched in ${SCHEDULES:-default boxes seesaw}; do
+  for sched in $SCHEDULES; do
     for tool in ${SANITIZE_TOOLS:-memcheck synccheck racecheck}; do
       log="$OUT/sanitize_${sched}_$tool.log"
       (cd /tmp && JAX_FLASHMLA_DECODE_SCHEDULE=$sched XLA_PYTHON_CLIENT_PREALLOCATE=false \
@@ -204,7 +205,7 @@ if [ -n "${rc[bench]+x}" ]; then
 fi
 if [ -n "${rc[schedules]+x}" ]; then
   echo "-- schedules: rc=${rc[schedules]} (${dur[schedules]} s)"
-  for sched in ${SCHEDULES:-default boxes seesaw}; do
+  for sched in $SCHEDULES; do
     echo "   [$sched]"; tail -n 8 "$OUT/quick_$sched.log" | sed 's/^/   /'
   done
 fi

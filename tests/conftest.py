@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from jax_flashmla import _contract
+from jax_flashmla.reference import visible_key_limit
 
 
 @dataclasses.dataclass
@@ -84,7 +85,8 @@ def weighted_abs_values(problem: Problem, *, causal: bool, softmax_scale: float 
     k_cache = np.asarray(problem.k_cache, np.float64)
     b, s_q, h_q, d = q.shape
     h_kv = k_cache.shape[2]
-    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    scale = _contract.check_softmax_scale(softmax_scale)
+    limits = np.asarray(visible_key_limit(np.asarray(problem.cache_seqlens), s_q, causal))  # [b, s_q]
     out = np.zeros((b, s_q, h_q, _contract.HEAD_DIM_V))
     for i, n in enumerate(int(x) for x in problem.cache_seqlens):
         if n == 0:
@@ -92,7 +94,7 @@ def weighted_abs_values(problem: Problem, *, causal: bool, softmax_scale: float 
         pages = problem.block_table[i, : -(-n // _contract.PAGE_SIZE)]
         keys = k_cache[pages].reshape(-1, h_kv, d)[:n]  # [n, h_kv, d]
         for s in range(s_q):
-            limit = n - (s_q - 1 - s) if causal else n
+            limit = int(limits[i, s])
             if limit <= 0:
                 continue
             for h in range(h_q):

@@ -44,6 +44,7 @@ import numpy as np
 import pytest
 
 import jax_flashmla as jfm
+from jax_flashmla import _contract
 from jax_flashmla import reference as _reference
 from conftest import cos_diff, make_problem
 
@@ -174,14 +175,6 @@ def draw_lengths(rng, batch: int, seqlen_k: int, kind: str) -> np.ndarray:
     return lengths
 
 
-def visible_keys(lengths, seqlen_q: int, causal: bool) -> np.ndarray:
-    """Keys each (request, query token) sees: int [batch, seqlen_q]."""
-    lengths = np.asarray(lengths, np.int64)[:, None]
-    if not causal:
-        return np.broadcast_to(lengths, (lengths.shape[0], seqlen_q))
-    return np.maximum(lengths - seqlen_q + np.arange(seqlen_q)[None, :] + 1, 0)
-
-
 @functools.partial(jax.jit, static_argnames=("softmax_scale", "causal"))
 def reference_f32(q, k_cache, block_table, cache_seqlens, *, softmax_scale, causal):
     """The reference math in float32 from the same bf16/fp16 values (out not rounded to q's dtype)."""
@@ -228,7 +221,7 @@ def check_against_reference(args, out, lse, *, causal, softmax_scale=None):
     b, s_q, h_q, _ = q.shape
     assert out.shape == (b, s_q, h_q, D_V) and out.dtype == q.dtype
     assert lse.shape == (b, h_q, s_q) and lse.dtype == jnp.float32
-    scale = jfm.HEAD_DIM ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = _contract.check_softmax_scale(softmax_scale)
     ref_out, ref_lse = reference_f32(q, k_cache, block_table, cache_seqlens, softmax_scale=scale, causal=causal)
     out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
     ref_out, ref_lse = np.asarray(ref_out), np.asarray(ref_lse)
@@ -238,7 +231,7 @@ def check_against_reference(args, out, lse, *, causal, softmax_scale=None):
     assert not np.isnan(lse).any() and not np.isneginf(lse).any()
 
     # Rows with no visible key: out = 0 and lse = +inf, exactly; every other row: finite lse.
-    n_visible = visible_keys(np.asarray(cache_seqlens), s_q, causal)  # [b, s_q]
+    n_visible = np.asarray(_reference.visible_key_limit(cache_seqlens, s_q, causal))  # [b, s_q]
     empty = n_visible == 0
     assert (out[empty] == 0).all(), "rows with no visible key must give out = 0"
     lse_rows = lse.transpose(0, 2, 1)  # [b, s_q, h_q]
