@@ -14,8 +14,15 @@
 //   WG0: waits for m_b, P_B; O_L = O_L * 2^(m_a - m_b) + P_B V_B[:, L]  (P_B from shared memory)
 // so one warpgroup's softmax overlaps the other's matrix work, Q is read once per 64 scores instead
 // of per 32, and no shared memory is added. Each warpgroup sums the P it computed; the two sums are
-// added at the end of the piece. A stage is reloaded (by warpgroup 1's first thread) once both
-// warpgroups have arrived on its `k_empty` mbarrier.
+// added at the end of the piece.
+//
+// A stage is reloaded in two parts, each by the warpgroup that reads it last, as soon as that
+// warpgroup's wgmma on it are done (no cross-warpgroup release): part w holds V channels
+// [256 w, 256 w + 256) (tiles 4w..4w+3), and the RoPE tile, which holds the page's P, belongs to the
+// part of the warpgroup that reads that P (warpgroup 1 for page A, warpgroup 0 for page B). So page
+// A's next load starts in the middle of a pair instead of at its end. Each part completes on its
+// own mbarrier; a warpgroup waits only on parts whose reload needs its own progress first, so a
+// part's phase can never run two loads ahead of a waiter.
 #include "cuda/decode_common.cuh"
 #include "cuda/mla_kernels.h"
 #include "cuda/wgmma_ops.cuh"
@@ -30,8 +37,7 @@ struct SharedStorage {
   float max_a[kRowsPerTile];                // running max after page A (published by warpgroup 0)
   float max_b[kRowsPerTile];                // running max after page B (published by warpgroup 1)
   float row_sum[2][kRowsPerTile];           // per-warpgroup row sums, at the end of a piece
-  uint64_t k_full[2];                       // TMA completion of each stage
-  uint64_t k_empty[2];                      // both warpgroups done with a stage (256 arrivals)
+  uint64_t k_full[2][2];                    // TMA completion of [stage][part] (see the header)
 };
 
 constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + room to align the dynamic base
@@ -88,12 +94,29 @@ __device__ __forceinline__ uint64_t p_desc(const uint8_t* stage, int kk) {
   return desc_advance(smem_desc_sw128(stage + kPTile * kTileBytes, 16, 1024), kk * 32);
 }
 
-// Waits for this warpgroup's matrix work (keeping the accumulators live until it is done), then
-// counts the warpgroup as done with the stage behind `empty`.
-__device__ __forceinline__ void release_stage(float* o, uint64_t* empty) {
+// Loads part `w` of page `row_coord` into `stage` (see the header): V tiles 4w..4w+3, plus the RoPE
+// tile when w is the warpgroup that reads this stage's P (1 for stage 0, 0 for stage 1).
+__device__ __forceinline__ void issue_part(SharedStorage& s, int stage, int w, const CUtensorMap* map,
+                                           int row_coord, int kv_head, uint64_t policy) {
+  const bool rope = w == 1 - stage;
+  uint64_t* full = &s.k_full[stage][w];
+  mbar_arrive_expect_tx(full, (4 + rope) * kTileBytes);
+#pragma unroll
+  for (int t = 4 * w; t < 4 * w + 4; ++t) {
+    tma_load_3d(s.k[stage] + t * kTileBytes, map, full, t * kChannelTile, kv_head, row_coord, policy);
+  }
+  if (rope) tma_load_3d(s.k[stage] + kPTile * kTileBytes, map, full, kPTile * kChannelTile, kv_head, row_coord, policy);
+}
+
+__device__ __forceinline__ void wait_page(SharedStorage& s, int stage, uint32_t parity) {
+  mbar_wait(&s.k_full[stage][0], parity);
+  mbar_wait(&s.k_full[stage][1], parity);
+}
+
+// Waits for this warpgroup's matrix work, keeping the accumulators live until it is done.
+__device__ __forceinline__ void finish_wgmma(float* o) {
   wgmma_wait<0>();
   pin_registers<128>(o);
-  mbar_arrive(empty);
 }
 
 template <typename Elem>
@@ -110,8 +133,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (tid == 0) {
     for (int i = 0; i < 2; ++i) {
-      mbar_init(&s.k_full[i], 1);
-      mbar_init(&s.k_empty[i], kThreads);
+      for (int w = 0; w < 2; ++w) mbar_init(&s.k_full[i][w], 1);
     }
     fence_mbar_init();
   }
@@ -127,7 +149,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     if (tid == 0) {
       for (int i = 0; i < min(2, n_pages); ++i) {
-        issue_page(s.k[i], &s.k_full[i], &k_map, page_row_coord(p, req, page_begin + i), kv_head, policy);
+        const int row_coord = page_row_coord(p, req, page_begin + i);
+        for (int w = 0; w < 2; ++w) issue_part(s, i, w, &k_map, row_coord, kv_head, policy);
       }
     }
     load_q_tile(s.q, p, req, kv_head, row0);
@@ -143,11 +166,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int a = 0; a < n_pages; a += 2) {
       const bool has_b = a + 1 < n_pages;
       const int key_a = (page_begin + a) * kPageSize, key_b = key_a + kPageSize;
+      // This warpgroup's first thread reloads its parts of both stages with the next pair; the
+      // block-table reads start now so they are not on the reload's path.
+      int next_a = 0, next_b = 0;
+      if (wtid == 0) {
+        if (a + 2 < n_pages) next_a = page_row_coord(p, req, page_begin + a + 2);
+        if (a + 3 < n_pages) next_b = page_row_coord(p, req, page_begin + a + 3);
+      }
       float sc[32];
       uint32_t packed[16];
       if (wg == 0) {
         // ---- warpgroup 0: scores and softmax of page A, then O_L += P_A V_A and P_B V_B ----
-        mbar_wait(&s.k_full[0], uses[0] & 1);
+        wait_page(s, 0, uses[0] & 1);
         if (len - key_a < kPageSize) {
           zero_tail_rows(s.k[0], len - key_a, wtid, 128);
           fence_proxy_async();
@@ -177,16 +207,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_rs(o, packed + 4 * kk, v_desc(s.k[0], 0, kk));
         wgmma_commit();
+        // Stage 0's part 0 is done with once P_A V_A[:, L] is: reload it while warpgroup 1 works.
+        finish_wgmma(o);
+        pin_words<16>(packed);  // the RS wgmma read them until now
+        if (wtid == 0 && a + 2 < n_pages) issue_part(s, 0, 0, &k_map, next_a, kv_head, policy);
         if (has_b) {
           bar_sync(kBarPageB, 2 * 128);
           // Page B's bytes reach this warpgroup through warpgroup 1's wait and the barrier; waiting on
-          // the (already completed) phase here as well makes the TMA writes visible to it directly.
-          // Safe: stage 1 cannot be reloaded before this warpgroup releases it below.
-          mbar_wait(&s.k_full[1], uses[1] & 1);
+          // the (already completed) phase of the part it reads makes the TMA writes visible to it
+          // directly. Safe: only this warpgroup reloads that part, below.
+          mbar_wait(&s.k_full[1][0], uses[1] & 1);
           const float mb_lo = s.max_b[r_lo], mb_hi = s.max_b[r_lo + 8];
           const float beta_lo = exp2f(m_lo - exp_base(mb_lo)), beta_hi = exp2f(m_hi - exp_base(mb_hi));
-          release_stage(o, &s.k_empty[0]);
-          pin_words<16>(packed);  // the RS wgmma read them until now
           rescale_rows(o, beta_lo, beta_hi);
           l_lo *= beta_lo;
           l_hi *= beta_hi;
@@ -196,16 +228,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[1], kk), v_desc(s.k[1], 0, kk));
           wgmma_commit();
-          release_stage(o, &s.k_empty[1]);
-        } else {
-          release_stage(o, &s.k_empty[0]);
-          pin_words<16>(packed);  // the RS wgmma read them until now
+          finish_wgmma(o);
+          if (wtid == 0 && a + 3 < n_pages) issue_part(s, 1, 0, &k_map, next_b, kv_head, policy);
         }
       } else {
         // ---- warpgroup 1: scores of page B, O_R += P_A V_A, softmax of page B, O_R += P_B V_B ----
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
         if (has_b) {
-          mbar_wait(&s.k_full[1], uses[1] & 1);
+          wait_page(s, 1, uses[1] & 1);
           if (len - key_b < kPageSize) {
             zero_tail_rows(s.k[1], len - key_b, wtid, 128);
             fence_proxy_async();
@@ -215,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           mask_scores<32>(sc, key_b, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
         }
         bar_sync(kBarPageA, 2 * 128);
-        mbar_wait(&s.k_full[0], uses[0] & 1);  // as warpgroup 0 does for page B: completed already
+        mbar_wait(&s.k_full[0][1], uses[0] & 1);  // as warpgroup 0 does for page B: completed already
         const float ma_lo = s.max_a[r_lo], ma_hi = s.max_a[r_lo + 8];
         const float alpha_lo = exp2f(m_lo - exp_base(ma_lo)), alpha_hi = exp2f(m_hi - exp_base(ma_hi));
         rescale_rows(o, alpha_lo, alpha_hi);
@@ -241,7 +271,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           fence_proxy_async();
           bar_arrive(kBarPageB, 2 * 128);
-          release_stage(o, &s.k_empty[0]);
+          // Stage 0's part 1 (V_A[:, R] and P_A) is done with once P_A V_A[:, R] is.
+          finish_wgmma(o);
+          if (wtid == 0 && a + 2 < n_pages) issue_part(s, 0, 1, &k_map, next_a, kv_head, policy);
           rescale_rows(o, beta_lo, beta_hi);
           m_lo = mb_lo;
           m_hi = mb_hi;
@@ -250,20 +282,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_rs(o, packed + 4 * kk, v_desc(s.k[1], 1, kk));
           wgmma_commit();
-          // Reload stage 0 once warpgroup 0 is done with it too; waiting only after P_B V_B is
-          // issued lets that wgmma run meanwhile.
-          if (wtid == 0 && a + 2 < n_pages) {
-            mbar_wait(&s.k_empty[0], uses[0] & 1);
-            issue_page(s.k[0], &s.k_full[0], &k_map, page_row_coord(p, req, page_begin + a + 2), kv_head, policy);
-          }
-          release_stage(o, &s.k_empty[1]);
+          finish_wgmma(o);
           pin_words<16>(packed);  // the RS wgmma read them until now
-          if (wtid == 0 && a + 3 < n_pages) {
-            mbar_wait(&s.k_empty[1], uses[1] & 1);
-            issue_page(s.k[1], &s.k_full[1], &k_map, page_row_coord(p, req, page_begin + a + 3), kv_head, policy);
-          }
+          if (wtid == 0 && a + 3 < n_pages) issue_part(s, 1, 1, &k_map, next_b, kv_head, policy);
         } else {
-          release_stage(o, &s.k_empty[0]);
+          finish_wgmma(o);
         }
       }
       ++uses[0];
