@@ -108,8 +108,7 @@ def main() -> None:
                         help="time only this case (repeatable), e.g. --case 16,1; default: 16,1 64,1 128,2")
     args = parser.parse_args()
     cases = TIMED_CASES if not args.case else tuple(tuple(int(v) for v in c.split(",")) for c in args.case)
-    print("backend", jax.default_backend(), "| path", jfm.kernel_path(), "| schedule",
-          os.environ.get("JAX_FLASHMLA_DECODE_SCHEDULE") or "default", "|", jax.devices()[0])
+    print("backend", jax.default_backend(), "| path", jfm.kernel_path(), "|", jax.devices()[0])
     ok = True if args.time_only else correctness()
     if jax.default_backend() != "cpu" and not args.check_only:
         timing(args.iters, cases)

@@ -2,15 +2,14 @@
 # One command for the GPU machine (the device tool runs it from the repository root):
 # build and install the package, run the GPU tests, run the benchmark; logs and results in $OUT.
 #
-#   bash scripts/device_check.sh [build] [test] [bench] [schedules] [sanitize] [all] [-- PYTEST_ARGS...]
+#   bash scripts/device_check.sh [build] [test] [bench] [quick] [sanitize] [all] [-- PYTEST_ARGS...]
 #
-#   no step named = all (build, test, bench). schedules runs benchmarks/quick_check.py (nine
-#   correctness cases, then three timings) once per decode schedule of docs/kernel.md, each in its
-#   own process with JAX_FLASHMLA_DECODE_SCHEDULE set: an A/B of the schedules in one call.
+#   no step named = all (build, test, bench). quick runs benchmarks/quick_check.py (nine correctness
+#   cases, then three wall-clock timings) in a process of its own under a timeout.
 #   sanitize runs quick_check.py's correctness cases under compute-sanitizer (memcheck, synccheck,
-#   racecheck; decode kernels only) once per schedule and tool: out-of-bounds accesses, misused
-#   barriers and shared-memory races that a passing test can hide.
-#   test, bench and schedules build first when the installed package
+#   racecheck; decode kernel only) once per tool: out-of-bounds accesses, misused barriers and
+#   shared-memory races that a passing test can hide.
+#   test, bench, quick and sanitize build first when the installed package
 #   is missing or lacks the CUDA kernels (a fresh machine). Arguments after `--` go to pytest
 #   (e.g. -- -x -k heavy). Environment:
 #     BENCH_ARGS   extra benchmark arguments, e.g. BENCH_ARGS="--cases s_k=4096 --mode matrix"
@@ -18,18 +17,16 @@
 #     ANCHORS      FlashMLA's figures (anchors/flashmla_h100.md) if copied into the checkout
 #     OUT          where logs go (the device tool sets it; default /tmp/jax_flashmla_device_out)
 #     TEST_TIMEOUT seconds the GPU tests may run before they are stopped (default 540)
-#     SCHEDULES    the schedules step's list (default: "default boxes seesaw"), each stopped after
-#                  SCHEDULE_TIMEOUT seconds (default 180); also the sanitize step's list
+#     QUICK_TIMEOUT seconds the quick step may run (default 180)
 #     SANITIZE_TOOLS the sanitize step's tools (default: "memcheck synccheck racecheck"), each run
 #                  stopped after SANITIZE_TIMEOUT seconds (default 240)
 #
-# Time on an H100 (2026-11-25): the build took 25 s; the GPU tests ran their first 63 of 90 cases in
-# 6.5 minutes (about 6 s a case) before that call's time limit, so the whole file needs about 9-10
-# minutes: split it over two device calls, e.g. `test -- -k matches_reference` (67 cases) and
-# `test -- -k "not matches_reference"`, and run `bench` in a call of its own.
+# Time on an H100 (2026-11-25): the build takes about 25 s; with XLA's GEMM autotuning off the 67
+# test_matches_reference cases took 104 s.
 #
 # Files in $OUT: env.txt, build.log (full pip/CMake/ptxas log), ptxas.txt (register and spill report
-# per kernel), gpu_tests.log, bench.log, bench.json, quick_<schedule>.log, sanitize_<schedule>_<tool>.log. The last lines printed are short summaries.
+# per kernel), gpu_tests.log, bench.log, bench.json, quick.log, sanitize_<tool>.log. The last lines printed
+# are short summaries.
 set -uo pipefail
 [ -n "${ANCHORS:-}" ] && ANCHORS=$(realpath -m "$ANCHORS")  # relative to where the script was started
 cd "$(dirname "$0")/.."
@@ -37,17 +34,16 @@ REPO=$PWD
 OUT=${OUT:-${TMPDIR:-/tmp}/jax_flashmla_device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-SCHEDULES=${SCHEDULES:-default boxes seesaw}  # the decode schedules of docs/kernel.md
 
 steps=()
 pytest_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    build|test|bench|schedules|sanitize) steps+=("$1") ;;
+    build|test|bench|quick|sanitize) steps+=("$1") ;;
     all) steps+=(build test bench) ;;
     --) shift; pytest_args=("$@"); break ;;
     -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (steps: build test bench schedules sanitize all; pytest args after --)"; exit 2 ;;
+    *) echo "device_check.sh: unknown argument '$1' (steps: build test bench quick sanitize all; pytest args after --)"; exit 2 ;;
   esac
   shift
 done
@@ -136,38 +132,31 @@ do_bench() {
   echo "bench rc=${rc[bench]} (${dur[bench]} s); log: bench.log, results: bench.json"
 }
 
-# ---- schedules A/B ---------------------------------------------------------------------------------
-do_schedules() {
-  local t0=$SECONDS sched
-  echo; echo "==== schedules ===="
+# ---- quick check ----------------------------------------------------------------------------------
+do_quick() {
+  local t0=$SECONDS
+  echo; echo "==== quick ===="
   ensure_built
-  rc[schedules]=0
-  for sched in $SCHEDULES; do
-    (cd /tmp && JAX_FLASHMLA_DECODE_SCHEDULE=$sched timeout -k 10 "${SCHEDULE_TIMEOUT:-180}" \
-       python3 "$REPO/benchmarks/quick_check.py") >"$OUT/quick_$sched.log" 2>&1
-    local r=$?
-    [ $r -ne 0 ] && rc[schedules]=$r
-    echo "schedule $sched: rc=$r$([ $r = 124 ] && echo ' (timed out: a hang?)') ($((SECONDS - t0)) s); log: quick_$sched.log"
-  done
-  dur[schedules]=$((SECONDS - t0))
+  (cd /tmp && timeout -k 10 "${QUICK_TIMEOUT:-180}" python3 "$REPO/benchmarks/quick_check.py") >"$OUT/quick.log" 2>&1
+  rc[quick]=$?
+  dur[quick]=$((SECONDS - t0))
+  echo "quick rc=${rc[quick]}$([ "${rc[quick]}" = 124 ] && echo ' (timed out: a hang?)') (${dur[quick]} s); log: quick.log"
 }
 
 # ---- compute-sanitizer ----------------------------------------------------------------------------
 do_sanitize() {
-  local t0=$SECONDS sched tool r log
+  local t0=$SECONDS tool r log
   echo; echo "==== sanitize ===="
   ensure_built
   rc[sanitize]=0
-  for sched in $SCHEDULES; do
-    for tool in ${SANITIZE_TOOLS:-memcheck synccheck racecheck}; do
-      log="$OUT/sanitize_${sched}_$tool.log"
-      (cd /tmp && JAX_FLASHMLA_DECODE_SCHEDULE=$sched XLA_PYTHON_CLIENT_PREALLOCATE=false \
-         timeout -k 10 "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --kernel-name kns=decode_kernel \
-         --error-exitcode 9 python3 "$REPO/benchmarks/quick_check.py" --check-only) >"$log" 2>&1
-      r=$?
-      [ $r -ne 0 ] && rc[sanitize]=$r
-      echo "sanitize $sched $tool: rc=$r$([ $r = 9 ] && echo ' (errors reported)')$([ $r = 124 ] && echo ' (timed out)') ($((SECONDS - t0)) s); $(grep -m 1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log")"
-    done
+  for tool in ${SANITIZE_TOOLS:-memcheck synccheck racecheck}; do
+    log="$OUT/sanitize_$tool.log"
+    (cd /tmp && XLA_PYTHON_CLIENT_PREALLOCATE=false \
+       timeout -k 10 "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --kernel-name kns=decode_kernel \
+       --error-exitcode 9 python3 "$REPO/benchmarks/quick_check.py" --check-only) >"$log" 2>&1
+    r=$?
+    [ $r -ne 0 ] && rc[sanitize]=$r
+    echo "sanitize $tool: rc=$r$([ $r = 9 ] && echo ' (errors reported)')$([ $r = 124 ] && echo ' (timed out)') ($((SECONDS - t0)) s); $(grep -m 1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log")"
   done
   dur[sanitize]=$((SECONDS - t0))
 }
@@ -175,7 +164,7 @@ do_sanitize() {
 want build && do_build
 want test && do_test
 want bench && do_bench
-want schedules && do_schedules
+want quick && do_quick
 want sanitize && do_sanitize
 
 # ---- summaries (the device reply shows only the end of the output) --------------------------------
@@ -203,11 +192,9 @@ if [ -n "${rc[bench]+x}" ]; then
     tail -n 30 "$OUT/bench.log"
   fi
 fi
-if [ -n "${rc[schedules]+x}" ]; then
-  echo "-- schedules: rc=${rc[schedules]} (${dur[schedules]} s)"
-  for sched in $SCHEDULES; do
-    echo "   [$sched]"; tail -n 8 "$OUT/quick_$sched.log" | sed 's/^/   /'
-  done
+if [ -n "${rc[quick]+x}" ]; then
+  echo "-- quick: rc=${rc[quick]} (${dur[quick]} s)"
+  tail -n 5 "$OUT/quick.log" | sed 's/^/   /'
 fi
 if [ -n "${rc[sanitize]+x}" ]; then
   echo "-- sanitize: rc=${rc[sanitize]} (${dur[sanitize]} s)"

@@ -22,9 +22,6 @@ Every kernel call is preceded by allocating and freeing NaN-filled buffers of th
 so a kernel that leaves an output element unwritten shows up as NaN (the allocator hands the freed
 memory to the next allocation of that size).
 
-With JAX_FLASHMLA_DECODE_SCHEDULE set (docs/kernel.md: `boxes`, `seesaw`) the same tests check an
-experimental schedule of the kernel.
-
 Setting JAX_FLASHMLA_GPU_TESTS_ON_CPU=1 runs this file on the CPU FFI path instead (to check the
 test code itself where there is no GPU; the heavy cases are slow there, select with -k).
 """
@@ -353,6 +350,25 @@ def test_custom_softmax_scale():
 
 
 # ---- metadata, jit and the split/combine path ----------------------------------------------------
+
+@pytest.mark.parametrize("batch", [1, 7, 128, 513, 1500, 9000])
+def test_device_plan_is_the_host_plan(batch):
+    # The metadata kernel (one thread per run of requests, two block scans) and the host loop both
+    # apply mla_contract.h's rule; they must agree bit for bit, across thread-run boundaries (batches
+    # over 512), with empty requests, single pages and lengths near the int32 limit.
+    from jax_flashmla import _extension
+    rng = np.random.default_rng(batch)
+    kinds = rng.integers(0, 5, batch)
+    seqlens = np.select([kinds == 0, kinds == 1, kinds == 2, kinds == 3],
+                        [0, rng.integers(1, 65, batch), 64 * rng.integers(1, 5, batch), rng.integers(1, 20000, batch)],
+                        rng.integers(1, 300000, batch)).astype(np.int32)
+    seqlens[0] = 2**31 - 1 if batch == 7 else seqlens[0]
+    for parts in (1, 3, 66, 132, 264):
+        tile_md, num_splits = jfm.get_mla_metadata(jnp.asarray(seqlens), 16, 1, num_sm_parts=parts)
+        host_md, host_splits = _extension.schedule_tiles_host(seqlens, parts)
+        np.testing.assert_array_equal(np.asarray(tile_md), host_md, err_msg=f"tile_md, parts={parts}")
+        np.testing.assert_array_equal(np.asarray(num_splits), host_splits, err_msg=f"num_splits, parts={parts}")
+
 
 def test_metadata_given_or_omitted_gives_identical_results():
     args = problem_args("omitted", batch=4, seqlen_q=2, num_heads_q=64, num_heads_k=1, lengths=[100, 3000, 7, 1500])

@@ -1,6 +1,6 @@
 // The decode contract shared by the CPU handler and the CUDA kernels: fixed sizes of the MLA layout,
-// the layout of the tile-scheduler metadata, and the scheduler itself. The scheduler is written once
-// as a host/device function so the CPU path exercises exactly the split plan the GPU kernel runs.
+// the layout of the tile-scheduler metadata, and the scheduler's rule. The rule is written once as
+// host/device functions so the CPU path exercises exactly the split plan the GPU kernel runs.
 #pragma once
 
 #include <cstdint>
@@ -42,60 +42,85 @@ JFM_HOST_DEVICE inline int num_sm_parts_for(int sm_count, int rows_per_head_k, i
   return parts > 0 ? parts : 1;
 }
 
-// Largest number of accumulator slots any plan can use: each part ends inside at most one request,
-// adding at most one piece to it, so pieces <= batch + parts.
+// Largest number of accumulator slots any plan can use: each boundary between two parts falls inside
+// at most one request, adding one piece to it, so pieces <= batch + parts - 1.
 JFM_HOST_DEVICE inline int max_accum_slots(int batch, int num_sm_parts) { return batch + num_sm_parts; }
 
-// Pages a request of `seqlen` tokens occupies (seqlen < 0 counts as 0).
-JFM_HOST_DEVICE inline int pages_of(int seqlen) { return seqlen > 0 ? ceil_div(seqlen, kPageSize) : 0; }
+// Pages a request of `seqlen` tokens occupies (seqlen < 0 counts as 0); no overflow up to INT32_MAX.
+JFM_HOST_DEVICE inline int pages_of(int seqlen) { return seqlen > 0 ? (seqlen - 1) / kPageSize + 1 : 0; }
 
-// Splits every request's pages into pieces and deals the pieces to `num_parts` parts so that each part
-// gets about the same cost (pages + kPieceOverheadPages per piece). Writes tile_md[num_parts][8] and
-// num_splits[batch + 1] (prefix sums of pieces per request). Every request gets at least one piece,
-// zero-length requests included, so that every output row is written. The last part takes whatever
-// is left, so the plan always covers everything whatever the cost model says.
-JFM_HOST_DEVICE inline void schedule_tiles(const int32_t* seqlens, int batch, int num_parts,
-                                           int32_t* tile_md, int32_t* num_splits) {
-  long long total_cost = 0;
-  for (int i = 0; i < batch; ++i) total_cost += pages_of(seqlens[i]) + kPieceOverheadPages;
-  const long long payload = (total_cost + num_parts - 1) / num_parts + kPieceOverheadPages;
+// The split plan. Every request is a run of pages_of(len) + kPieceOverheadPages cost units on one
+// line, requests in order, its overhead units first; part p takes the units [p W, p W + W), W =
+// ceil(total / num_parts), so every part gets the same cost. A request has one piece in each part
+// that holds some of its page units (an empty request: the part that holds its first unit), split
+// at the part boundaries. Every unit a part holds decides its plan alone, so the device computes the
+// plan with one thread per request (mla_metadata.cu) and the host with the loop of schedule_tiles;
+// both call plan_request below, the one statement of the rule.
 
-  int req = 0, page = 0, split = 0;  // next unassigned position and its split index
-  num_splits[0] = 0;
-  for (int part = 0; part < num_parts; ++part) {
+// The units a request claims, [lo, hi]: its page units, or for an empty request its first unit.
+struct RequestUnits {
+  long long lo, hi;
+};
+
+JFM_HOST_DEVICE inline RequestUnits request_units(long long start, int pages) {
+  if (pages == 0) return {start, start};
+  return {start + kPieceOverheadPages, start + kPieceOverheadPages + pages - 1};
+}
+
+// Units per part, from the total cost of all requests (at least 1).
+JFM_HOST_DEVICE inline long long part_width(long long total, int num_parts) {
+  return total > 0 ? (total + num_parts - 1) / num_parts : 1;
+}
+
+// A tile_md row before any request writes it: an empty part (begin_req > end_req).
+JFM_HOST_DEVICE inline int32_t empty_part_field(int field, int batch) {
+  return field == kMdBeginReq ? batch : field == kMdEndReq ? -1 : 0;
+}
+
+// Request `req` (`pages` pages, claiming `units`) writes the begin fields of the parts that begin
+// with it and the end fields of the parts that end with it; returns its number of pieces. prev_hi is
+// the previous request's units.hi (-1 for the first request), next_lo the next one's units.lo (-1
+// for the last request). Each field of tile_md is written by exactly one request.
+JFM_HOST_DEVICE inline int plan_request(int req, int pages, RequestUnits units, long long prev_hi, long long next_lo,
+                                        long long width, int num_parts, int32_t* tile_md) {
+  const long long first = units.lo / width, last = units.hi / width;
+  // Parts whose first unit lies in (prev_hi, units.hi] begin with this request.
+  for (long long part = (prev_hi + width) / width; part <= last; ++part) {
     int32_t* md = tile_md + part * kTileMetadataSize;
-    for (int f = 0; f < kTileMetadataSize; ++f) md[f] = 0;
     md[kMdBeginReq] = req;
-    md[kMdBeginPage] = page;
-    md[kMdBeginSplit] = split;
-    int end_req = req - 1, end_page = 0;  // empty until something is taken
-    const bool last = part == num_parts - 1;
-    long long budget = payload;
-    while (req < batch) {
-      const int pages_left = pages_of(seqlens[req]) - page;
-      if (last || pages_left + kPieceOverheadPages <= budget) {  // take the rest of this request
-        budget -= pages_left + kPieceOverheadPages;
-        end_req = req;
-        end_page = page + pages_left;
-        num_splits[req + 1] = split + 1;  // pieces of req so far; made a prefix sum below
-        ++req;
-        page = 0;
-        split = 0;
-      } else {
-        const long long take = budget - kPieceOverheadPages;
-        if (take > 0) {  // take a leading part of the request and end the part inside it
-          end_req = req;
-          end_page = page + static_cast<int>(take);
-          page = end_page;
-          ++split;
-        }
-        break;
-      }
-    }
-    md[kMdEndReq] = end_req;
-    md[kMdEndPage] = end_page;
+    md[kMdBeginPage] = pages > 0 ? static_cast<int32_t>(part * width > units.lo ? part * width - units.lo : 0) : 0;
+    md[kMdBeginSplit] = static_cast<int32_t>(part - first);
   }
-  for (int i = 0; i < batch; ++i) num_splits[i + 1] += num_splits[i];
+  // Parts whose last unit lies in [units.lo, next_lo) end with it; the last request ends every part
+  // from its own on.
+  const long long end_last = next_lo < 0 ? num_parts - 1 : next_lo / width - 1;
+  for (long long part = first; part <= end_last; ++part) {
+    int32_t* md = tile_md + part * kTileMetadataSize;
+    md[kMdEndReq] = req;
+    const long long end_unit = (part + 1) * width;  // exclusive
+    md[kMdEndPage] = pages > 0 ? static_cast<int32_t>(end_unit - units.lo < pages ? end_unit - units.lo : pages) : 0;
+  }
+  return static_cast<int>(last - first + 1);
+}
+
+// The whole plan on the host: tile_md[num_parts][8] and num_splits[batch + 1] (prefix sums of the
+// pieces of each request). Every request gets at least one piece, zero-length ones included, so
+// that every output row is written.
+inline void schedule_tiles(const int32_t* seqlens, int batch, int num_parts, int32_t* tile_md, int32_t* num_splits) {
+  long long total = 0;
+  for (int i = 0; i < batch; ++i) total += pages_of(seqlens[i]) + kPieceOverheadPages;
+  const long long width = part_width(total, num_parts);
+  for (int f = 0; f < num_parts * kTileMetadataSize; ++f) tile_md[f] = empty_part_field(f % kTileMetadataSize, batch);
+  num_splits[0] = 0;
+  long long start = 0, prev_hi = -1;
+  for (int i = 0; i < batch; ++i) {
+    const int pages = pages_of(seqlens[i]);
+    const RequestUnits units = request_units(start, pages);
+    start += pages + kPieceOverheadPages;
+    const long long next_lo = i + 1 < batch ? request_units(start, pages_of(seqlens[i + 1])).lo : -1;
+    num_splits[i + 1] = num_splits[i] + plan_request(i, pages, units, prev_hi, next_lo, width, num_parts, tile_md);
+    prev_hi = units.hi;
+  }
 }
 
 }  // namespace jax_flashmla

@@ -1,5 +1,5 @@
-// Pieces shared by the decode kernels (mla_decode_sm90.cu, mla_decode_seesaw.cu): shared-memory
-// tile geometry, the Q and K page loads, masking helpers and the per-piece output store.
+// Building blocks of the decode kernel (mla_decode_sm90.cu) and the combine kernel (mla_combine.cu):
+// shared-memory tile geometry, the Q load, masking and softmax helpers and the per-piece output store.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -50,24 +50,6 @@ __device__ __forceinline__ int page_row_coord(const DecodeParams& p, int req, in
   if (index < p.max_blocks_per_seq) page = p.block_table[static_cast<int64_t>(req) * p.max_blocks_per_seq + index];
   if (page < 0 || page >= p.num_blocks) page = p.num_blocks;
   return page * kPageSize;
-}
-
-// One page of K (all 576 channels of 64 tokens of one kv head) into `stage`, in kParts parts of
-// consecutive 64-channel boxes, part j completing on `full[j]`: one part for a consumer that waits
-// for the whole page, more for one that starts on the first boxes while the rest is in flight.
-template <int kParts = 1>
-__device__ __forceinline__ void issue_page(uint8_t* stage, uint64_t* full, const CUtensorMap* map, int row_coord,
-                                           int kv_head, uint64_t policy) {
-  static_assert(kChannelTiles % kParts == 0, "parts of whole boxes");
-  constexpr int kBoxes = kChannelTiles / kParts;
-#pragma unroll
-  for (int j = 0; j < kParts; ++j) {
-    mbar_arrive_expect_tx(&full[j], kBoxes * kTileBytes);
-#pragma unroll
-    for (int t = j * kBoxes; t < (j + 1) * kBoxes; ++t) {
-      tma_load_3d(stage + t * kTileBytes, map, &full[j], t * kChannelTile, kv_head, row_coord, policy);
-    }
-  }
 }
 
 // Loads the 64-row Q tile of (req, kv head, rows from row0) into the swizzled layout, with all
@@ -148,14 +130,12 @@ __device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.f
 
 // S = Q K^T of one warpgroup over all 576 channels (9 tiles x 4 steps of k16), Q and K read from
 // shared memory through descriptors of their first tile; returns with the wgmma done. `Op::scores`
-// is the wgmma shape (N = kRegs / 2 tokens), `sc` its kRegs accumulator registers. `before_tile(t)`
-// runs before tile t's wgmma are issued (a wait for that K box, or nothing).
-template <typename Op, int kRegs, typename BeforeTile>
-__device__ __forceinline__ void score_page(uint64_t q_desc, uint64_t k_desc, float* sc, BeforeTile before_tile) {
+// is the wgmma shape (N = kRegs / 2 tokens), `sc` its kRegs accumulator registers.
+template <typename Op, int kRegs>
+__device__ __forceinline__ void score_page(uint64_t q_desc, uint64_t k_desc, float* sc) {
   wgmma_fence();
 #pragma unroll
   for (int t = 0; t < kChannelTiles; ++t) {
-    before_tile(t);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const uint32_t offset = t * kTileBytes + kk * 32;

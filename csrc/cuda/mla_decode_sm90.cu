@@ -1,20 +1,32 @@
-// The SM90 MLA decode kernels: tile-scheduler metadata, split-KV decode (TMA + wgmma), combine.
+// The SM90 split-KV decode kernel (FlashMLA's "seesaw" schedule) and its launcher, which also runs
+// the combine kernel (mla_combine.cu) for requests that were split.
 //
-// Decode work unit: one CTA per (sm part, kv head, 64-row tile) runs the pieces of its part
-// (tile_md row) one after the other. A piece is a page range of one request. Per 64-token page:
-//   S = Q K^T      each of the two consumer warpgroups computes the scores of 32 of the 64 tokens
-//                  (wgmma m64n32k16, Q and K from shared memory);
-//   softmax        the warpgroups swap row maxima through shared memory so both rescale with the
-//                  same running max, and write P (bf16/fp16) to shared memory;
-//   O += P V       each warpgroup owns half of the 64x512 fp32 output (128 registers a thread) and
-//                  multiplies all 64 tokens of P with its 256 channels of V (wgmma m64n256k16).
-// K pages arrive by TMA (9 boxes of 64 tokens x 64 channels, 128-byte swizzle) into two stages, so
-// the next page loads while this one is computed. Pieces that are a whole request write out/lse;
-// split requests write fp32 partials to the accumulator workspace and the combine kernel merges them.
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-
+// Work unit: one CTA per (sm part, kv head, 64-row tile) runs the pieces of its part (tile_md row)
+// one after the other; a piece is a page range of one request. Q (64 rows x 576 channels) and two
+// pages of K (64 tokens x 576; V is channels 0..511) sit in shared memory as 9 swizzled 64x64 tiles
+// each, K arriving by TMA (one box per tile, 128-byte swizzle). Pieces that are a whole request
+// write out/lse; split requests write fp32 partials to the accumulator workspace.
+//
+// The pages of a piece go in pairs: page A (even) into stage 0, page B (odd) into stage 1. Warpgroup 0 owns output channels
+// 0..255 (O_L) and scores page A; warpgroup 1 owns channels 256..511 (O_R) and scores page B, each
+// with wgmma m64n64k16 over all 64 tokens. Per pair:
+//   WG0: S_A; m_a = max(m, rowmax S_A); P_A; O_L = O_L * 2^(m - m_a) + P_A V_A[:, L]  (P_A in registers)
+//        publishes m_a and P_A (in page A's RoPE tile, which nothing reads after S_A)  -> barrier A
+//   WG1: S_B; waits for m_a, P_A; O_R = O_R * 2^(m - m_a) + P_A V_A[:, R]  (P_A from shared memory)
+//        m_b = max(m_a, rowmax S_B); P_B; publishes m_b and P_B (page B's RoPE tile) -> barrier B
+//        O_R = O_R * 2^(m_a - m_b) + P_B V_B[:, R]  (P_B in registers)
+//   WG0: waits for m_b, P_B; O_L = O_L * 2^(m_a - m_b) + P_B V_B[:, L]  (P_B from shared memory)
+// so one warpgroup's softmax overlaps the other's matrix work, Q is read once per 64 scores instead
+// of per 32, and no shared memory is added. Each warpgroup sums the P it computed; the two sums are
+// added at the end of the piece.
+//
+// A stage is reloaded in two parts, each by the warpgroup that reads it last, as soon as that
+// warpgroup's wgmma on it are done (no cross-warpgroup release): part w holds V channels
+// [256 w, 256 w + 256) (tiles 4w..4w+3), and the RoPE tile, which holds the page's P, belongs to the
+// part of the warpgroup that reads that P (warpgroup 1 for page A, warpgroup 0 for page B). So page
+// A's next load starts in the middle of a pair instead of at its end. Each part completes on its
+// own mbarrier; a warpgroup waits only on parts whose reload needs its own progress first, so a
+// part's phase can never run two loads ahead of a waiter.
 #include "cuda/decode_common.cuh"
 #include "cuda/mla_kernels.h"
 #include "cuda/wgmma_ops.cuh"
@@ -22,83 +34,127 @@
 namespace jax_flashmla {
 namespace sm90 {
 
-constexpr int kStages = 2;
-constexpr int kPageParts = 3;  // with kBoxWait
-
 struct SharedStorage {
-  alignas(1024) uint8_t q[kBlockBytes];           // Q tile, 9 swizzled tiles of 64 rows x 64 channels
-  alignas(1024) uint8_t k[kStages][kBlockBytes];  // K pages, same layout; V is tiles 0..7
-  alignas(1024) uint8_t p[kTileBytes];            // P of the current page, 64 rows x 64 tokens
-  float row_max[2][kRowsPerTile];                 // per-warpgroup row maxima of the current page
-  float row_sum[2][kRowsPerTile];                 // per-warpgroup row sums, at the end of a piece
-  uint64_t k_full[kStages][kPageParts];           // TMA completion of each stage: [0] for the whole
-                                                  // page, or one per part of it with kBoxWait
+  alignas(1024) uint8_t q[kBlockBytes];     // Q tile, 9 swizzled tiles of 64 rows x 64 channels
+  alignas(1024) uint8_t k[2][kBlockBytes];  // stage 0: even pages (A), stage 1: odd pages (B)
+  float max_a[kRowsPerTile];                // running max after page A (published by warpgroup 0)
+  float max_b[kRowsPerTile];                // running max after page B (published by warpgroup 1)
+  float row_sum[2][kRowsPerTile];           // per-warpgroup row sums, at the end of a piece
+  uint64_t k_full[2][2];                    // TMA completion of [stage][part] (see the header)
 };
 
 constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + room to align the dynamic base
-static_assert(kSmemBytes <= 227 * 1024, "over the SM90 per-block limit (and desc_advance needs addresses < 2^18)");
+constexpr int kBarPageA = 1, kBarPageB = 2, kBarWarpgroup = 3;  // named barriers (kBarWarpgroup + wg)
+constexpr int kPTile = kChannelTiles - 1;  // the RoPE tile of a page, reused for that page's P
 
 template <typename Elem>
-struct Wgmma;
+struct Ops;
 template <>
-struct Wgmma<__nv_bfloat16> {
-  __device__ static void scores(float* d, uint64_t a, uint64_t b, int acc) { wgmma_m64n32k16_ss_Bf16<0>(d, a, b, acc); }
-  __device__ static void values(float* d, uint64_t a, uint64_t b) { wgmma_m64n256k16_ss_Bf16<1>(d, a, b, 1); }
+struct Ops<__nv_bfloat16> {
+  __device__ static void scores(float* d, uint64_t a, uint64_t b, int acc) { wgmma_m64n64k16_ss_Bf16<0>(d, a, b, acc); }
+  __device__ static void values_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_m64n256k16_rs_Bf16<1>(d, a, b, 1); }
+  __device__ static void values_ss(float* d, uint64_t a, uint64_t b) { wgmma_m64n256k16_ss_Bf16<1>(d, a, b, 1); }
 };
 template <>
-struct Wgmma<__half> {
-  __device__ static void scores(float* d, uint64_t a, uint64_t b, int acc) { wgmma_m64n32k16_ss_F16<0>(d, a, b, acc); }
-  __device__ static void values(float* d, uint64_t a, uint64_t b) { wgmma_m64n256k16_ss_F16<1>(d, a, b, 1); }
+struct Ops<__half> {
+  __device__ static void scores(float* d, uint64_t a, uint64_t b, int acc) { wgmma_m64n64k16_ss_F16<0>(d, a, b, acc); }
+  __device__ static void values_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_m64n256k16_rs_F16<1>(d, a, b, 1); }
+  __device__ static void values_ss(float* d, uint64_t a, uint64_t b) { wgmma_m64n256k16_ss_F16<1>(d, a, b, 1); }
 };
 
-// kBoxWait (EXPERIMENTAL, opt-in, not yet run on a GPU): a page arrives in three parts of three
-// 64-channel boxes, each on its own mbarrier, and the scores wait part by part, so they start while
-// the rest of the page is in flight. (Three parts, not nine boxes: ptxas closes the wgmma group at
-// every wait, and each close may drain the tensor pipe.)
-template <typename Elem, bool kBoxWait>
+template <int kCount>
+__device__ __forceinline__ void pin_words(uint32_t* r) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// S = Q K^T over all 64 tokens of the page in `stage` (this warpgroup only).
+template <typename Elem>
+__device__ __forceinline__ void page_scores(const SharedStorage& s, const uint8_t* stage, float* sc) {
+  score_page<Ops<Elem>, 32>(smem_desc_sw128(s.q, 16, 1024), smem_desc_sw128(stage, 16, 1024), sc);
+}
+
+// P = 2^(S - base) packed to 16 bits, in the register order of wgmma's A operand (token step kk is
+// p[4 kk .. 4 kk + 3]), also written to `tile` for the other warpgroup; adds the row sums to l.
+template <typename Elem>
+__device__ __forceinline__ void make_p(const float* sc, float base_lo, float base_hi, uint32_t* packed, uint8_t* tile,
+                                       int r_lo, int col_q, float& l_lo, float& l_hi) {
+#pragma unroll
+  for (int i = 0; i < 32; i += 2) {
+    const bool hi = (i >> 1) & 1;
+    const float base = hi ? base_hi : base_lo;
+    const float p0 = exp2f(sc[i] - base), p1 = exp2f(sc[i + 1] - base);
+    if (hi) l_hi += p0 + p1; else l_lo += p0 + p1;
+    packed[i / 2] = pack2<Elem>(p0, p1);
+    const int row = r_lo + (hi ? 8 : 0);
+    const int col = (i / 4) * 8 + col_q;
+    *reinterpret_cast<uint32_t*>(tile + swizzled_offset(row, col / 8) + (col % 8) * 2) = packed[i / 2];
+  }
+}
+
+// P in a stage's RoPE tile, token step kk: the K-major A operand of PV.
+__device__ __forceinline__ uint64_t p_desc(const uint8_t* stage, int kk) {
+  return desc_advance(smem_desc_sw128(stage + kPTile * kTileBytes, 16, 1024), kk * 32);
+}
+
+// Loads part `w` of page `row_coord` into `stage` (see the header): V tiles 4w..4w+3, plus the RoPE
+// tile when w is the warpgroup that reads this stage's P (1 for stage 0, 0 for stage 1).
+__device__ __forceinline__ void issue_part(SharedStorage& s, int stage, int w, const CUtensorMap* map,
+                                           int row_coord, int kv_head, uint64_t policy) {
+  const bool rope = w == 1 - stage;
+  uint64_t* full = &s.k_full[stage][w];
+  mbar_arrive_expect_tx(full, (4 + rope) * kTileBytes);
+#pragma unroll
+  for (int t = 4 * w; t < 4 * w + 4; ++t) {
+    tma_load_3d(s.k[stage] + t * kTileBytes, map, full, t * kChannelTile, kv_head, row_coord, policy);
+  }
+  if (rope) tma_load_3d(s.k[stage] + kPTile * kTileBytes, map, full, kPTile * kChannelTile, kv_head, row_coord, policy);
+}
+
+__device__ __forceinline__ void wait_page(SharedStorage& s, int stage, uint32_t parity) {
+  mbar_wait(&s.k_full[stage][0], parity);
+  mbar_wait(&s.k_full[stage][1], parity);
+}
+
+// Waits for this warpgroup's matrix work, keeping the accumulators live until it is done.
+__device__ __forceinline__ void finish_wgmma(float* o) {
+  wgmma_wait<0>();
+  pin_registers<128>(o);
+}
+
+template <typename Elem>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ DecodeParams p) {
-  constexpr int kParts = kBoxWait ? kPageParts : 1;  // mbarriers per stage
   extern __shared__ uint8_t smem_raw[];
   SharedStorage& s = *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
   const int part = blockIdx.x, kv_head = blockIdx.y, row0 = blockIdx.z * kRowsPerTile;
-  const int tid = threadIdx.x, lane = tid % 32;
-  // The warpgroup index through a shuffle, so the compiler knows it is warp-uniform and keeps the
-  // wgmma descriptors built from it in uniform registers.
-  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
-  const int r_lo = (tid % 128) / 32 * 16 + lane / 4;  // this thread's two accumulator rows: r_lo, r_lo + 8
-  const int col_q = 2 * (lane % 4);                   // first of its two columns in each 8-column chunk
+  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128, lane = tid % 32;
+  const int r_lo = wtid / 32 * 16 + lane / 4;  // this thread's two accumulator rows: r_lo, r_lo + 8
+  const int col_q = 2 * (lane % 4);            // first of its two columns in each 8-column chunk
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
   if (tid == 0) {
-    for (int i = 0; i < kStages; ++i) {
-      for (int j = 0; j < kParts; ++j) mbar_init(&s.k_full[i][j], 1);
+    for (int i = 0; i < 2; ++i) {
+      for (int w = 0; w < 2; ++w) mbar_init(&s.k_full[i][w], 1);
     }
     fence_mbar_init();
   }
   __syncthreads();
   const uint64_t policy = evict_first_policy();
-  auto issue = [&](int stage, int row_coord) {
-    issue_page<kParts>(s.k[stage], s.k_full[stage], &k_map, row_coord, kv_head, policy);
-  };
 
   const int32_t* md = p.tile_md + static_cast<int64_t>(part) * kTileMetadataSize;
-  uint32_t pages_done = 0;  // pages this CTA consumed: selects the stage and the mbarrier phase
+  uint32_t uses[2] = {0, 0};  // pages each stage has held so far: the parity of its mbarrier phases
 
   for (int req = max(md[kMdBeginReq], 0); req <= min(md[kMdEndReq], p.batch - 1); ++req) {
     const PieceRange piece = piece_range(md, p, req);
     const int len = piece.len, page_begin = piece.page_begin, n_pages = piece.n_pages;
 
-    // Thread 0 keeps the page id of the next reload one page ahead, so the block-table read (a
-    // dependent global load) is not on the path from a stage freeing up to its reload.
-    int next_row_coord = 0;
     if (tid == 0) {
-      for (int i = 0; i < min(kStages, n_pages); ++i) {
-        const int stage = (pages_done + i) % kStages;
-        issue(stage, page_row_coord(p, req, page_begin + i));
+      for (int i = 0; i < min(2, n_pages); ++i) {
+        const int row_coord = page_row_coord(p, req, page_begin + i);
+        for (int w = 0; w < 2; ++w) issue_part(s, i, w, &k_map, row_coord, kv_head, policy);
       }
-      if (kStages < n_pages) next_row_coord = page_row_coord(p, req, page_begin + kStages);
     }
     load_q_tile(s.q, p, req, kv_head, row0);
     fence_proxy_async();
@@ -110,197 +166,155 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
 
-    for (int b = 0; b < n_pages; ++b, ++pages_done) {
-      const int stage = pages_done % kStages;
-      const uint32_t parity = (pages_done / kStages) & 1;
-      const int key0 = (page_begin + b) * kPageSize;
-      const bool tail = len - key0 < kPageSize;
-      // The whole page: always without kBoxWait; with it only for a tail page, whose rows past the
-      // length are zeroed before anything reads them. Otherwise the scores wait part by part.
-      if (!kBoxWait || tail) {
-        for (int j = 0; j < kParts; ++j) mbar_wait(&s.k_full[stage][j], parity);
+    for (int a = 0; a < n_pages; a += 2) {
+      const bool has_b = a + 1 < n_pages;
+      const int key_a = (page_begin + a) * kPageSize, key_b = key_a + kPageSize;
+      // This warpgroup's first thread reloads its parts of both stages with the next pair; the
+      // block-table reads start now so they are not on the reload's path.
+      int next_a = 0, next_b = 0;
+      if (wtid == 0) {
+        if (a + 2 < n_pages) next_a = page_row_coord(p, req, page_begin + a + 2);
+        if (a + 3 < n_pages) next_b = page_row_coord(p, req, page_begin + a + 3);
       }
-      if (tail) {
-        zero_tail_rows(s.k[stage], len - key0, tid, kThreads);
-        fence_proxy_async();
-        __syncthreads();
-      }
-      const uint8_t* k_stage = s.k[stage];
-
-      // S = Q K^T for tokens [32 wg, 32 wg + 32) of the page.
-      float sc[16];
-      const uint64_t k_desc = smem_desc_sw128(k_stage + wg * 32 * 128, 16, 1024);  // this half's 32 tokens
-      score_page<Wgmma<Elem>, 16>(smem_desc_sw128(s.q, 16, 1024), k_desc, sc, [&](int t) {
-        if constexpr (kBoxWait) {
-          if (t % (kChannelTiles / kParts) == 0) mbar_wait(&s.k_full[stage][t / (kChannelTiles / kParts)], parity);
+      float sc[32];
+      uint32_t packed[16];
+      if (wg == 0) {
+        // ---- warpgroup 0: scores and softmax of page A, then O_L += P_A V_A and P_B V_B ----
+        wait_page(s, 0, uses[0] & 1);
+        if (len - key_a < kPageSize) {
+          zero_tail_rows(s.k[0], len - key_a, wtid, 128);
+          fence_proxy_async();
+          bar_sync(kBarWarpgroup + 0, 128);
         }
-      });
+        page_scores<Elem>(s, s.k[0], sc);
+        float mx_lo, mx_hi;
+        mask_scores<32>(sc, key_a, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
+        const float ma_lo = fmaxf(m_lo, mx_lo), ma_hi = fmaxf(m_hi, mx_hi);
+        const float base_lo = exp_base(ma_lo), base_hi = exp_base(ma_hi);
+        const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
+        l_lo *= alpha_lo;
+        l_hi *= alpha_hi;
+        make_p<Elem>(sc, base_lo, base_hi, packed, s.k[0] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi);
+        rescale_rows(o, alpha_lo, alpha_hi);
+        if (lane % 4 == 0) {
+          s.max_a[r_lo] = ma_lo;
+          s.max_a[r_lo + 8] = ma_hi;
+        }
+        fence_proxy_async();
+        bar_arrive(kBarPageA, 2 * 128);
+        m_lo = ma_lo;
+        m_hi = ma_hi;
 
-      // Scale to log2 units and mask keys past each row's limit; this warpgroup's row maxima.
-      float mx_lo, mx_hi;
-      mask_scores<16>(sc, key0 + wg * 32, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
-      if (lane % 4 == 0) {
-        s.row_max[wg][r_lo] = mx_lo;
-        s.row_max[wg][r_lo + 8] = mx_hi;
-      }
-      __syncthreads();  // both halves' maxima visible; the previous page's P and V reads are done
-
-      const float new_lo = fmaxf(m_lo, fmaxf(s.row_max[0][r_lo], s.row_max[1][r_lo]));
-      const float new_hi = fmaxf(m_hi, fmaxf(s.row_max[0][r_lo + 8], s.row_max[1][r_lo + 8]));
-      const float base_lo = exp_base(new_lo), base_hi = exp_base(new_hi);
-      const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
-      m_lo = new_lo;
-      m_hi = new_hi;
-      l_lo *= alpha_lo;
-      l_hi *= alpha_hi;
+        pin_registers<128>(o);
+        wgmma_fence();
 #pragma unroll
-      for (int i = 0; i < 16; i += 2) {
-        const bool hi = (i >> 1) & 1;
-        const float base = hi ? base_hi : base_lo;
-        const float p0 = exp2f(sc[i] - base), p1 = exp2f(sc[i + 1] - base);
-        if (hi) l_hi += p0 + p1; else l_lo += p0 + p1;
-        const int row = r_lo + (hi ? 8 : 0);
-        const int col = wg * 32 + (i / 4) * 8 + col_q;  // token within the page
-        *reinterpret_cast<uint32_t*>(s.p + swizzled_offset(row, col / 8) + (col % 8) * 2) = pack2<Elem>(p0, p1);
-      }
-      rescale_rows(o, alpha_lo, alpha_hi);  // usually skipped: it stands between P and the PV wgmma
-      fence_proxy_async();
-      __syncthreads();  // all of P written
-
-      // O[:, 256 wg : 256 wg + 256] += P V.
-      const uint64_t p_desc = smem_desc_sw128(s.p, 16, 1024);
-      wgmma_fence();
+        for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_rs(o, packed + 4 * kk, v_desc(s.k[0], 0, kk));
+        wgmma_commit();
+        // Stage 0's part 0 is done with once P_A V_A[:, L] is: reload it while warpgroup 1 works.
+        finish_wgmma(o);
+        pin_words<16>(packed);  // the RS wgmma read them until now
+        if (wtid == 0 && a + 2 < n_pages) issue_part(s, 0, 0, &k_map, next_a, kv_head, policy);
+        if (has_b) {
+          bar_sync(kBarPageB, 2 * 128);
+          // Page B's bytes reach this warpgroup through warpgroup 1's wait and the barrier; waiting on
+          // the (already completed) phase of the part it reads makes the TMA writes visible to it
+          // directly. Safe: only this warpgroup reloads that part, below.
+          mbar_wait(&s.k_full[1][0], uses[1] & 1);
+          const float mb_lo = s.max_b[r_lo], mb_hi = s.max_b[r_lo + 8];
+          const float beta_lo = exp2f(m_lo - exp_base(mb_lo)), beta_hi = exp2f(m_hi - exp_base(mb_hi));
+          rescale_rows(o, beta_lo, beta_hi);
+          l_lo *= beta_lo;
+          l_hi *= beta_hi;
+          m_lo = mb_lo;
+          m_hi = mb_hi;
+          wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        Wgmma<Elem>::values(o, desc_advance(p_desc, kk * 32), v_desc(k_stage, wg, kk));
+          for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[1], kk), v_desc(s.k[1], 0, kk));
+          wgmma_commit();
+          finish_wgmma(o);
+          if (wtid == 0 && a + 3 < n_pages) issue_part(s, 1, 0, &k_map, next_b, kv_head, policy);
+        }
+      } else {
+        // ---- warpgroup 1: scores of page B, O_R += P_A V_A, softmax of page B, O_R += P_B V_B ----
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+        if (has_b) {
+          wait_page(s, 1, uses[1] & 1);
+          if (len - key_b < kPageSize) {
+            zero_tail_rows(s.k[1], len - key_b, wtid, 128);
+            fence_proxy_async();
+            bar_sync(kBarWarpgroup + 1, 128);
+          }
+          page_scores<Elem>(s, s.k[1], sc);
+          mask_scores<32>(sc, key_b, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
+        }
+        bar_sync(kBarPageA, 2 * 128);
+        mbar_wait(&s.k_full[0][1], uses[0] & 1);  // as warpgroup 0 does for page B: completed already
+        const float ma_lo = s.max_a[r_lo], ma_hi = s.max_a[r_lo + 8];
+        const float alpha_lo = exp2f(m_lo - exp_base(ma_lo)), alpha_hi = exp2f(m_hi - exp_base(ma_hi));
+        rescale_rows(o, alpha_lo, alpha_hi);
+        l_lo *= alpha_lo;
+        l_hi *= alpha_hi;
+        m_lo = ma_lo;
+        m_hi = ma_hi;
+        pin_registers<128>(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[0], kk), v_desc(s.k[0], 1, kk));
+        wgmma_commit();
+        if (has_b) {
+          const float mb_lo = fmaxf(m_lo, mx_lo), mb_hi = fmaxf(m_hi, mx_hi);
+          const float base_lo = exp_base(mb_lo), base_hi = exp_base(mb_hi);
+          const float beta_lo = exp2f(m_lo - base_lo), beta_hi = exp2f(m_hi - base_hi);
+          l_lo *= beta_lo;
+          l_hi *= beta_hi;
+          make_p<Elem>(sc, base_lo, base_hi, packed, s.k[1] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi);
+          if (lane % 4 == 0) {
+            s.max_b[r_lo] = mb_lo;
+            s.max_b[r_lo + 8] = mb_hi;
+          }
+          fence_proxy_async();
+          bar_arrive(kBarPageB, 2 * 128);
+          // Stage 0's part 1 (V_A[:, R] and P_A) is done with once P_A V_A[:, R] is.
+          finish_wgmma(o);
+          if (wtid == 0 && a + 2 < n_pages) issue_part(s, 0, 1, &k_map, next_a, kv_head, policy);
+          rescale_rows(o, beta_lo, beta_hi);
+          m_lo = mb_lo;
+          m_hi = mb_hi;
+          pin_registers<128>(o);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_rs(o, packed + 4 * kk, v_desc(s.k[1], 1, kk));
+          wgmma_commit();
+          finish_wgmma(o);
+          pin_words<16>(packed);  // the RS wgmma read them until now
+          if (wtid == 0 && a + 3 < n_pages) issue_part(s, 1, 1, &k_map, next_b, kv_head, policy);
+        } else {
+          finish_wgmma(o);
+        }
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      pin_registers<128>(o);
-      __syncthreads();  // the stage and P are free again
-      if (tid == 0 && b + kStages < n_pages) {
-        issue(stage, next_row_coord);
-        if (b + kStages + 1 < n_pages) next_row_coord = page_row_coord(p, req, page_begin + b + kStages + 1);
-      }
+      ++uses[0];
+      if (has_b) ++uses[1];
     }
 
     finish_piece<Elem>(p, o, s.row_sum, req, piece.split, kv_head, row0, r_lo, wg, lane, l_lo, l_hi, m_lo, m_hi);
   }
 }
 
-// One warp per (request, kv head, row): merges the request's split partials by their lse weights.
 template <typename Elem>
-__global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ DecodeParams p) {
-  const int req = blockIdx.x, kv_head = blockIdx.y;
-  const int row = blockIdx.z * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int first = p.num_splits[req];
-  const int n = p.num_splits[req + 1] - first;
-  if (n <= 1 || row >= p.rows_per_head_k) return;
-  if (first < 0 || first + n > max_accum_slots(p.batch, p.num_sm_parts)) return;  // stale metadata
-  auto acc_row = [&](int s) { return (static_cast<int64_t>(first + s) * p.num_heads_k + kv_head) * p.rows_per_head_k + row; };
-
-  float max_lse = -INFINITY;
-  for (int s = 0; s < n; ++s) max_lse = fmaxf(max_lse, p.lse_accum[acc_row(s)]);
-  float4 sum[4] = {};
-  float total = 0.f;
-  if (max_lse != -INFINITY) {
-    for (int s = 0; s < n; ++s) {
-      const float w = expf(p.lse_accum[acc_row(s)] - max_lse);
-      if (w == 0.f) continue;  // an empty piece: its (zero) partial adds nothing
-      total += w;
-      const float4* src = reinterpret_cast<const float4*>(p.o_accum + acc_row(s) * kHeadDimV);
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float4 v = src[c * 32 + lane];
-        sum[c].x += w * v.x; sum[c].y += w * v.y; sum[c].z += w * v.z; sum[c].w += w * v.w;
-      }
-    }
-  }
-  const bool empty = total == 0.f;
-  const float inv = empty ? 0.f : 1.f / total;
-  const int token = row / p.q_heads_per_k;
-  const int head = kv_head * p.q_heads_per_k + row % p.q_heads_per_k;
-  Elem* out = static_cast<Elem*>(p.out) + ((static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDimV;
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    uint2 packed;
-    packed.x = pack2<Elem>(sum[c].x * inv, sum[c].y * inv);
-    packed.y = pack2<Elem>(sum[c].z * inv, sum[c].w * inv);
-    *reinterpret_cast<uint2*>(out + (c * 32 + lane) * 4) = packed;
-  }
-  if (lane == 0) {
-    p.lse[(static_cast<int64_t>(req) * p.num_heads_q + head) * p.seqlen_q + token] =
-        empty ? INFINITY : logf(total) + max_lse;
-  }
-}
-
-// The scheduler is sequential; the block first stages the lengths in shared memory so the one
-// thread that plans reads them at shared-memory latency.
-constexpr int kMetadataStagedLengths = 8192;
-
-__global__ void metadata_kernel(const int32_t* seqlens, int batch, int num_sm_parts, int32_t* tile_md,
-                                int32_t* num_splits) {
-  __shared__ int32_t staged[kMetadataStagedLengths];
-  const bool fits = batch <= kMetadataStagedLengths;
-  if (fits) {
-    for (int i = threadIdx.x; i < batch; i += blockDim.x) staged[i] = seqlens[i];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) schedule_tiles(fits ? staged : seqlens, batch, num_sm_parts, tile_md, num_splits);
+cudaError_t launch_typed(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
+  if (cudaError_t err = allow_dynamic_smem<decode_kernel<Elem>>(kSmemBytes); err != cudaSuccess) return err;
+  const dim3 grid(p.num_sm_parts, p.num_heads_k, ceil_div(p.rows_per_head_k, kRowsPerTile));
+  decode_kernel<Elem><<<grid, kThreads, kSmemBytes, stream>>>(k_map, p);
+  return cudaGetLastError();
 }
 
 }  // namespace sm90
 
-cudaError_t launch_metadata(const int32_t* seqlens, int batch, int num_sm_parts, int32_t* tile_md,
-                            int32_t* num_splits, cudaStream_t stream) {
-  sm90::metadata_kernel<<<1, 256, 0, stream>>>(seqlens, batch, num_sm_parts, tile_md, num_splits);
-  return cudaGetLastError();
-}
-
-// JAX_FLASHMLA_DECODE_SCHEDULE (read once per process) picks an experimental schedule, neither run on
-// a GPU yet: "seesaw" the kernel of mla_decode_seesaw.cu, "boxes" the kernel above with kBoxWait.
-// Unset or "default": the verified kernel above (another value says so on stderr, then uses it).
-enum class DecodeSchedule { kDefault, kBoxes, kSeesaw };
-
-static DecodeSchedule decode_schedule() {
-  static const DecodeSchedule schedule = [] {
-    const char* env = std::getenv("JAX_FLASHMLA_DECODE_SCHEDULE");
-    if (env == nullptr || *env == '\0' || std::strcmp(env, "default") == 0) return DecodeSchedule::kDefault;
-    if (std::strcmp(env, "seesaw") == 0) return DecodeSchedule::kSeesaw;
-    if (std::strcmp(env, "boxes") == 0) return DecodeSchedule::kBoxes;
-    std::fprintf(stderr, "jax_flashmla: JAX_FLASHMLA_DECODE_SCHEDULE=%s is not one of default, boxes, seesaw; "
-                 "using default\n", env);
-    return DecodeSchedule::kDefault;
-  }();
-  return schedule;
-}
-
-template <typename Elem, bool kBoxWait>
-static cudaError_t launch_split_kv(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
-  constexpr auto kernel = sm90::decode_kernel<Elem, kBoxWait>;
-  if (cudaError_t err = sm90::allow_dynamic_smem<kernel>(sm90::kSmemBytes); err != cudaSuccess) return err;
-  const dim3 grid(p.num_sm_parts, p.num_heads_k, ceil_div(p.rows_per_head_k, kRowsPerTile));
-  kernel<<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(k_map, p);
-  return cudaGetLastError();
-}
-
-template <typename Elem>
-static cudaError_t launch_decode_typed(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
-  cudaError_t err = cudaSuccess;
-  switch (decode_schedule()) {
-    case DecodeSchedule::kSeesaw: err = launch_seesaw_decode(p, k_map, stream); break;
-    case DecodeSchedule::kBoxes: err = launch_split_kv<Elem, true>(p, k_map, stream); break;
-    case DecodeSchedule::kDefault: err = launch_split_kv<Elem, false>(p, k_map, stream); break;
-  }
-  if (err != cudaSuccess) return err;
-  const dim3 combine_grid(p.batch, p.num_heads_k, ceil_div(p.rows_per_head_k, 4));
-  sm90::combine_kernel<Elem><<<combine_grid, 128, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
 cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
-  return p.dtype == ElementType::kBF16 ? launch_decode_typed<__nv_bfloat16>(p, k_map, stream)
-                                       : launch_decode_typed<__half>(p, k_map, stream);
+  const cudaError_t err = p.dtype == ElementType::kBF16 ? sm90::launch_typed<__nv_bfloat16>(p, k_map, stream)
+                                                        : sm90::launch_typed<__half>(p, k_map, stream);
+  if (err != cudaSuccess) return err;
+  return launch_combine(p, stream);
 }
 
 }  // namespace jax_flashmla

@@ -1,4 +1,4 @@
-// The wgmma shapes the decode kernels issue, defined once per shape and instantiated for bf16 and
+// The wgmma shapes the decode kernel issues, defined once per shape and instantiated for bf16 and
 // fp16. Inline asm names every accumulator register, hence the long operand lists (spelled once per
 // accumulator count below). Callers index `d` with constants only (fully unrolled loops) so the
 // accumulators stay in registers.
@@ -10,13 +10,6 @@ namespace jax_flashmla {
 namespace sm90 {
 
 // The asm accumulator list "{%0, ..., %N-1}" and its read-write operands d[0..N-1], per N.
-
-#define JFM_WGMMA_D16_REGS "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-
-#define JFM_WGMMA_D16_OPERANDS \
-    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-
 #define JFM_WGMMA_D32_REGS "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 
 #define JFM_WGMMA_D32_OPERANDS \
@@ -45,17 +38,6 @@ namespace sm90 {
     "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
     "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
 
-
-// D[64 x 32] (+)= A[64 x 16] * B[16 x 32]; A and B in shared memory (descriptors), D in registers.
-#define JFM_DEFINE_WGMMA_M64N32K16_SS(SUFFIX, DTYPE)                                                   \
-  template <int kTransposeB>                                                                             \
-  __device__ __forceinline__ void wgmma_m64n32k16_ss_##SUFFIX(float* d, uint64_t desc_a, uint64_t desc_b, int accumulate) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                             \
-                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." DTYPE "." DTYPE " "                    \
-                 JFM_WGMMA_D16_REGS ", %16, %17, p, 1, 1, 0, %19;\n}\n"                          \
-                 : JFM_WGMMA_D16_OPERANDS                                                               \
-                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransposeB));                        \
-  }
 
 // D[64 x 64] (+)= A[64 x 16] * B[16 x 64]; A and B in shared memory (descriptors), D in registers.
 #define JFM_DEFINE_WGMMA_M64N64K16_SS(SUFFIX, DTYPE)                                                   \
@@ -91,8 +73,6 @@ namespace sm90 {
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransposeB)); \
   }
 
-JFM_DEFINE_WGMMA_M64N32K16_SS(Bf16, "bf16")
-JFM_DEFINE_WGMMA_M64N32K16_SS(F16, "f16")
 JFM_DEFINE_WGMMA_M64N64K16_SS(Bf16, "bf16")
 JFM_DEFINE_WGMMA_M64N64K16_SS(F16, "f16")
 JFM_DEFINE_WGMMA_M64N256K16_SS(Bf16, "bf16")
@@ -100,12 +80,9 @@ JFM_DEFINE_WGMMA_M64N256K16_SS(F16, "f16")
 JFM_DEFINE_WGMMA_M64N256K16_RS(Bf16, "bf16")
 JFM_DEFINE_WGMMA_M64N256K16_RS(F16, "f16")
 
-#undef JFM_DEFINE_WGMMA_M64N32K16_SS
 #undef JFM_DEFINE_WGMMA_M64N64K16_SS
 #undef JFM_DEFINE_WGMMA_M64N256K16_SS
 #undef JFM_DEFINE_WGMMA_M64N256K16_RS
-#undef JFM_WGMMA_D16_REGS
-#undef JFM_WGMMA_D16_OPERANDS
 #undef JFM_WGMMA_D32_REGS
 #undef JFM_WGMMA_D32_OPERANDS
 #undef JFM_WGMMA_D128_REGS
