@@ -57,6 +57,10 @@ SECONDS=0
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | wc -l) changed paths"
+  # The device tool's copy of the tree can carry an older .git than its files, so the line above may
+  # name an old commit; this hash of the sources (compare with the same command locally) names the
+  # tree that was built.
+  echo "sources: $(cat $(find csrc CMakeLists.txt -type f | LC_ALL=C sort) | sha256sum | cut -c1-12) (sha256 of csrc/ and CMakeLists.txt)"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || true
   echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1)"
   python3 -c "import sys, jax; print('python', sys.version.split()[0], '| jax', jax.__version__, '| devices', jax.devices())" 2>&1
