@@ -68,12 +68,6 @@ __device__ __forceinline__ void pin_words(uint32_t* r) {
   for (int i = 0; i < kCount; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
-// S = Q K^T over all 64 tokens of the page in `stage` (this warpgroup only).
-template <typename Elem>
-__device__ __forceinline__ void page_scores(const SharedStorage& s, const uint8_t* stage, float* sc) {
-  score_page<Ops<Elem>, 32>(smem_desc_sw128(s.q, 16, 1024), smem_desc_sw128(stage, 16, 1024), sc);
-}
-
 // P = 2^(S - base) packed to 16 bits, in the register order of wgmma's A operand (token step kk is
 // p[4 kk .. 4 kk + 3]), also written to `tile` for the other warpgroup; adds the row sums to l.
 template <typename Elem>
@@ -111,9 +105,36 @@ __device__ __forceinline__ void issue_part(SharedStorage& s, int stage, int w, c
   if (rope) tma_load_3d(s.k[stage] + kPTile * kTileBytes, map, full, kPTile * kChannelTile, kv_head, row_coord, policy);
 }
 
-__device__ __forceinline__ void wait_page(SharedStorage& s, int stage, uint32_t parity) {
+// This warpgroup's scores S = Q K^T over all 64 tokens of the page in stage `stage` (each warpgroup
+// scores its own stage: stage == wg), keys from key0, scaled to log2 units and masked, with their
+// row maxima. Waits for both parts of the page first; on a tail page it then zeroes the rows past
+// the length (those slots may hold NaN, and a masked P = 0 times V = NaN would still poison O).
+template <typename Elem>
+__device__ __forceinline__ void score_stage(SharedStorage& s, int stage, uint32_t parity, int len, int key0, int wtid,
+                                            int col_q, int limit_lo, int limit_hi, float scale_log2, float* sc,
+                                            float& mx_lo, float& mx_hi) {
   mbar_wait(&s.k_full[stage][0], parity);
   mbar_wait(&s.k_full[stage][1], parity);
+  if (len - key0 < kPageSize) {
+    zero_tail_rows(s.k[stage], len - key0, wtid, 128);
+    fence_proxy_async();
+    bar_sync(kBarWarpgroup + stage, 128);
+  }
+  score_page<Ops<Elem>, 32>(smem_desc_sw128(s.q, 16, 1024), smem_desc_sw128(s.k[stage], 16, 1024), sc);
+  mask_scores<32>(sc, key0, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
+}
+
+// Moves this thread's rows (r_lo, r_lo + 8) to the running maxima the other warpgroup published
+// for them in `published`: O and the row sums are rescaled by 2^(m - new max).
+__device__ __forceinline__ void adopt_max(const float* published, int r_lo, float* o, float& m_lo, float& m_hi,
+                                          float& l_lo, float& l_hi) {
+  const float new_lo = published[r_lo], new_hi = published[r_lo + 8];
+  const float f_lo = exp2f(m_lo - exp_base(new_lo)), f_hi = exp2f(m_hi - exp_base(new_hi));
+  rescale_rows(o, f_lo, f_hi);
+  l_lo *= f_lo;
+  l_hi *= f_hi;
+  m_lo = new_lo;
+  m_hi = new_hi;
 }
 
 // Waits for this warpgroup's matrix work, keeping the accumulators live until it is done.
@@ -180,15 +201,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t packed[16];
       if (wg == 0) {
         // ---- warpgroup 0: scores and softmax of page A, then O_L += P_A V_A and P_B V_B ----
-        wait_page(s, 0, uses[0] & 1);
-        if (len - key_a < kPageSize) {
-          zero_tail_rows(s.k[0], len - key_a, wtid, 128);
-          fence_proxy_async();
-          bar_sync(kBarWarpgroup + 0, 128);
-        }
-        page_scores<Elem>(s, s.k[0], sc);
         float mx_lo, mx_hi;
-        mask_scores<32>(sc, key_a, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
+        score_stage<Elem>(s, 0, uses[0] & 1, len, key_a, wtid, col_q, limit_lo, limit_hi, scale_log2, sc, mx_lo, mx_hi);
         const float ma_lo = fmaxf(m_lo, mx_lo), ma_hi = fmaxf(m_hi, mx_hi);
         const float base_lo = exp_base(ma_lo), base_hi = exp_base(ma_hi);
         const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
@@ -220,13 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           // the (already completed) phase of the part it reads makes the TMA writes visible to it
           // directly. Safe: only this warpgroup reloads that part, below.
           mbar_wait(&s.k_full[1][0], uses[1] & 1);
-          const float mb_lo = s.max_b[r_lo], mb_hi = s.max_b[r_lo + 8];
-          const float beta_lo = exp2f(m_lo - exp_base(mb_lo)), beta_hi = exp2f(m_hi - exp_base(mb_hi));
-          rescale_rows(o, beta_lo, beta_hi);
-          l_lo *= beta_lo;
-          l_hi *= beta_hi;
-          m_lo = mb_lo;
-          m_hi = mb_hi;
+          adopt_max(s.max_b, r_lo, o, m_lo, m_hi, l_lo, l_hi);
           wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[1], kk), v_desc(s.k[1], 0, kk));
@@ -238,24 +246,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         // ---- warpgroup 1: scores of page B, O_R += P_A V_A, softmax of page B, O_R += P_B V_B ----
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
         if (has_b) {
-          wait_page(s, 1, uses[1] & 1);
-          if (len - key_b < kPageSize) {
-            zero_tail_rows(s.k[1], len - key_b, wtid, 128);
-            fence_proxy_async();
-            bar_sync(kBarWarpgroup + 1, 128);
-          }
-          page_scores<Elem>(s, s.k[1], sc);
-          mask_scores<32>(sc, key_b, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
+          score_stage<Elem>(s, 1, uses[1] & 1, len, key_b, wtid, col_q, limit_lo, limit_hi, scale_log2, sc, mx_lo, mx_hi);
         }
         bar_sync(kBarPageA, 2 * 128);
         mbar_wait(&s.k_full[0][1], uses[0] & 1);  // as warpgroup 0 does for page B: completed already
-        const float ma_lo = s.max_a[r_lo], ma_hi = s.max_a[r_lo + 8];
-        const float alpha_lo = exp2f(m_lo - exp_base(ma_lo)), alpha_hi = exp2f(m_hi - exp_base(ma_hi));
-        rescale_rows(o, alpha_lo, alpha_hi);
-        l_lo *= alpha_lo;
-        l_hi *= alpha_hi;
-        m_lo = ma_lo;
-        m_hi = ma_hi;
+        adopt_max(s.max_a, r_lo, o, m_lo, m_hi, l_lo, l_hi);
         pin_registers<128>(o);
         wgmma_fence();
 #pragma unroll
