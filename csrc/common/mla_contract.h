@@ -103,24 +103,40 @@ JFM_HOST_DEVICE inline int plan_request(int req, int pages, RequestUnits units, 
   return static_cast<int>(last - first + 1);
 }
 
+// Cost units of a request of `seqlen` tokens on the plan's line.
+JFM_HOST_DEVICE inline int request_cost(int seqlen) { return pages_of(seqlen) + kPieceOverheadPages; }
+
+// Plans the run of requests [begin, end), whose first request starts at cost unit `start`: writes
+// their tile_md fields and each one's number of pieces to pieces[i]; returns the run's pieces. The
+// host plans the whole batch as one run, the metadata kernel one run per thread.
+JFM_HOST_DEVICE inline int plan_requests(const int32_t* seqlens, int batch, int begin, int end, long long start,
+                                         long long width, int num_parts, int32_t* tile_md, int32_t* pieces) {
+  long long prev_hi = -1;
+  if (begin > 0) prev_hi = request_units(start - request_cost(seqlens[begin - 1]), pages_of(seqlens[begin - 1])).hi;
+  int run_pieces = 0;
+  for (int i = begin; i < end; ++i) {
+    const int pages = pages_of(seqlens[i]);
+    const RequestUnits units = request_units(start, pages);
+    start += request_cost(seqlens[i]);
+    const long long next_lo = i + 1 < batch ? request_units(start, pages_of(seqlens[i + 1])).lo : -1;
+    pieces[i] = plan_request(i, pages, units, prev_hi, next_lo, width, num_parts, tile_md);
+    run_pieces += pieces[i];
+    prev_hi = units.hi;
+  }
+  return run_pieces;
+}
+
 // The whole plan on the host: tile_md[num_parts][8] and num_splits[batch + 1] (prefix sums of the
 // pieces of each request). Every request gets at least one piece, zero-length ones included, so
 // that every output row is written.
 inline void schedule_tiles(const int32_t* seqlens, int batch, int num_parts, int32_t* tile_md, int32_t* num_splits) {
   long long total = 0;
-  for (int i = 0; i < batch; ++i) total += pages_of(seqlens[i]) + kPieceOverheadPages;
+  for (int i = 0; i < batch; ++i) total += request_cost(seqlens[i]);
   const long long width = part_width(total, num_parts);
   for (int f = 0; f < num_parts * kTileMetadataSize; ++f) tile_md[f] = empty_part_field(f % kTileMetadataSize, batch);
   num_splits[0] = 0;
-  long long start = 0, prev_hi = -1;
-  for (int i = 0; i < batch; ++i) {
-    const int pages = pages_of(seqlens[i]);
-    const RequestUnits units = request_units(start, pages);
-    start += pages + kPieceOverheadPages;
-    const long long next_lo = i + 1 < batch ? request_units(start, pages_of(seqlens[i + 1])).lo : -1;
-    num_splits[i + 1] = num_splits[i] + plan_request(i, pages, units, prev_hi, next_lo, width, num_parts, tile_md);
-    prev_hi = units.hi;
-  }
+  plan_requests(seqlens, batch, 0, batch, 0, width, num_parts, tile_md, num_splits + 1);
+  for (int i = 0; i < batch; ++i) num_splits[i + 1] += num_splits[i];
 }
 
 }  // namespace jax_flashmla

@@ -1,8 +1,8 @@
 // The tile-scheduler metadata kernel: the plan of mla_contract.h (schedule_tiles on the host) computed
 // on the device from the device-resident sequence lengths, so planning needs no host round trip.
-// One block; each thread takes a contiguous run of requests. Two block-wide scans give each request
-// its first cost unit and each request its first accumulator slot; everything else is per request
-// (plan_request), so the plan costs a few microseconds, not a sequential walk over the batch.
+// One block; each thread plans a contiguous run of requests (plan_requests). Two block-wide scans
+// give each run its first cost unit and its first accumulator slot; everything else is per request,
+// so the plan costs a few microseconds, not a sequential walk over the batch.
 #include "common/mla_contract.h"
 #include "cuda/mla_kernels.h"
 
@@ -34,10 +34,6 @@ __device__ T block_exclusive_scan(T value, T* warp_sums, T& total) {
   return before + inclusive - value;
 }
 
-__device__ __forceinline__ int request_cost(const int32_t* seqlens, int i) {
-  return pages_of(seqlens[i]) + kPieceOverheadPages;
-}
-
 __global__ void __launch_bounds__(kMetadataThreads) metadata_kernel(const int32_t* seqlens, int batch, int num_parts,
                                                                     int32_t* tile_md, int32_t* num_splits) {
   __shared__ long long cost_sums[kMetadataThreads / 32];
@@ -49,27 +45,14 @@ __global__ void __launch_bounds__(kMetadataThreads) metadata_kernel(const int32_
   const int begin = min(static_cast<int>(threadIdx.x) * per_thread, batch), end = min(begin + per_thread, batch);
 
   long long my_cost = 0;
-  for (int i = begin; i < end; ++i) my_cost += request_cost(seqlens, i);
+  for (int i = begin; i < end; ++i) my_cost += request_cost(seqlens[i]);
   long long total = 0;
-  long long start = block_exclusive_scan(my_cost, cost_sums, total);  // also orders the empty rows first
+  const long long start = block_exclusive_scan(my_cost, cost_sums, total);  // also orders the empty rows first
   const long long width = part_width(total, num_parts);
-
-  long long prev_hi = -1;
-  if (begin > 0 && begin < end) {
-    const long long prev_start = start - request_cost(seqlens, begin - 1);
-    prev_hi = request_units(prev_start, pages_of(seqlens[begin - 1])).hi;
-  }
-  int my_pieces = 0;
-  for (int i = begin; i < end; ++i) {
-    const int pages = pages_of(seqlens[i]);
-    const RequestUnits units = request_units(start, pages);
-    start += pages + kPieceOverheadPages;
-    const long long next_lo = i + 1 < batch ? request_units(start, pages_of(seqlens[i + 1])).lo : -1;
-    const int pieces = plan_request(i, pages, units, prev_hi, next_lo, width, num_parts, tile_md);
-    num_splits[i + 1] = pieces;  // made a prefix sum below
-    my_pieces += pieces;
-    prev_hi = units.hi;
-  }
+  // Each request's pieces go to num_splits[i + 1], made a prefix sum below.
+  const int my_pieces = begin < end ? plan_requests(seqlens, batch, begin, end, start, width, num_parts, tile_md,
+                                                    num_splits + 1)
+                                    : 0;
   int all_pieces = 0;
   int running = block_exclusive_scan(my_pieces, piece_sums, all_pieces);
   for (int i = begin; i < end; ++i) {
