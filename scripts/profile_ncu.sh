@@ -6,6 +6,7 @@
 #
 #   bash scripts/profile_ncu.sh [H_Q,S_Q ...]     (default: 16,1 128,2; the package must be installed,
 #                                                   e.g. by `bash scripts/device_check.sh build`)
+#   NCU_ARGS: extra ncu arguments (e.g. "--set full").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -25,6 +26,7 @@ for c in "${cases[@]}"; do
   (cd /tmp && "$NCU" --target-processes all --kernel-name regex:decode_kernel --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
+      --section InstructionStats --section SourceCounters ${NCU_ARGS:-} \
       python3 "$REPO/benchmarks/quick_check.py" --time-only --iters 1 --case "$c") >"$report" 2>&1 || status=1
   echo "== $c: $report"
   grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Registers Per Thread|Stall|Issued Warp|No Eligible" \
