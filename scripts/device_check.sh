@@ -8,7 +8,8 @@
 #   cases, then three wall-clock timings) in a process of its own under a timeout.
 #   sanitize runs quick_check.py's correctness cases under compute-sanitizer (memcheck, synccheck,
 #   racecheck; decode kernel only) once per tool: out-of-bounds accesses, misused barriers and
-#   shared-memory races that a passing test can hide.
+#   shared-memory races that a passing test can hide. XLA's command buffers and GEMM autotuning are
+#   off there (see do_sanitize). Racecheck's reports on this kernel: docs/kernel.md, "Verification".
 #   test, bench, quick and sanitize build first when the installed package
 #   is missing or lacks the CUDA kernels (a fresh machine). Arguments after `--` go to pytest
 #   (e.g. -- -x -k heavy). Environment:
