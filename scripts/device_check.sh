@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
     build|test|bench|quick|sanitize) steps+=("$1") ;;
     all) steps+=(build test bench) ;;
     --) shift; pytest_args=("$@"); break ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$1' (steps: build test bench quick sanitize all; pytest args after --)"; exit 2 ;;
   esac
   shift
