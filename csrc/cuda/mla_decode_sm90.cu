@@ -86,6 +86,23 @@ __device__ __forceinline__ void make_p(const float* sc, float base_lo, float bas
   }
 }
 
+// The softmax step of one page: the running max (m) moves to max(m, the page's row maxima mx);
+// returns it in new_*, with the factor 2^(m - new max) that O and the row sums l must be rescaled by
+// (applied to l here, to O by the caller), then makes P against it (make_p, adding its row sums to l).
+template <typename Elem>
+__device__ __forceinline__ void softmax_page(const float* sc, float mx_lo, float mx_hi, float m_lo, float m_hi,
+                                             uint32_t* packed, uint8_t* tile, int r_lo, int col_q, float& l_lo,
+                                             float& l_hi, float& new_lo, float& new_hi, float& f_lo, float& f_hi) {
+  new_lo = fmaxf(m_lo, mx_lo);
+  new_hi = fmaxf(m_hi, mx_hi);
+  const float base_lo = exp_base(new_lo), base_hi = exp_base(new_hi);
+  f_lo = exp2f(m_lo - base_lo);
+  f_hi = exp2f(m_hi - base_hi);
+  l_lo *= f_lo;
+  l_hi *= f_hi;
+  make_p<Elem>(sc, base_lo, base_hi, packed, tile, r_lo, col_q, l_lo, l_hi);
+}
+
 // P in a stage's RoPE tile, token step kk: the K-major A operand of PV.
 __device__ __forceinline__ uint64_t p_desc(const uint8_t* stage, int kk) {
   return desc_advance(smem_desc_sw128(stage + kPTile * kTileBytes, 16, 1024), kk * 32);
@@ -203,12 +220,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         // ---- warpgroup 0: scores and softmax of page A, then O_L += P_A V_A and P_B V_B ----
         float mx_lo, mx_hi;
         score_stage<Elem>(s, 0, uses[0] & 1, len, key_a, wtid, col_q, limit_lo, limit_hi, scale_log2, sc, mx_lo, mx_hi);
-        const float ma_lo = fmaxf(m_lo, mx_lo), ma_hi = fmaxf(m_hi, mx_hi);
-        const float base_lo = exp_base(ma_lo), base_hi = exp_base(ma_hi);
-        const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
-        l_lo *= alpha_lo;
-        l_hi *= alpha_hi;
-        make_p<Elem>(sc, base_lo, base_hi, packed, s.k[0] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi);
+        float ma_lo, ma_hi, alpha_lo, alpha_hi;
+        softmax_page<Elem>(sc, mx_lo, mx_hi, m_lo, m_hi, packed, s.k[0] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi,
+                           ma_lo, ma_hi, alpha_lo, alpha_hi);
         rescale_rows(o, alpha_lo, alpha_hi);
         if (lane % 4 == 0) {
           s.max_a[r_lo] = ma_lo;
@@ -257,12 +271,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[0], kk), v_desc(s.k[0], 1, kk));
         wgmma_commit();
         if (has_b) {
-          const float mb_lo = fmaxf(m_lo, mx_lo), mb_hi = fmaxf(m_hi, mx_hi);
-          const float base_lo = exp_base(mb_lo), base_hi = exp_base(mb_hi);
-          const float beta_lo = exp2f(m_lo - base_lo), beta_hi = exp2f(m_hi - base_hi);
-          l_lo *= beta_lo;
-          l_hi *= beta_hi;
-          make_p<Elem>(sc, base_lo, base_hi, packed, s.k[1] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi);
+          float mb_lo, mb_hi, beta_lo, beta_hi;
+          softmax_page<Elem>(sc, mx_lo, mx_hi, m_lo, m_hi, packed, s.k[1] + kPTile * kTileBytes, r_lo, col_q, l_lo,
+                             l_hi, mb_lo, mb_hi, beta_lo, beta_hi);
           if (lane % 4 == 0) {
             s.max_b[r_lo] = mb_lo;
             s.max_b[r_lo + 8] = mb_hi;
