@@ -53,22 +53,24 @@ __device__ __forceinline__ int page_row_coord(const DecodeParams& p, int req, in
 }
 
 // Loads the 64-row Q tile of (req, kv head, rows from row0) into the swizzled layout, with all
-// kThreads threads; rows past the request's query rows are zero.
+// kThreads threads; rows past the request's query rows are zero. The copies are cp.async, so each
+// thread has all of its 18 chunks in flight at once: plain loads wait for each chunk before its
+// shared-memory store, 18 global-memory latencies in a row.
 __device__ __forceinline__ void load_q_tile(uint8_t* q_tile, const DecodeParams& p, int req, int kv_head, int row0) {
   constexpr int kChunksPerRow = kHeadDim * 2 / 16;  // 72 chunks of 16 bytes
   const auto* q = static_cast<const uint8_t*>(p.q);
-  for (int i = threadIdx.x; i < kRowsPerTile * kChunksPerRow; i += kThreads) {
+  for (int j = threadIdx.x; j < kRowsPerTile * kChunksPerRow; j += kThreads) {
+    int i = j;
+    asm volatile("" : "+r"(i));  // no per-iteration addresses precomputed (they would be spilled)
     const int r = i / kChunksPerRow, c = i % kChunksPerRow;
     const int row = row0 + r;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (row < p.rows_per_head_k) {
-      const int token = row / p.q_heads_per_k;
-      const int head = kv_head * p.q_heads_per_k + row % p.q_heads_per_k;
-      const int64_t elem = ((static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDim;
-      v = __ldg(reinterpret_cast<const uint4*>(q + elem * 2) + c);
-    }
-    *reinterpret_cast<uint4*>(q_tile + (c / 8) * kTileBytes + swizzled_offset(r, c % 8)) = v;
+    const bool valid = row < p.rows_per_head_k;
+    const int token = row / p.q_heads_per_k;
+    const int head = kv_head * p.q_heads_per_k + row % p.q_heads_per_k;
+    const int64_t elem = ((static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDim;
+    cp_async_16(q_tile + (c / 8) * kTileBytes + swizzled_offset(r, c % 8), valid ? q + elem * 2 + c * 16 : q, valid);
   }
+  cp_async_wait_all();
 }
 
 // Zeroes K rows [valid, 64) of a stage, shared out over `num_threads` threads (this one is `thread`):

@@ -53,6 +53,20 @@ __device__ __forceinline__ void bar_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 
+// ---- cp.async (16-byte global -> shared copies that need no registers) ------------------------------
+
+// Copies 16 bytes from `src` to shared `dst`, or writes 16 zero bytes when `valid` is false (then
+// `src` is not read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+// Waits until this thread's cp.async copies are complete (their bytes visible to this thread).
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+}
+
 // ---- TMA ----------------------------------------------------------------------------------------
 
 // An L2 policy that evicts the streamed KV cache first, keeping L2 for what is reused.
