@@ -10,8 +10,12 @@ bf16; lengths ~ Normal(s_k, s_k/2) clipped to >= 2, one draw per s_k from --seed
               count once), median over --iters (50) iterations with the L2 flushed before each.
   call ms     wall clock of the whole jitted call (metadata + decode + combine), block_until_ready,
               median, L2 flushed before each.
-  queued ms   the same call 20 times back to back with one block_until_ready, wall clock per call,
-              median of 5 repeats: host dispatch overlaps earlier calls, as in a serving loop.
+  queued ms   the same call --queue-calls (20) times back to back with one block_until_ready, wall
+              clock per call, median of 5 repeats: host dispatch overlaps earlier calls, as in a
+              serving loop (the first call's dispatch and the final sync are spread over the calls).
+  q.span ms   the same queued calls seen by the profiler: first kernel start to last kernel end over
+              the --queue-calls calls, per call (median of 3): what a call costs the device in a loop
+              that does not wait, metadata kernel and every gap between kernels and calls included.
   TFLOPS, GB/s  FlashMLA's formulas over kernel ms: FLOPs = 2 s_q sum(len) h_q (576 + 512),
               bytes = 2 (sum(len) h_kv 576 + b s_q h_q (576 + 512)).
   BW%, FLOP%  GB/s over this run's device-to-device copy bandwidth (a bf16 buffer, default 2 GiB,
@@ -26,7 +30,11 @@ bf16; lengths ~ Normal(s_k, s_k/2) clipped to >= 2, one draw per s_k from --seed
 q and, memory allowing, a different cache per layer): device busy time (union of kernel intervals),
 span and the step's wall clock; overhead = 1 - busy / wall. "queued ms" is the wall clock per step of
 --step-queue steps dispatched back to back with one sync (a serving loop that does not wait for
-each step), and "q.ovh%" = 1 - busy / queued ms.
+each step), and "q.ovh%" = 1 - busy / queued ms. The same queued steps under the profiler give
+"q.busy ms" and "q.span ms" per step (union of kernel intervals; first kernel start to last kernel
+end) and "q.gap%" = 1 - q.busy / q.span: the device time lost between kernels and between steps while
+steps are queued, against kernel time measured in the same run (so a clock that drops under
+sustained load shows as q.busy > busy, not as overhead).
 
 Device times come from `jax.profiler.trace`: the written *.xplane.pb is read with
 jax.profiler.ProfileData. Each timed iteration runs inside a TraceAnnotation; device events (GPU
@@ -594,7 +602,8 @@ def run_matrix(jax, timer: Timer, args, cases: list[Case], baselines=None, ancho
                     ref_out, _ = jax.block_until_ready(ref_fn(*call_args))
                 except Exception as e:  # noqa: BLE001  (e.g. out of memory for the gathered copy)
                     ref_err = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            jobs = [("kernel", kernel, args.iters, "bench_kernel_call")]
+            jobs = [("kernel", kernel, args.iters, "bench_kernel_call"),
+                    ("queued", lambda: [whole() for _ in range(args.queue_calls)], 3, "bench_whole_call")]
             if ref_out is not None:
                 jobs.append(("xla_reference", lambda: ref_fn(*call_args), args.ref_iters, "bench_xla_reference"))
             dev = timer.device_ms(jobs)
@@ -614,7 +623,10 @@ def run_matrix(jax, timer: Timer, args, cases: list[Case], baselines=None, ancho
                 rec.update(kernel_ms=median(wall), kernel_min_ms=min(wall), kernel_iters=len(wall), src="wall")
             wall_call = timer.wall_ms(whole, args.iters)
             rec.update(call_ms=median(wall_call), call_min_ms=min(wall_call))
-            rec["queued_call_ms"] = median(timer.queued_ms(whole))
+            rec["queued_call_ms"] = median(timer.queued_ms(whole, calls=args.queue_calls))
+            tq = dev.get("queued")
+            if tq is not None:
+                rec["queued_span_ms"] = median(tq.span_ms) / args.queue_calls
             rec["tflops"] = flops / (rec["kernel_ms"] * 1e-3) / 1e12
             rec["gbps"] = nbytes / (rec["kernel_ms"] * 1e-3) / 1e9
             if ref_out is not None:
@@ -664,7 +676,9 @@ def run_step(jax, timer: Timer, args, cases: list[Case]) -> list[dict]:
         qs = tuple(jax.random.normal(k, (c.b, c.s_q, c.h_q, HEAD_DIM), jnp.bfloat16) for k in keys)
         step = lambda: step_fn(qs, caches, pool.block_table, pool.cache_seqlens)  # noqa: E731
         jax.block_until_ready(step())
-        dev = timer.device_ms([("step", step, args.step_iters, "bench_decode_step")])
+        queue = lambda: [step() for _ in range(args.step_queue)]  # noqa: E731
+        dev = timer.device_ms([("step", step, args.step_iters, "bench_decode_step"),
+                               ("queued", queue, 3, "bench_decode_step")])
         wall = timer.wall_ms(step, args.step_iters)
         queued = timer.queued_ms(step, calls=args.step_queue)
         flops, nbytes = flops_and_bytes(pool.lengths, c.b, c.s_q, c.h_q, c.h_kv)
@@ -679,6 +693,11 @@ def run_step(jax, timer: Timer, args, cases: list[Case]) -> list[dict]:
             rec["queued_overhead_pct"] = 100 * (1 - rec["busy_ms"] / rec["queued_step_ms"])
             rec["idle_in_span_pct"] = 100 * (1 - rec["busy_ms"] / rec["span_ms"])
             rec["per_layer_ms"] = rec["busy_ms"] / layers
+        tq = dev.get("queued")
+        if tq is not None:
+            rec.update(queued_busy_ms=median(tq.busy_ms) / args.step_queue,
+                       queued_span_ms=median(tq.span_ms) / args.step_queue)
+            rec["queued_gap_pct"] = 100 * (1 - rec["queued_busy_ms"] / rec["queued_span_ms"])
         else:
             rec["src"] = "wall"
         results.append(rec)
@@ -700,6 +719,7 @@ def _f(v, fmt):
 MATRIX_COLS = [
     ("s_k", "s_k", "d"), ("h_q", "h_q", "d"), ("s_q", "s_q", "d"),
     ("kernel ms", "kernel_ms", ".3f"), ("call ms", "call_ms", ".3f"), ("queued ms", "queued_call_ms", ".3f"),
+    ("q.span ms", "queued_span_ms", ".3f"),
     ("TFLOPS", "tflops", "num"),
     ("GB/s", "gbps", "num"), ("BW%", "bw_pct", ".1f"), ("FLOP%", "flop_pct", ".1f"),
     ("XLA ms", "xla_ms", ".2f"), ("speedup", "speedup", ".1f"),
@@ -739,7 +759,8 @@ STEP_COLS = [
     ("s_k", "s_k", "d"), ("h_q", "h_q", "d"), ("s_q", "s_q", "d"), ("layers", "layers", "d"),
     ("caches", "distinct_caches", "d"), ("busy ms", "busy_ms", ".3f"), ("span ms", "span_ms", ".3f"),
     ("wall ms", "wall_ms", ".3f"), ("overhead%", "overhead_pct", ".1f"), ("queued ms", "queued_step_ms", ".3f"),
-    ("q.ovh%", "queued_overhead_pct", ".1f"), ("idle%", "idle_in_span_pct", ".1f"),
+    ("q.ovh%", "queued_overhead_pct", ".1f"), ("q.busy ms", "queued_busy_ms", ".3f"),
+    ("q.span ms", "queued_span_ms", ".3f"), ("q.gap%", "queued_gap_pct", ".1f"), ("idle%", "idle_in_span_pct", ".1f"),
     ("ms/layer", "per_layer_ms", ".3f"), ("src", "src", "s"),
 ]
 
@@ -870,6 +891,8 @@ def main(argv=None):
     p.add_argument("--baseline-iters", type=int, default=20)
     p.add_argument("--step-iters", type=int, default=20)
     p.add_argument("--layers", type=int, default=8, help="decode calls per step (step mode)")
+    p.add_argument("--queue-calls", type=int, default=20,
+                   help="whole calls dispatched back to back for the matrix's 'queued ms' and 'q.span ms'")
     p.add_argument("--step-queue", type=int, default=10,
                    help="steps dispatched back to back for the step mode's 'queued ms' (their outputs stay alive)")
     p.add_argument("--step-cache-gib", type=float, default=24.0,
