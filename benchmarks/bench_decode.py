@@ -693,13 +693,13 @@ def run_step(jax, timer: Timer, args, cases: list[Case]) -> list[dict]:
             rec["queued_overhead_pct"] = 100 * (1 - rec["busy_ms"] / rec["queued_step_ms"])
             rec["idle_in_span_pct"] = 100 * (1 - rec["busy_ms"] / rec["span_ms"])
             rec["per_layer_ms"] = rec["busy_ms"] / layers
+        else:
+            rec["src"] = "wall"
         tq = dev.get("queued")
         if tq is not None:
             rec.update(queued_busy_ms=median(tq.busy_ms) / args.step_queue,
                        queued_span_ms=median(tq.span_ms) / args.step_queue)
             rec["queued_gap_pct"] = 100 * (1 - rec["queued_busy_ms"] / rec["queued_span_ms"])
-        else:
-            rec["src"] = "wall"
         results.append(rec)
         print(format_step_row(rec, header=len(results) == 1))
         del pool, caches, qs
