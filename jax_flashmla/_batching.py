@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import batching
 
-from . import _contract
-
 NOT_MAPPED = None  # JAX's marker of an operand without a mapped axis
 from ._primitives import mla_decode_p, mla_metadata_p
 
@@ -83,17 +81,11 @@ def _decode_batch_rule(args, dims, *, softmax_scale, causal):
         del md_shape[dims[4]]
     parts = md_shape[0]
     fold_md, fold_splits = mla_metadata_p.bind(cache_seqlens, num_sm_parts=parts)
-    out, lse, _, _ = mla_decode_p.bind(q, k_cache, block_table, cache_seqlens, fold_md, fold_splits,
-                                       softmax_scale=softmax_scale, causal=causal)
-    # The split-KV workspace carries no result (its contents are unspecified by contract); the
-    # folded one has B*b + parts slots, which no per-member shape matches, so hand back an
-    # unmapped zero workspace of the per-member shape. Nothing reads it; XLA drops it.
-    b = q.shape[0] // size
-    slots = _contract.max_accum_slots(b, parts)
-    h_kv = k_cache.shape[2]
-    rows = q.shape[1] * (q.shape[2] // h_kv)
-    o_accum = jnp.zeros((slots, h_kv, rows, out.shape[-1]), jnp.float32)
-    lse_accum = jnp.zeros((slots, h_kv, rows), jnp.float32)
+    out, lse, o_accum, lse_accum = mla_decode_p.bind(q, k_cache, block_table, cache_seqlens, fold_md, fold_splits,
+                                                     softmax_scale=softmax_scale, causal=causal)
+    # The split-KV workspace carries no result (its contents are unspecified by contract), and its
+    # shape depends only on the part count, which folding keeps: the folded call's workspace has
+    # the per-member shape and goes back unmapped.
     return ((_unfold(out, size), _unfold(lse, size), o_accum, lse_accum),
             (0, 0, NOT_MAPPED, NOT_MAPPED))
 

@@ -64,9 +64,10 @@ def num_sm_parts(sm_count: int, rows_per_head_k: int, num_heads_k: int) -> int:
     return max(parts, 1)
 
 
-def max_accum_slots(batch: int, parts: int) -> int:
-    """Split-accumulator slots any plan may use (each part adds at most one split)."""
-    return batch + parts
+def max_accum_slots(parts: int) -> int:
+    """Split-accumulator slots of the workspace; mirrors max_accum_slots() in mla_contract.h (only
+    split requests' pieces use slots, and there are fewer than 2 * parts of them)."""
+    return 2 * (parts - 1) if parts > 1 else 1
 
 
 def check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k) -> None:

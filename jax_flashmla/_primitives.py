@@ -38,7 +38,7 @@ def decode_output_avals(q, k_cache, tile_md, *, head_dim_v=_contract.HEAD_DIM_V)
     b, s_q, h_q, _ = q.shape
     h_kv = k_cache.shape[2]
     rows = s_q * (h_q // h_kv)
-    slots = _contract.max_accum_slots(b, tile_md.shape[0])
+    slots = _contract.max_accum_slots(tile_md.shape[0])
     return (jax.core.ShapedArray((b, s_q, h_q, head_dim_v), q.dtype),
             jax.core.ShapedArray((b, h_q, s_q), jnp.float32),
             jax.core.ShapedArray((slots, h_kv, rows, head_dim_v), jnp.float32),

@@ -66,7 +66,28 @@ def test_scheduler_covers_every_page_once(parts):
             pieces[req] += 1
     np.testing.assert_array_equal(covered, pages)
     np.testing.assert_array_equal(np.diff(num_splits), pieces)
-    assert num_splits[-1] <= len(seqlens) + parts
+    assert num_splits[-1] <= len(seqlens) + parts - 1
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 16, 132])
+@pytest.mark.parametrize("batch", [1, 7, 300])
+def test_split_slots_are_disjoint_and_fit_the_workspace(parts, batch):
+    # The workspace has max_accum_slots(parts) slots whatever the batch; the pieces of split
+    # request r take slots [2 (num_splits[r] - r), ... + pieces), which must not overlap (mirrors
+    # accum_slot() in mla_contract.h).
+    rng = np.random.default_rng([parts, batch])
+    for trial in range(20):
+        seqlens = rng.integers(0, 3000 if trial % 2 else 200, batch).astype(np.int32)
+        _, num_splits = _extension.schedule_tiles_host(seqlens, parts)
+        used = np.zeros(_contract.max_accum_slots(parts), int)
+        for r in range(batch):
+            n = num_splits[r + 1] - num_splits[r]
+            assert n >= 1
+            if n > 1:
+                first = 2 * (num_splits[r] - r)
+                assert 0 <= first and first + n <= len(used)
+                used[first:first + n] += 1
+        assert used.max(initial=0) <= 1
 
 
 def test_scheduler_balances_long_requests():

@@ -66,6 +66,16 @@ def test_split_plans_agree(rng, num_sm_parts):
     assert_matches_reference(problem, causal=True, num_sm_parts=num_sm_parts)
 
 
+@pytest.mark.parametrize("num_sm_parts", [2, 5])
+def test_many_requests_few_parts(rng, num_sm_parts):
+    # A batch much larger than the part count: the split requests' partials share a workspace of
+    # 2 (parts - 1) slots, not one per request.
+    lengths = rng.integers(0, 400, 24)
+    lengths[::5] = 0
+    problem = make_problem(rng, batch=24, seqlen_q=1, num_heads_q=3, num_heads_k=1, lengths=lengths)
+    assert_matches_reference(problem, causal=False, num_sm_parts=num_sm_parts)
+
+
 def test_padding_values_that_point_nowhere(rng):
     for pad in (-1, 10**6, 2**31 - 1):
         problem = make_problem(rng, batch=2, seqlen_q=1, num_heads_q=3, num_heads_k=1, lengths=[65, 3], pad_value=pad)

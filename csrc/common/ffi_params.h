@@ -72,7 +72,7 @@ inline ffi::Error read_decode_params(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, f
       out->element_type() != q.element_type()) {
     return invalid("out must be [b, s_q, h_q, 512] in q's dtype");
   }
-  const int64_t slots = max_accum_slots(p.batch, p.num_sm_parts);
+  const int64_t slots = max_accum_slots(p.num_sm_parts);
   if (lse->element_count() != static_cast<int64_t>(p.batch) * p.num_heads_q * p.seqlen_q ||
       o_accum->element_count() != slots * p.num_heads_k * p.rows_per_head_k * kHeadDimV ||
       lse_accum->element_count() != slots * p.num_heads_k * p.rows_per_head_k) {

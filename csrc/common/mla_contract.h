@@ -42,9 +42,16 @@ JFM_HOST_DEVICE inline int num_sm_parts_for(int sm_count, int rows_per_head_k, i
   return parts > 0 ? parts : 1;
 }
 
-// Largest number of accumulator slots any plan can use: each boundary between two parts falls inside
-// at most one request, adding one piece to it, so pieces <= batch + parts - 1.
-JFM_HOST_DEVICE inline int max_accum_slots(int batch, int num_sm_parts) { return batch + num_sm_parts; }
+// Split-accumulator slots. Only the pieces of split requests use slots: piece `split` of request
+// `req` takes slot 2 E + split, where E = num_splits[req] - req counts the pieces beyond one per
+// request of the requests before it. A split request of n >= 2 pieces adds n - 1 >= n / 2 to E, so
+// its n slots end before the next split request's first. Each boundary between two parts falls
+// inside at most one request, so E <= num_sm_parts - 1 over the whole batch and every slot is below
+// 2 (num_sm_parts - 1): the workspace depends on the part count, not on the batch.
+JFM_HOST_DEVICE inline int max_accum_slots(int num_sm_parts) { return num_sm_parts > 1 ? 2 * (num_sm_parts - 1) : 1; }
+JFM_HOST_DEVICE inline long long accum_slot(const int32_t* num_splits, int req, int split) {
+  return 2LL * (num_splits[req] - req) + split;
+}
 
 // Pages a request of `seqlen` tokens occupies (seqlen < 0 counts as 0); no overflow up to INT32_MAX.
 JFM_HOST_DEVICE inline int pages_of(int seqlen) { return seqlen > 0 ? (seqlen - 1) / kPageSize + 1 : 0; }

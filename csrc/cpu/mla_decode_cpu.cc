@@ -134,7 +134,7 @@ void attend_piece(const DecodeParams& p, int req, int kv_head, int page_begin, i
       store_row(p, acc.data(), kHeadDimV, dst);
       p.lse[(static_cast<size_t>(req) * p.num_heads_q + head) * p.seqlen_q + token] = empty ? kInf : piece_lse;
     } else {
-      const size_t slot = static_cast<size_t>(p.num_splits[req] + split_idx);
+      const size_t slot = static_cast<size_t>(accum_slot(p.num_splits, req, split_idx));
       const size_t row_index = (slot * p.num_heads_k + kv_head) * rows + r;
       std::copy(acc.begin(), acc.end(), p.o_accum + row_index * kHeadDimV);
       p.lse_accum[row_index] = piece_lse;
@@ -155,8 +155,8 @@ void run_part(const DecodeParams& p, int part, int kv_head) {
 
 // Merges the split pieces of request `req` into out and lse.
 void combine_request(const DecodeParams& p, int req) {
-  const int first = p.num_splits[req];
-  const int n = p.num_splits[req + 1] - first;
+  const size_t first = static_cast<size_t>(accum_slot(p.num_splits, req, 0));
+  const int n = p.num_splits[req + 1] - p.num_splits[req];
   const int rows = p.rows_per_head_k;
   std::vector<float> acc(kHeadDimV);
   for (int kv_head = 0; kv_head < p.num_heads_k; ++kv_head) {
@@ -212,11 +212,14 @@ std::string validate_plan(const DecodeParams& p) {
     }
   }
   for (int req = 0; req < p.batch; ++req) {
-    if (pages_seen[req] != pages_of(p.seqlens[req]) || pieces_seen[req] != p.num_splits[req + 1] - p.num_splits[req]) {
+    // Every request has a piece (an empty one too: it writes the request's rows).
+    if (pieces_seen[req] < 1 || pages_seen[req] != pages_of(p.seqlens[req]) ||
+        pieces_seen[req] != p.num_splits[req + 1] - p.num_splits[req]) {
       return "tile_md/num_splits do not cover request " + std::to_string(req) + " exactly" + stale;
     }
   }
-  if (p.num_splits[p.batch] > max_accum_slots(p.batch, p.num_sm_parts)) return "num_splits exceeds the workspace" + stale;
+  // The pieces beyond one per request bound the slots (max_accum_slots).
+  if (p.num_splits[p.batch] - p.batch > p.num_sm_parts - 1) return "num_splits exceeds the workspace" + stale;
   return "";
 }
 

@@ -238,9 +238,9 @@ __device__ __forceinline__ void finish_piece(const DecodeParams& p, const float*
   __syncthreads();  // row_sum, the Q tile and the stages may be overwritten by the next piece
 
   const int total_splits = p.num_splits[req + 1] - p.num_splits[req];
-  const int64_t slot = static_cast<int64_t>(p.num_splits[req]) + split;
+  const int64_t slot = accum_slot(p.num_splits, req, split);
   const bool final_out = total_splits == 1;
-  if (!final_out && (slot < 0 || slot >= max_accum_slots(p.batch, p.num_sm_parts))) return;  // stale plan
+  if (!final_out && (slot < 0 || slot >= max_accum_slots(p.num_sm_parts))) return;  // stale plan
   store_piece<Elem>(p, o, req, kv_head, row0, r_lo, wg, lane, l_lo, l_hi, m_lo, m_hi, final_out, slot);
 }
 

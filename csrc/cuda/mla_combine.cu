@@ -11,11 +11,11 @@ template <typename Elem>
 __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ DecodeParams p) {
   const int req = blockIdx.x, kv_head = blockIdx.y;
   const int row = blockIdx.z * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int first = p.num_splits[req];
-  const int n = p.num_splits[req + 1] - first;
+  const int n = p.num_splits[req + 1] - p.num_splits[req];
   if (n <= 1 || row >= p.rows_per_head_k) return;
-  if (first < 0 || first + n > max_accum_slots(p.batch, p.num_sm_parts)) return;  // stale metadata
-  auto acc_row = [&](int s) { return (static_cast<int64_t>(first + s) * p.num_heads_k + kv_head) * p.rows_per_head_k + row; };
+  const long long first = accum_slot(p.num_splits, req, 0);
+  if (first < 0 || first + n > max_accum_slots(p.num_sm_parts)) return;  // stale metadata
+  auto acc_row = [&](int s) { return ((first + s) * p.num_heads_k + kv_head) * p.rows_per_head_k + row; };
 
   float max_lse = -INFINITY;
   for (int s = 0; s < n; ++s) max_lse = fmaxf(max_lse, p.lse_accum[acc_row(s)]);
