@@ -52,11 +52,11 @@ __device__ __forceinline__ int page_row_coord(const DecodeParams& p, int req, in
   return page * kPageSize;
 }
 
-// Loads the 64-row Q tile of (req, kv head, rows from row0) into the swizzled layout, with all
-// kThreads threads; rows past the request's query rows are zero. The copies are cp.async, so each
-// thread has all of its 18 chunks in flight at once: plain loads wait for each chunk before its
-// shared-memory store, 18 global-memory latencies in a row.
-__device__ __forceinline__ void load_q_tile(uint8_t* q_tile, const DecodeParams& p, int req, int kv_head, int row0) {
+// Starts loading the 64-row Q tile of (req, kv head, rows from row0) into the swizzled layout, with
+// all kThreads threads; rows past the request's query rows are zero. The copies are cp.async, so each
+// thread has all of its 18 chunks in flight at once (plain loads wait for each chunk before its
+// shared-memory store, 18 global-memory latencies in a row); cp_async_wait_all() completes them.
+__device__ __forceinline__ void start_q_tile(uint8_t* q_tile, const DecodeParams& p, int req, int kv_head, int row0) {
   constexpr int kChunksPerRow = kHeadDim * 2 / 16;  // 72 chunks of 16 bytes
   const auto* q = static_cast<const uint8_t*>(p.q);
   for (int j = threadIdx.x; j < kRowsPerTile * kChunksPerRow; j += kThreads) {
@@ -70,7 +70,6 @@ __device__ __forceinline__ void load_q_tile(uint8_t* q_tile, const DecodeParams&
     const int64_t elem = ((static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDim;
     cp_async_16(q_tile + (c / 8) * kTileBytes + swizzled_offset(r, c % 8), valid ? q + elem * 2 + c * 16 : q, valid);
   }
-  cp_async_wait_all();
 }
 
 // Zeroes K rows [valid, 64) of a stage, shared out over `num_threads` threads (this one is `thread`):
@@ -219,10 +218,12 @@ __device__ __forceinline__ void store_piece(const DecodeParams& p, const float* 
 
 // Ends a piece: adds the two warpgroups' row sums (each thread holds partial sums of rows r_lo and
 // r_lo + 8 over its columns) through `row_sum`, then stores the output. All kThreads threads call it.
-template <typename Elem>
+// `start_next()` runs once the Q tile and both stages are free, before the output is stored, so the
+// next piece's loads overlap the store.
+template <typename Elem, typename StartNext>
 __device__ __forceinline__ void finish_piece(const DecodeParams& p, const float* o, float (*row_sum)[kRowsPerTile],
                                              int req, int split, int kv_head, int row0, int r_lo, int wg, int lane,
-                                             float l_lo, float l_hi, float m_lo, float m_hi) {
+                                             float l_lo, float l_hi, float m_lo, float m_hi, StartNext start_next) {
 #pragma unroll
   for (int d = 1; d <= 2; d <<= 1) {
     l_lo += __shfl_xor_sync(0xffffffff, l_lo, d);
@@ -236,6 +237,7 @@ __device__ __forceinline__ void finish_piece(const DecodeParams& p, const float*
   l_lo = row_sum[0][r_lo] + row_sum[1][r_lo];
   l_hi = row_sum[0][r_lo + 8] + row_sum[1][r_lo + 8];
   __syncthreads();  // row_sum, the Q tile and the stages may be overwritten by the next piece
+  start_next();
 
   const int total_splits = p.num_splits[req + 1] - p.num_splits[req];
   const int64_t slot = accum_slot(p.num_splits, req, split);

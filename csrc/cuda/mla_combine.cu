@@ -9,6 +9,10 @@ namespace sm90 {
 // One warp per (request, kv head, row): merges the request's split partials by their lse weights.
 template <typename Elem>
 __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ DecodeParams p) {
+  // Launched while the decode kernel still runs (programmatic dependent launch): its partials are
+  // complete from here. Every CTA waits, also those with nothing to combine, so this grid never
+  // completes before the decode grid (later work in the stream is ordered after this grid).
+  grid_dependency_wait();
   const int req = blockIdx.x, kv_head = blockIdx.y;
   const int row = blockIdx.z * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n = p.num_splits[req + 1] - p.num_splits[req];
@@ -55,13 +59,20 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ De
 }  // namespace sm90
 
 cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(p.batch, p.num_heads_k, ceil_div(p.rows_per_head_k, 4));
-  if (p.dtype == ElementType::kBF16) {
-    sm90::combine_kernel<__nv_bfloat16><<<grid, 128, 0, stream>>>(p);
-  } else {
-    sm90::combine_kernel<__half><<<grid, 128, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  // Programmatic stream serialization: the combine grid is launched once every decode CTA has
+  // signalled (allow_dependent_launch, at its start), so its CTAs take the SMs as decode CTAs
+  // finish and wait there (grid_dependency_wait), instead of launching after the decode grid ends.
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(p.batch, p.num_heads_k, ceil_div(p.rows_per_head_k, 4));
+  config.blockDim = dim3(128);
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  return p.dtype == ElementType::kBF16 ? cudaLaunchKernelEx(&config, sm90::combine_kernel<__nv_bfloat16>, p)
+                                       : cudaLaunchKernelEx(&config, sm90::combine_kernel<__half>, p);
 }
 
 }  // namespace jax_flashmla

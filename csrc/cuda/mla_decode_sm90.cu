@@ -154,6 +154,18 @@ __device__ __forceinline__ void adopt_max(const float* published, int r_lo, floa
   m_hi = new_hi;
 }
 
+// Hands this thread's new running maxima of rows (r_lo, r_lo + 8) to the other warpgroup, with the P
+// tile this warpgroup stored for it: the fence makes P visible to the async proxy (wgmma), then arrive.
+__device__ __forceinline__ void publish_max(float* published, int r_lo, int lane, float m_lo, float m_hi,
+                                            int barrier) {
+  if (lane % 4 == 0) {
+    published[r_lo] = m_lo;
+    published[r_lo + 8] = m_hi;
+  }
+  fence_proxy_async();
+  bar_arrive(barrier, 2 * 128);
+}
+
 // Waits for this warpgroup's matrix work, keeping the accumulators live until it is done.
 __device__ __forceinline__ void finish_wgmma(float* o) {
   wgmma_wait<0>();
@@ -173,28 +185,40 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
   if (tid == 0) {
+    prefetch_tensor_map(&k_map);  // the first piece's loads would otherwise wait for it
     for (int i = 0; i < 2; ++i) {
       for (int w = 0; w < 2; ++w) mbar_init(&s.k_full[i][w], 1);
     }
     fence_mbar_init();
   }
   __syncthreads();
+  allow_dependent_launch();  // the combine kernel waits for this grid's completion itself
   const uint64_t policy = evict_first_policy();
 
   const int32_t* md = p.tile_md + static_cast<int64_t>(part) * kTileMetadataSize;
   uint32_t uses[2] = {0, 0};  // pages each stage has held so far: the parity of its mbarrier phases
 
-  for (int req = max(md[kMdBeginReq], 0); req <= min(md[kMdEndReq], p.batch - 1); ++req) {
-    const PieceRange piece = piece_range(md, p, req);
-    const int len = piece.len, page_begin = piece.page_begin, n_pages = piece.n_pages;
-
+  const int first_req = max(md[kMdBeginReq], 0), last_req = min(md[kMdEndReq], p.batch - 1);
+  // Issues piece `r`'s first loads: its first two pages (thread 0) and its Q tile (all threads).
+  // The first piece's start here; each later one's from the end of the piece before it, so that
+  // its loads overlap that piece's output store.
+  auto start_piece = [&](int r) {
     if (tid == 0) {
-      for (int i = 0; i < min(2, n_pages); ++i) {
-        const int row_coord = page_row_coord(p, req, page_begin + i);
+      const PieceRange next = piece_range(md, p, r);
+      for (int i = 0; i < min(2, next.n_pages); ++i) {
+        const int row_coord = page_row_coord(p, r, next.page_begin + i);
         for (int w = 0; w < 2; ++w) issue_part(s, i, w, &k_map, row_coord, kv_head, policy);
       }
     }
-    load_q_tile(s.q, p, req, kv_head, row0);
+    start_q_tile(s.q, p, r, kv_head, row0);
+  };
+  if (first_req <= last_req) start_piece(first_req);
+
+  for (int req = first_req; req <= last_req; ++req) {
+    const PieceRange piece = piece_range(md, p, req);
+    const int len = piece.len, page_begin = piece.page_begin, n_pages = piece.n_pages;
+
+    cp_async_wait_all();  // this thread's part of the Q tile
     fence_proxy_async();
     __syncthreads();
 
@@ -224,12 +248,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         softmax_page<Elem>(sc, mx_lo, mx_hi, m_lo, m_hi, packed, s.k[0] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi,
                            ma_lo, ma_hi, alpha_lo, alpha_hi);
         rescale_rows(o, alpha_lo, alpha_hi);
-        if (lane % 4 == 0) {
-          s.max_a[r_lo] = ma_lo;
-          s.max_a[r_lo + 8] = ma_hi;
-        }
-        fence_proxy_async();
-        bar_arrive(kBarPageA, 2 * 128);
+        publish_max(s.max_a, r_lo, lane, ma_lo, ma_hi, kBarPageA);
         m_lo = ma_lo;
         m_hi = ma_hi;
 
@@ -274,12 +293,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           float mb_lo, mb_hi, beta_lo, beta_hi;
           softmax_page<Elem>(sc, mx_lo, mx_hi, m_lo, m_hi, packed, s.k[1] + kPTile * kTileBytes, r_lo, col_q, l_lo,
                              l_hi, mb_lo, mb_hi, beta_lo, beta_hi);
-          if (lane % 4 == 0) {
-            s.max_b[r_lo] = mb_lo;
-            s.max_b[r_lo + 8] = mb_hi;
-          }
-          fence_proxy_async();
-          bar_arrive(kBarPageB, 2 * 128);
+          publish_max(s.max_b, r_lo, lane, mb_lo, mb_hi, kBarPageB);
           // Stage 0's part 1 (V_A[:, R] and P_A) is done with once P_A V_A[:, R] is.
           finish_wgmma(o);
           if (wtid == 0 && a + 2 < n_pages) issue_part(s, 0, 1, &k_map, next_a, kv_head, policy);
@@ -302,7 +316,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (has_b) ++uses[1];
     }
 
-    finish_piece<Elem>(p, o, s.row_sum, req, piece.split, kv_head, row0, r_lo, wg, lane, l_lo, l_hi, m_lo, m_hi);
+    finish_piece<Elem>(p, o, s.row_sum, req, piece.split, kv_head, row0, r_lo, wg, lane, l_lo, l_hi, m_lo, m_hi,
+                       [&] {
+                         if (req < last_req) start_piece(req + 1);
+                       });
   }
 }
 

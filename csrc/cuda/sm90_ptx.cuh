@@ -67,7 +67,20 @@ __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
 }
 
+// ---- programmatic dependent launch ---------------------------------------------------------------
+
+// Lets the grid launched after this one with programmatic stream serialization start its CTAs
+// (they run up to their grid_dependency_wait) once every CTA of this grid has signalled or exited.
+__device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+// Waits until the grid before this one (in stream order) has completed and its writes are visible.
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 // ---- TMA ----------------------------------------------------------------------------------------
+
+// Fetches a TMA descriptor into the descriptor cache ahead of its first use.
+__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
 
 // An L2 policy that evicts the streamed KV cache first, keeping L2 for what is reused.
 __device__ __forceinline__ uint64_t evict_first_policy() {
