@@ -31,8 +31,8 @@ struct DecodeParams {
 
   void* out = nullptr;          // [batch, s_q, h_q, 512], dtype of q
   float* lse = nullptr;         // [batch, h_q, s_q]
-  float* o_accum = nullptr;     // [batch + num_sm_parts, h_kv, rows_per_head_k, 512]
-  float* lse_accum = nullptr;   // [batch + num_sm_parts, h_kv, rows_per_head_k]
+  float* o_accum = nullptr;     // [max_accum_slots(num_sm_parts), h_kv, rows_per_head_k, 512]
+  float* lse_accum = nullptr;   // [max_accum_slots(num_sm_parts), h_kv, rows_per_head_k]
 };
 
 }  // namespace jax_flashmla
