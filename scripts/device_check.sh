@@ -26,7 +26,8 @@
 # test_matches_reference cases took 104 s.
 #
 # Files in $OUT: env.txt, build.log (full pip/CMake/ptxas log), ptxas.txt (register and spill report
-# per kernel), gpu_tests.log, bench.log, bench.json, quick.log, sanitize_<tool>.log. The last lines printed
+# per kernel), gpu_tests.log, bench.log, bench.json, clocks.csv (SM clock and power during the bench,
+# every 200 ms), quick.log, sanitize_<tool>.log. The last lines printed
 # are short summaries.
 set -uo pipefail
 [ -n "${ANCHORS:-}" ] && ANCHORS=$(realpath -m "$ANCHORS")  # relative to where the script was started
@@ -127,12 +128,20 @@ do_bench() {
   local t0=$SECONDS
   echo; echo "==== bench ===="
   ensure_built
-  local anchors=()
+  local anchors=() smi_pid=""
   [ -n "${ANCHORS:-}" ] && anchors=(--anchors "$ANCHORS")
+  # The SM clock and power beside the run, every 200 ms: sustained (queued) runs may lower the clock,
+  # which the queued columns would otherwise show as overhead.
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv,noheader -lms 200 \
+      >"$OUT/clocks.csv" 2>&1 &
+    smi_pid=$!
+  fi
   # shellcheck disable=SC2086
   (cd /tmp && python3 "$REPO/benchmarks/bench_decode.py" --json "$OUT/bench.json" --markdown "${anchors[@]}" \
      ${BENCH_ARGS:-}) >"$OUT/bench.log" 2>&1
   rc[bench]=$?
+  [ -n "$smi_pid" ] && kill "$smi_pid" 2>/dev/null
   dur[bench]=$((SECONDS - t0))
   echo "bench rc=${rc[bench]} (${dur[bench]} s); log: bench.log, results: bench.json"
 }
@@ -193,6 +202,12 @@ if [ -n "${rc[test]+x}" ]; then
 fi
 if [ -n "${rc[bench]+x}" ]; then
   echo "-- bench: rc=${rc[bench]} (${dur[bench]} s)"
+  if [ -s "$OUT/clocks.csv" ]; then  # "timestamp, 1980 MHz, 350.12 W, 45" per sample
+    pmax=$(awk -F', ' '$3 ~ / W$/ { w = $3 + 0; if (w > m) m = w } END { printf "%.0f", m }' "$OUT/clocks.csv")
+    awk -F', ' '$2 ~ / MHz$/ { print $2 + 0 }' "$OUT/clocks.csv" | sort -n | awk -v pmax="$pmax" '
+      { c[NR] = $1 } END { if (NR) printf "   SM clock over %d samples (clocks.csv): min %d, median %d, max %d MHz; power max %s W\n",
+        NR, c[1], c[int((NR + 1) / 2)], c[NR], pmax }'
+  fi
   grep -E "^  (copy|matmul):|^NOTE|^anchors: .*not found|no GPU plane|\[trace\].*(no |unavailable|iterations)" "$OUT/bench.log" | cut -c1-200 | head -n 10
   if grep -q "^Device: " "$OUT/bench.log"; then
     sed -n '/^Device: /,$p' "$OUT/bench.log"
