@@ -103,21 +103,34 @@ __device__ __forceinline__ PieceRange piece_range(const int32_t* md, const Decod
   return r;
 }
 
-// Scales a score fragment to log2 units and masks keys at or past each row's limit; returns the
-// row maxima over the warpgroup's columns. The fragment holds kValues accumulators of a 64 x
-// (2 kValues) wgmma tile (rows r_lo, r_lo + 8); `key0` is the key of its first column.
+// 2^x by the SFU's approximate instruction (relative error about 2^-22, far below what the 16-bit P
+// keeps); -inf gives +0. exp2f adds a range reduction that the softmax does not need.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Masks keys at or past each row's limit in a raw score fragment (to -inf) and returns the row
+// maxima of the raw scores over the warpgroup's columns. The fragment holds kValues accumulators of
+// a 64 x (2 kValues) wgmma tile (rows r_lo, r_lo + 8); `key0` is the key of its first column. The
+// per-key compares run only in warps that hold a limit inside the fragment (the last pages).
+// The softmax scale is applied later, folded into the exponent (it is positive, so maxima agree).
 template <int kValues>
-__device__ __forceinline__ void mask_scores(float* sc, int key0, int col_q, int limit_lo, int limit_hi,
-                                            float scale_log2, float& mx_lo, float& mx_hi) {
+__device__ __forceinline__ void mask_row_max(float* sc, int key0, int col_q, int limit_lo, int limit_hi, float& mx_lo,
+                                             float& mx_hi) {
+  if (__any_sync(0xffffffffu, key0 + 2 * kValues > min(limit_lo, limit_hi))) {
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) {
+      const int key = key0 + (i / 4) * 8 + col_q + (i & 1);
+      if (key >= (((i >> 1) & 1) ? limit_hi : limit_lo)) sc[i] = -INFINITY;
+    }
+  }
   mx_lo = -INFINITY;
   mx_hi = -INFINITY;
 #pragma unroll
   for (int i = 0; i < kValues; ++i) {
-    const int key = key0 + (i / 4) * 8 + col_q + (i & 1);
-    const bool hi = (i >> 1) & 1;
-    const float v = key < (hi ? limit_hi : limit_lo) ? sc[i] * scale_log2 : -INFINITY;
-    sc[i] = v;
-    if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
+    if ((i >> 1) & 1) mx_hi = fmaxf(mx_hi, sc[i]); else mx_lo = fmaxf(mx_lo, sc[i]);
   }
 #pragma unroll
   for (int d = 1; d <= 2; d <<= 1) {
@@ -128,6 +141,12 @@ __device__ __forceinline__ void mask_scores(float* sc, int key0, int col_q, int 
 
 // A row that has seen no key keeps max -inf; exponents are taken against 0 then, giving 0, not NaN.
 __device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.f : m; }
+
+// The factor 2^(m_old - m_new) that moves sums taken against the running max m_old to m_new
+// (log2 units); exactly 1 when the max did not move, so rescale_rows can skip the work.
+__device__ __forceinline__ float rescale_factor(float m_old, float m_new) {
+  return m_old == m_new ? 1.f : exp2_approx(m_old - exp_base(m_new));
+}
 
 // S = Q K^T of one warpgroup over all 576 channels (9 tiles x 4 steps of k16), Q and K read from
 // shared memory through descriptors of their first tile; returns with the wgmma done. `Op::scores`

@@ -68,16 +68,18 @@ __device__ __forceinline__ void pin_words(uint32_t* r) {
   for (int i = 0; i < kCount; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
-// P = 2^(S - base) packed to 16 bits, in the register order of wgmma's A operand (token step kk is
-// p[4 kk .. 4 kk + 3]), also written to `tile` for the other warpgroup; adds the row sums to l.
+// P = 2^(S scale_log2 - base) (S the raw scores, base in log2 units) packed to 16 bits, in the
+// register order of wgmma's A operand (token step kk is p[4 kk .. 4 kk + 3]), also written to `tile`
+// for the other warpgroup; adds the row sums to l. One FFMA and one MUFU.EX2 per score.
 template <typename Elem>
-__device__ __forceinline__ void make_p(const float* sc, float base_lo, float base_hi, uint32_t* packed, uint8_t* tile,
-                                       int r_lo, int col_q, float& l_lo, float& l_hi) {
+__device__ __forceinline__ void make_p(const float* sc, float scale_log2, float base_lo, float base_hi,
+                                       uint32_t* packed, uint8_t* tile, int r_lo, int col_q, float& l_lo, float& l_hi) {
 #pragma unroll
   for (int i = 0; i < 32; i += 2) {
     const bool hi = (i >> 1) & 1;
     const float base = hi ? base_hi : base_lo;
-    const float p0 = exp2f(sc[i] - base), p1 = exp2f(sc[i + 1] - base);
+    const float p0 = exp2_approx(fmaf(sc[i], scale_log2, -base));
+    const float p1 = exp2_approx(fmaf(sc[i + 1], scale_log2, -base));
     if (hi) l_hi += p0 + p1; else l_lo += p0 + p1;
     packed[i / 2] = pack2<Elem>(p0, p1);
     const int row = r_lo + (hi ? 8 : 0);
@@ -86,21 +88,22 @@ __device__ __forceinline__ void make_p(const float* sc, float base_lo, float bas
   }
 }
 
-// The softmax step of one page: the running max (m) moves to max(m, the page's row maxima mx);
-// returns it in new_*, with the factor 2^(m - new max) that O and the row sums l must be rescaled by
-// (applied to l here, to O by the caller), then makes P against it (make_p, adding its row sums to l).
+// The softmax step of one page: the running max (m, log2 units) moves to max(m, the page's raw row
+// maxima mx times scale_log2); returns it in new_*, with the factor 2^(m - new max) that O and the
+// row sums l must be rescaled by (applied to l here, to O by the caller), then makes P against it
+// (make_p, adding its row sums to l).
 template <typename Elem>
-__device__ __forceinline__ void softmax_page(const float* sc, float mx_lo, float mx_hi, float m_lo, float m_hi,
-                                             uint32_t* packed, uint8_t* tile, int r_lo, int col_q, float& l_lo,
-                                             float& l_hi, float& new_lo, float& new_hi, float& f_lo, float& f_hi) {
-  new_lo = fmaxf(m_lo, mx_lo);
-  new_hi = fmaxf(m_hi, mx_hi);
-  const float base_lo = exp_base(new_lo), base_hi = exp_base(new_hi);
-  f_lo = exp2f(m_lo - base_lo);
-  f_hi = exp2f(m_hi - base_hi);
+__device__ __forceinline__ void softmax_page(const float* sc, float scale_log2, float mx_lo, float mx_hi, float m_lo,
+                                             float m_hi, uint32_t* packed, uint8_t* tile, int r_lo, int col_q,
+                                             float& l_lo, float& l_hi, float& new_lo, float& new_hi, float& f_lo,
+                                             float& f_hi) {
+  new_lo = fmaxf(m_lo, mx_lo * scale_log2);
+  new_hi = fmaxf(m_hi, mx_hi * scale_log2);
+  f_lo = rescale_factor(m_lo, new_lo);
+  f_hi = rescale_factor(m_hi, new_hi);
   l_lo *= f_lo;
   l_hi *= f_hi;
-  make_p<Elem>(sc, base_lo, base_hi, packed, tile, r_lo, col_q, l_lo, l_hi);
+  make_p<Elem>(sc, scale_log2, exp_base(new_lo), exp_base(new_hi), packed, tile, r_lo, col_q, l_lo, l_hi);
 }
 
 // P in a stage's RoPE tile, token step kk: the K-major A operand of PV.
@@ -123,13 +126,13 @@ __device__ __forceinline__ void issue_part(SharedStorage& s, int stage, int w, c
 }
 
 // This warpgroup's scores S = Q K^T over all 64 tokens of the page in stage `stage` (each warpgroup
-// scores its own stage: stage == wg), keys from key0, scaled to log2 units and masked, with their
-// row maxima. Waits for both parts of the page first; on a tail page it then zeroes the rows past
+// scores its own stage: stage == wg), keys from key0, raw (unscaled) and masked, with their row
+// maxima. Waits for both parts of the page first; on a tail page it then zeroes the rows past
 // the length (those slots may hold NaN, and a masked P = 0 times V = NaN would still poison O).
 template <typename Elem>
 __device__ __forceinline__ void score_stage(SharedStorage& s, int stage, uint32_t parity, int len, int key0, int wtid,
-                                            int col_q, int limit_lo, int limit_hi, float scale_log2, float* sc,
-                                            float& mx_lo, float& mx_hi) {
+                                            int col_q, int limit_lo, int limit_hi, float* sc, float& mx_lo,
+                                            float& mx_hi) {
   mbar_wait(&s.k_full[stage][0], parity);
   mbar_wait(&s.k_full[stage][1], parity);
   if (len - key0 < kPageSize) {
@@ -138,7 +141,7 @@ __device__ __forceinline__ void score_stage(SharedStorage& s, int stage, uint32_
     bar_sync(kBarWarpgroup + stage, 128);
   }
   score_page<Ops<Elem>, 32>(smem_desc_sw128(s.q, 16, 1024), smem_desc_sw128(s.k[stage], 16, 1024), sc);
-  mask_scores<32>(sc, key0, col_q, limit_lo, limit_hi, scale_log2, mx_lo, mx_hi);
+  mask_row_max<32>(sc, key0, col_q, limit_lo, limit_hi, mx_lo, mx_hi);
 }
 
 // Moves this thread's rows (r_lo, r_lo + 8) to the running maxima the other warpgroup published
@@ -146,7 +149,7 @@ __device__ __forceinline__ void score_stage(SharedStorage& s, int stage, uint32_
 __device__ __forceinline__ void adopt_max(const float* published, int r_lo, float* o, float& m_lo, float& m_hi,
                                           float& l_lo, float& l_hi) {
   const float new_lo = published[r_lo], new_hi = published[r_lo + 8];
-  const float f_lo = exp2f(m_lo - exp_base(new_lo)), f_hi = exp2f(m_hi - exp_base(new_hi));
+  const float f_lo = rescale_factor(m_lo, new_lo), f_hi = rescale_factor(m_hi, new_hi);
   rescale_rows(o, f_lo, f_hi);
   l_lo *= f_lo;
   l_hi *= f_hi;
@@ -176,7 +179,9 @@ template <typename Elem>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
-  SharedStorage& s = *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Aligned by an offset from smem_raw (not by rounding a generic address), so the compiler still
+  // knows these are shared-memory addresses and emits STS/LDS rather than generic stores.
+  SharedStorage& s = *reinterpret_cast<SharedStorage*>(smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024);
 
   const int part = blockIdx.x, kv_head = blockIdx.y, row0 = blockIdx.z * kRowsPerTile;
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128, lane = tid % 32;
@@ -243,9 +248,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (wg == 0) {
         // ---- warpgroup 0: scores and softmax of page A, then O_L += P_A V_A and P_B V_B ----
         float mx_lo, mx_hi;
-        score_stage<Elem>(s, 0, uses[0] & 1, len, key_a, wtid, col_q, limit_lo, limit_hi, scale_log2, sc, mx_lo, mx_hi);
+        score_stage<Elem>(s, 0, uses[0] & 1, len, key_a, wtid, col_q, limit_lo, limit_hi, sc, mx_lo, mx_hi);
         float ma_lo, ma_hi, alpha_lo, alpha_hi;
-        softmax_page<Elem>(sc, mx_lo, mx_hi, m_lo, m_hi, packed, s.k[0] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi,
+        softmax_page<Elem>(sc, scale_log2, mx_lo, mx_hi, m_lo, m_hi, packed, s.k[0] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi,
                            ma_lo, ma_hi, alpha_lo, alpha_hi);
         rescale_rows(o, alpha_lo, alpha_hi);
         publish_max(s.max_a, r_lo, lane, ma_lo, ma_hi, kBarPageA);
@@ -279,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // ---- warpgroup 1: scores of page B, O_R += P_A V_A, softmax of page B, O_R += P_B V_B ----
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
         if (has_b) {
-          score_stage<Elem>(s, 1, uses[1] & 1, len, key_b, wtid, col_q, limit_lo, limit_hi, scale_log2, sc, mx_lo, mx_hi);
+          score_stage<Elem>(s, 1, uses[1] & 1, len, key_b, wtid, col_q, limit_lo, limit_hi, sc, mx_lo, mx_hi);
         }
         bar_sync(kBarPageA, 2 * 128);
         mbar_wait(&s.k_full[0][1], uses[0] & 1);  // as warpgroup 0 does for page B: completed already
@@ -291,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_commit();
         if (has_b) {
           float mb_lo, mb_hi, beta_lo, beta_hi;
-          softmax_page<Elem>(sc, mx_lo, mx_hi, m_lo, m_hi, packed, s.k[1] + kPTile * kTileBytes, r_lo, col_q, l_lo,
+          softmax_page<Elem>(sc, scale_log2, mx_lo, mx_hi, m_lo, m_hi, packed, s.k[1] + kPTile * kTileBytes, r_lo, col_q, l_lo,
                              l_hi, mb_lo, mb_hi, beta_lo, beta_hi);
           publish_max(s.max_b, r_lo, lane, mb_lo, mb_hi, kBarPageB);
           // Stage 0's part 1 (V_A[:, R] and P_A) is done with once P_A V_A[:, R] is.
