@@ -1,0 +1,57 @@
+"""scripts/ab_summary.py (the A/B table of scripts/ab_variants.sh) on a hand-made run folder."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import pathlib
+
+SCRIPT = pathlib.Path(__file__).parent.parent / "scripts" / "ab_summary.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("_ab_summary", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _report(path, ms_by_case):
+    matrix = [dict(b=128, s_k=s_k, h_q=h_q, s_q=1, h_kv=1, kernel_ms=ms, src="trace")
+              for (s_k, h_q), ms in ms_by_case.items()]
+    path.write_text(json.dumps({"env": {"kernel_path": "cuda-sm90"}, "matrix": matrix}))
+    return str(path)
+
+
+def _summary(tmp_path, variant_check="PASS (9 of 9)"):
+    runs = ["variant\trep\trc\tstart\tend\tsecs\tjson"]
+    ms = {"base": {(4096, 16): 0.200, (4096, 128): 0.500}, "fast": {(4096, 16): 0.100, (4096, 128): 0.400}}
+    for rep in (1, 2):
+        for variant in ("base", "fast"):
+            json_path = _report(tmp_path / f"{variant}_{rep}.json", ms[variant])
+            runs.append(f"{variant}\t{rep}\t0\t\t\t16\t{json_path}")
+    (tmp_path / "runs.tsv").write_text("\n".join(runs) + "\n")
+    (tmp_path / "variants.txt").write_text("base\nfast\n")
+    (tmp_path / "status.tsv").write_text(f"fast\tcheck\t{variant_check}\n")
+    (tmp_path / "ptxas_fast.txt").write_text(
+        "Used 252 registers | 0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads | "
+        "void ns::decode_kernel<bf16>(ns::Params)\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert _load().main(["--dir", str(tmp_path)]) == 0
+    return out.getvalue()
+
+
+def test_ratio_per_case_and_geometric_mean(tmp_path):
+    text = _summary(tmp_path)
+    # ratio = median(base) / median(variant): > 1 means the variant is faster
+    assert "| 4096 | 16 | 1 | 0.200/0.200 | 0.100/0.100 | 2.000 |" in text
+    assert "| 4096 | 128 | 1 | 0.500/0.500 | 0.400/0.400 | 1.250 |" in text
+    assert f"base/fast: geomean {(2.0 * 1.25) ** 0.5:.4f}, min 1.250, max 2.000 over 2 cases" in text
+    assert "| `ns::decode_kernel<bf16>` | - | 252 regs |" in text
+
+
+def test_a_failed_check_is_marked(tmp_path):
+    text = _summary(tmp_path, variant_check="FAILED rc=1")
+    assert "**fast FAILED**" in text
+    assert "(check FAILED)" in text
