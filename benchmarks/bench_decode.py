@@ -13,6 +13,9 @@ bf16; lengths ~ Normal(s_k, s_k/2) clipped to >= 2, one draw per s_k from --seed
   queued ms   the same call --queue-calls (20) times back to back with one block_until_ready, wall
               clock per call, median of 5 repeats: host dispatch overlaps earlier calls, as in a
               serving loop (the first call's dispatch and the final sync are spread over the calls).
+  steady ms   per call in that loop's steady state: (time of 2x --queue-calls calls - time of
+              --queue-calls calls) / --queue-calls, median of the same 5 repeats; the fixed cost of
+              filling and draining the queue cancels.
   q.span ms   the same queued calls seen by the profiler: first kernel start to last kernel end over
               the --queue-calls calls, per call (median of 3): what a call costs the device in a loop
               that does not wait, metadata kernel and every gap between kernels and calls included.
@@ -31,11 +34,12 @@ bf16; lengths ~ Normal(s_k, s_k/2) clipped to >= 2, one draw per s_k from --seed
 q and, memory allowing, a different cache per layer): device busy time (union of kernel intervals),
 span and the step's wall clock; overhead = 1 - busy / wall. "queued ms" is the wall clock per step of
 --step-queue steps dispatched back to back with one sync (a serving loop that does not wait for
-each step), and "q.ovh%" = 1 - busy / queued ms. The same queued steps under the profiler give
-"q.busy ms" and "q.span ms" per step (union of kernel intervals; first kernel start to last kernel
-end) and "q.gap%" = 1 - q.busy / q.span: the device time lost between kernels and between steps while
-steps are queued, against kernel time measured in the same run (so a clock that drops under
-sustained load shows as q.busy > busy, not as overhead).
+each step), and "q.ovh%" = 1 - busy / queued ms; "steady ms" and "s.ovh%" the same in the loop's
+steady state (as in the matrix: 2x --step-queue steps less --step-queue steps, per step). The same
+queued steps under the profiler give "q.busy ms" and "q.span ms" per step (union of kernel
+intervals; first kernel start to last kernel end) and "q.gap%" = 1 - q.busy / q.span: the device
+time lost between kernels and between steps while steps are queued, against kernel time measured in
+the same run (so a clock that drops under sustained load shows as q.busy > busy, not as overhead).
 
 Device times come from `jax.profiler.trace`: the written *.xplane.pb is read with
 jax.profiler.ProfileData. Each timed iteration runs inside a TraceAnnotation; device events (GPU
@@ -288,18 +292,26 @@ class Timer:
             times.append((time.perf_counter() - t0) * 1e3)
         return times
 
-    def queued_ms(self, fn, calls: int = 20, repeats: int = 5) -> list:
+    def queued_ms(self, fn, calls: int = 20, repeats: int = 5) -> tuple[list, list]:
         """Wall clock per call of `calls` back-to-back calls with one sync at the end (no L2 flush
         between them), once per repeat: what a serving loop that does not wait for each step
-        sees, host dispatch overlapping the device work of earlier calls."""
-        times = []
+        sees, host dispatch overlapping the device work of earlier calls. Each repeat also runs
+        2 `calls` calls; (time of 2 `calls` - time of `calls`) / `calls` is the loop's steady cost
+        per call, without the fixed cost of filling the queue (the first call's dispatch) and
+        draining it (the final sync). Returns (per-call times, steady per-call times)."""
+        queued, steady = [], []
         for _ in range(repeats):
-            self.flush()
-            t0 = time.perf_counter()
-            outs = [fn() for _ in range(calls)]
-            self.jax.block_until_ready(outs)
-            times.append((time.perf_counter() - t0) * 1e3 / calls)
-        return times
+            batch_ms = []
+            for n in (calls, 2 * calls):
+                self.flush()
+                t0 = time.perf_counter()
+                outs = [fn() for _ in range(n)]
+                self.jax.block_until_ready(outs)
+                batch_ms.append((time.perf_counter() - t0) * 1e3)
+                del outs
+            queued.append(batch_ms[0] / calls)
+            steady.append((batch_ms[1] - batch_ms[0]) / calls)
+        return queued, steady
 
     def device_ms(self, jobs) -> dict:
         """jobs: [(label, fn, iters, module_hint)] with fn() -> arrays. Runs all of them inside one
@@ -637,7 +649,8 @@ def run_matrix(jax, timer: Timer, args, cases: list[Case], baselines=None, ancho
                 rec.update(kernel_ms=median(wall), kernel_min_ms=min(wall), kernel_iters=len(wall), src="wall")
             wall_call = timer.wall_ms(whole, args.iters)
             rec.update(call_ms=median(wall_call), call_min_ms=min(wall_call))
-            rec["queued_call_ms"] = median(timer.queued_ms(whole, calls=args.queue_calls))
+            queued, steady = timer.queued_ms(whole, calls=args.queue_calls)
+            rec.update(queued_call_ms=median(queued), steady_call_ms=median(steady))
             tq = dev.get("queued")
             if tq is not None:
                 rec["queued_span_ms"] = median(tq.span_ms) / args.queue_calls
@@ -694,17 +707,19 @@ def run_step(jax, timer: Timer, args, cases: list[Case]) -> list[dict]:
         dev = timer.device_ms([("step", step, args.step_iters, "bench_decode_step"),
                                ("queued", queue, 3, "bench_decode_step")])
         wall = timer.wall_ms(step, args.step_iters)
-        queued = timer.queued_ms(step, calls=args.step_queue)
+        queued, steady = timer.queued_ms(step, calls=args.step_queue)
         flops, nbytes = flops_and_bytes(pool.lengths, c.b, c.s_q, c.h_q, c.h_kv)
         rec = dataclasses.asdict(c)
         rec.update(layers=layers, distinct_caches=copies, wall_ms=median(wall), wall_min_ms=min(wall),
-                   queued_step_ms=median(queued), flops=layers * flops, bytes=layers * nbytes)
+                   queued_step_ms=median(queued), steady_step_ms=median(steady), flops=layers * flops,
+                   bytes=layers * nbytes)
         t = dev.get("step")
         if t is not None:
             rec.update(busy_ms=median(t.busy_ms), span_ms=median(t.span_ms), sum_ms=median(t.sum_ms),
                        events_per_step=sorted(set(t.events)), src="trace")
             rec["overhead_pct"] = 100 * (1 - rec["busy_ms"] / rec["wall_ms"])
             rec["queued_overhead_pct"] = 100 * (1 - rec["busy_ms"] / rec["queued_step_ms"])
+            rec["steady_overhead_pct"] = 100 * (1 - rec["busy_ms"] / rec["steady_step_ms"])
             rec["idle_in_span_pct"] = 100 * (1 - rec["busy_ms"] / rec["span_ms"])
             rec["per_layer_ms"] = rec["busy_ms"] / layers
         else:
@@ -733,7 +748,7 @@ def _f(v, fmt):
 MATRIX_COLS = [
     ("s_k", "s_k", "d"), ("h_q", "h_q", "d"), ("s_q", "s_q", "d"),
     ("kernel ms", "kernel_ms", ".3f"), ("call ms", "call_ms", ".3f"), ("queued ms", "queued_call_ms", ".3f"),
-    ("q.span ms", "queued_span_ms", ".3f"),
+    ("steady ms", "steady_call_ms", ".3f"), ("q.span ms", "queued_span_ms", ".3f"),
     ("TFLOPS", "tflops", "num"),
     ("GB/s", "gbps", "num"), ("BW%", "bw_pct", ".1f"), ("FLOP%", "flop_pct", ".1f"),
     ("XLA ms", "xla_ms", ".2f"), ("speedup", "speedup", ".1f"),
@@ -773,7 +788,8 @@ STEP_COLS = [
     ("s_k", "s_k", "d"), ("h_q", "h_q", "d"), ("s_q", "s_q", "d"), ("layers", "layers", "d"),
     ("caches", "distinct_caches", "d"), ("busy ms", "busy_ms", ".3f"), ("span ms", "span_ms", ".3f"),
     ("wall ms", "wall_ms", ".3f"), ("overhead%", "overhead_pct", ".1f"), ("queued ms", "queued_step_ms", ".3f"),
-    ("q.ovh%", "queued_overhead_pct", ".1f"), ("q.busy ms", "queued_busy_ms", ".3f"),
+    ("q.ovh%", "queued_overhead_pct", ".1f"), ("steady ms", "steady_step_ms", ".3f"),
+    ("s.ovh%", "steady_overhead_pct", ".1f"), ("q.busy ms", "queued_busy_ms", ".3f"),
     ("q.span ms", "queued_span_ms", ".3f"), ("q.gap%", "queued_gap_pct", ".1f"), ("idle%", "idle_in_span_pct", ".1f"),
     ("ms/layer", "per_layer_ms", ".3f"), ("src", "src", "s"),
 ]
