@@ -191,9 +191,6 @@ for n in $VARIANTS; do
 done
 
 # ---- 1b. builds, in parallel ----------------------------------------------------------------------
-ptxas_report() {  # build log -> "Used N registers | stack/spills | kernel" (scripts/device_check.sh's awk)
-  awk '
-    /Compiling entry function/ { n = split($0, part, "\047"); if (n >= 3) fn = part[2] }
     /bytes stack frame/        { props = $0; sub(/^[ \t]+/, "", props) }
     /Used [0-9]+ registers/    { match($0, /Used [0-9]+ registers/); print substr($0, RSTART, RLENGTH) " | " props " | " fn; props = "" }
   ' "$1" | (command -v c++filt >/dev/null && c++filt || cat) | cut -c1-300 | sort -u
@@ -230,7 +227,7 @@ declare -a BUILT=()
 for n in "${OK[@]}"; do
   read -r rc secs reused <"$W/build_$n.rc" 2>/dev/null || { rc=99; secs=0; reused=; }
   cp "$AB/build_$n.log" "$W/logs/build_$n.log" 2>/dev/null
-  ptxas_report "$AB/build_$n.log" >"$W/ptxas_$n.txt" 2>/dev/null
+  bash "$REPO/scripts/ptxas_report.sh" "$AB/build_$n.log" "WARN " >"$W/ptxas_$n.txt" 2>/dev/null
   if [ "$rc" != 0 ]; then
     log "$n: build FAILED (rc=$rc, ${secs} s$([ "$rc" = 124 ] && echo ', timed out')): dropped. End of its log:"
     st "$n" build "FAILED rc=$rc (${secs} s)"

@@ -80,13 +80,7 @@ do_build() {
   python3 -m pip install --no-build-isolation --no-deps -v ${BUILD_ARGS:--C cmake.define.JAX_FLASHMLA_CUDA=ON} . \
     >"$OUT/build.log" 2>&1
   rc[build]=$?
-  # ptxas -v report, one line per kernel: registers | stack/spills | function (demangled, shortened).
-  awk '
-    /Compiling entry function/ { n = split($0, part, "\047"); if (n >= 3) fn = part[2] }
-    /bytes stack frame/        { props = $0; sub(/^[ \t]+/, "", props) }
-    /Used [0-9]+ registers/    { match($0, /Used [0-9]+ registers/); print substr($0, RSTART, RLENGTH) " | " props " | " fn; props = "" }
-  ' "$OUT/build.log" | (command -v c++filt >/dev/null && c++filt || cat) | cut -c1-220 | sort -u >"$OUT/ptxas.txt"
-  grep -E "ptxas (warning|error)|[1-9][0-9]* bytes spill (stores|loads)" "$OUT/build.log" | sort -u >>"$OUT/ptxas.txt" || true
+  bash scripts/ptxas_report.sh "$OUT/build.log" >"$OUT/ptxas.txt"
   if [ "${rc[build]}" -ne 0 ]; then
     echo "build FAILED (rc=${rc[build]}); end of build.log:"
     grep -nE "error|Error|FAILED" "$OUT/build.log" | head -20
