@@ -191,12 +191,6 @@ for n in $VARIANTS; do
 done
 
 # ---- 1b. builds, in parallel ----------------------------------------------------------------------
-    /bytes stack frame/        { props = $0; sub(/^[ \t]+/, "", props) }
-    /Used [0-9]+ registers/    { match($0, /Used [0-9]+ registers/); print substr($0, RSTART, RLENGTH) " | " props " | " fn; props = "" }
-  ' "$1" | (command -v c++filt >/dev/null && c++filt || cat) | cut -c1-300 | sort -u
-  grep -E "ptxas (warning|error)|[1-9][0-9]* bytes spill (stores|loads)" "$1" | sort -u | sed 's/^/WARN /'
-}
-
 build_one() {  # runs in the background; writes $AB/site_N, its log, and rc to $W/build_N.rc
   local n=$1 site=$AB/site_$1 t0=$SECONDS rc
   rm -rf "$site" "$AB/build_$n"     # a fresh build dir: copied sources have new mtimes anyway
