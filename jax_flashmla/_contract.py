@@ -17,6 +17,7 @@ HEAD_DIM_V = 512  # V is the first HEAD_DIM_V channels of K
 PAGE_SIZE = 64  # tokens per KV-cache page
 ROWS_PER_TILE = 64  # query rows handled by one kernel work tile
 TILE_METADATA_SIZE = 8  # int32 fields per tile_md row
+MAX_SM_PARTS = 65535  # the decode grid's z dimension (CUDA's limit) holds the parts; kMaxSmParts
 DEFAULT_SM_COUNT = 132  # SMs of an H100 SXM: the plan shape used where no GPU decides it
 
 def _supported_dtypes():
@@ -118,8 +119,10 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
     if (tile_md is None) != (num_splits is None):
         _fail("tile_md/num_splits", "both given or both None", "only one of them")
     if tile_md is not None:
-        if len(tile_md.shape) != 2 or _shape(tile_md)[1] != TILE_METADATA_SIZE or _shape(tile_md)[0] < 1:
-            _fail("tile_md", f"shape [num_sm_parts, {TILE_METADATA_SIZE}]", f"shape {_shape(tile_md)}")
+        if (len(tile_md.shape) != 2 or _shape(tile_md)[1] != TILE_METADATA_SIZE
+                or not 1 <= _shape(tile_md)[0] <= MAX_SM_PARTS):
+            _fail("tile_md", f"shape [num_sm_parts, {TILE_METADATA_SIZE}] with 1 <= num_sm_parts <= {MAX_SM_PARTS}",
+                  f"shape {_shape(tile_md)}")
         if np.dtype(tile_md.dtype) != np.int32:
             _fail("tile_md", "dtype int32", f"dtype {tile_md.dtype}")
         if _shape(num_splits) != (b + 1,):

@@ -35,8 +35,10 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: i
     _contract.check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
     if num_sm_parts is None:
         num_sm_parts = _contract.num_sm_parts(_default_sm_count(), num_q_tokens_per_head_k, num_heads_k)
-    elif isinstance(num_sm_parts, bool) or not isinstance(num_sm_parts, int) or num_sm_parts < 1:
-        raise _contract.ContractError(f"num_sm_parts: expected a positive Python int or None, got {num_sm_parts!r}")
+    elif (isinstance(num_sm_parts, bool) or not isinstance(num_sm_parts, int)
+          or not 1 <= num_sm_parts <= _contract.MAX_SM_PARTS):
+        raise _contract.ContractError(f"num_sm_parts: expected a Python int in [1, {_contract.MAX_SM_PARTS}] or None, "
+                                      f"got {num_sm_parts!r}")
     tile_md, num_splits = mla_metadata_p.bind(cache_seqlens, num_sm_parts=int(num_sm_parts))
     return tile_md, num_splits
 

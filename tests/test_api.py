@@ -101,6 +101,18 @@ def test_scheduler_balances_long_requests():
     assert sum(work) == 4000 and max(work) <= 255 and min(work) >= 225
 
 
+@pytest.mark.parametrize("parts", [0, -3, 65536, 1.5, True])
+def test_num_sm_parts_out_of_range_is_refused(parts):
+    # The decode grid holds the parts in its z dimension, which CUDA limits to 65535.
+    with pytest.raises(jfm.ContractError, match=re.escape("num_sm_parts: expected a Python int in [1, 65535] or None")):
+        jfm.get_mla_metadata(jnp.array([64, 0, 640], jnp.int32), 16, 1, num_sm_parts=parts)
+
+
+def test_largest_part_count_is_accepted_on_cpu():
+    tile_md, num_splits = jfm.get_mla_metadata(jnp.array([64, 0, 640], jnp.int32), 16, 1, num_sm_parts=65535)
+    assert tile_md.shape == (65535, 8) and num_splits.shape == (4,)
+
+
 def test_metadata_values_on_cpu():
     tile_md, num_splits = jfm.get_mla_metadata(jnp.array([64, 0, 640], jnp.int32), 16, 1, num_sm_parts=2)
     host_md, host_splits = _extension.schedule_tiles_host(np.array([64, 0, 640], np.int32), 2)
@@ -149,7 +161,8 @@ def test_bad_dtypes():
 
 def test_bad_metadata():
     base = specs()
-    with pytest.raises(jfm.ContractError, match=re.escape("tile_md: expected shape [num_sm_parts, 8], got shape (4, 7)")):
+    with pytest.raises(jfm.ContractError, match=re.escape("tile_md: expected shape [num_sm_parts, 8] with 1 <= num_sm_parts "
+                                                          "<= 65535, got shape (4, 7)")):
         jax.eval_shape(lambda a, t, n: jfm.flash_mla_with_kvcache(**a, tile_md=t, num_splits=n), base,
                        jax.ShapeDtypeStruct((4, 7), jnp.int32), jax.ShapeDtypeStruct((B + 1,), jnp.int32))
     with pytest.raises(jfm.ContractError, match=re.escape("num_splits: expected shape [4] (batch + 1), got shape (3,)")):

@@ -22,7 +22,8 @@ inline ffi::Error check_metadata_shapes(ffi::Buffer<ffi::S32> seqlens, ffi::Resu
   auto sd = seqlens.dimensions();
   auto td = tile_md->dimensions();
   auto nd = num_splits->dimensions();
-  if (sd.size() != 1 || td.size() != 2 || nd.size() != 1 || num_sm_parts < 1 || td[0] != num_sm_parts ||
+  if (sd.size() != 1 || td.size() != 2 || nd.size() != 1 || num_sm_parts < 1 || num_sm_parts > kMaxSmParts ||
+      td[0] != num_sm_parts ||
       td[1] != kTileMetadataSize || nd[0] != sd[0] + 1) {
     return invalid("metadata shapes do not match (cache_seqlens [b], tile_md [num_sm_parts, 8], num_splits [b+1])");
   }
@@ -62,7 +63,9 @@ inline ffi::Error read_decode_params(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, f
   p.max_blocks_per_seq = static_cast<int>(bd[1]);
   if (seqlens.dimensions().size() != 1 || seqlens.dimensions()[0] != p.batch) return invalid("cache_seqlens must be [b]");
   auto td = tile_md.dimensions();
-  if (td.size() != 2 || td[1] != kTileMetadataSize || td[0] < 1) return invalid("tile_md must be [num_sm_parts, 8]");
+  if (td.size() != 2 || td[1] != kTileMetadataSize || td[0] < 1 || td[0] > kMaxSmParts) {
+    return invalid("tile_md must be [num_sm_parts, 8] with 1 <= num_sm_parts <= 65535");
+  }
   p.num_sm_parts = static_cast<int>(td[0]);
   if (num_splits.dimensions().size() != 1 || num_splits.dimensions()[0] != p.batch + 1) {
     return invalid("num_splits must be [b + 1]");

@@ -18,6 +18,7 @@ constexpr int kHeadDimV = 512;      // V is the first 512 channels of K
 constexpr int kPageSize = 64;       // tokens per KV-cache page
 constexpr int kRowsPerTile = 64;    // query rows (s_q * h_q / h_kv) handled by one work tile
 constexpr int kTileMetadataSize = 8;  // int32 fields per row of tile_md
+constexpr int kMaxSmParts = 65535;  // the decode grid's z dimension (CUDA's limit) holds the parts
 // Scheduler cost of starting a (request, page-range) piece, in pages: it pays for the prologue, the
 // epilogue and, when the request is split, the combine.
 constexpr int kPieceOverheadPages = 5;

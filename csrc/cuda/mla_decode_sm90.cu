@@ -1,7 +1,7 @@
 // The SM90 split-KV decode kernel (FlashMLA's "seesaw" schedule) and its launcher, which also runs
 // the combine kernel (mla_combine.cu) for requests that were split.
 //
-// Work unit: one CTA per (sm part, kv head, 64-row tile) runs the pieces of its part (tile_md row)
+// Work unit: one CTA per (64-row tile, kv head, sm part) runs the pieces of its part (tile_md row)
 // one after the other; a piece is a page range of one request. Q (64 rows x 576 channels) and two
 // pages of K (64 tokens x 576; V is channels 0..511) sit in shared memory as 9 swizzled 64x64 tiles
 // each, K arriving by TMA (one box per tile, 128-byte swizzle). Pieces that are a whole request
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // knows these are shared-memory addresses and emits STS/LDS rather than generic stores.
   SharedStorage& s = *reinterpret_cast<SharedStorage*>(smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024);
 
-  const int part = blockIdx.x, kv_head = blockIdx.y, row0 = blockIdx.z * kRowsPerTile;
+  const int row0 = blockIdx.x * kRowsPerTile, kv_head = blockIdx.y, part = blockIdx.z;
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128, lane = tid % 32;
   const int r_lo = wtid / 32 * 16 + lane / 4;  // this thread's two accumulator rows: r_lo, r_lo + 8
   const int col_q = 2 * (lane % 4);            // first of its two columns in each 8-column chunk
@@ -331,7 +331,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename Elem>
 cudaError_t launch_typed(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
   if (cudaError_t err = allow_dynamic_smem<decode_kernel<Elem>>(kSmemBytes); err != cudaSuccess) return err;
-  const dim3 grid(p.num_sm_parts, p.num_heads_k, ceil_div(p.rows_per_head_k, kRowsPerTile));
+  // Row tiles innermost: the CTAs that read the same pages (one per row tile) get adjacent ids.
+  // 2.6-3.4% faster on the multi-tile cases than parts innermost (H200, docs/performance.md).
+  const dim3 grid(ceil_div(p.rows_per_head_k, kRowsPerTile), p.num_heads_k, p.num_sm_parts);
   decode_kernel<Elem><<<grid, kThreads, kSmemBytes, stream>>>(k_map, p);
   return cudaGetLastError();
 }
