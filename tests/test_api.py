@@ -159,6 +159,12 @@ def test_bad_dtypes():
            cache_seqlens=jax.ShapeDtypeStruct((B,), jnp.uint32))
 
 
+def test_tile_md_with_more_parts_than_the_grid_holds_is_refused():
+    with pytest.raises(jfm.ContractError, match=re.escape("got shape (65536, 8)")):
+        jax.eval_shape(lambda a, t, n: jfm.flash_mla_with_kvcache(**a, tile_md=t, num_splits=n), specs(),
+                       jax.ShapeDtypeStruct((65536, 8), jnp.int32), jax.ShapeDtypeStruct((B + 1,), jnp.int32))
+
+
 def test_bad_metadata():
     base = specs()
     with pytest.raises(jfm.ContractError, match=re.escape("tile_md: expected shape [num_sm_parts, 8] with 1 <= num_sm_parts "
