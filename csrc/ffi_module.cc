@@ -80,6 +80,7 @@ NB_MODULE(_ext, m) {
     c["PAGE_SIZE"] = jax_flashmla::kPageSize;
     c["ROWS_PER_TILE"] = jax_flashmla::kRowsPerTile;
     c["TILE_METADATA_SIZE"] = jax_flashmla::kTileMetadataSize;
+    c["MAX_SM_PARTS"] = jax_flashmla::kMaxSmParts;
     return c;
   });
 }

@@ -11,6 +11,7 @@ import pytest
 
 import jax_flashmla as jfm
 from jax_flashmla import _contract, _extension
+from jax_flashmla._primitives import mla_metadata_p
 
 B, S_Q, H_Q, H_KV, BLOCKS, MAX_BLOCKS = 3, 2, 8, 2, 10, 4
 
@@ -30,7 +31,7 @@ def test_constants_match_the_cpp_contract():
     cpp = _extension._ext.contract_constants()
     assert cpp == {"HEAD_DIM": _contract.HEAD_DIM, "HEAD_DIM_V": _contract.HEAD_DIM_V,
                    "PAGE_SIZE": _contract.PAGE_SIZE, "ROWS_PER_TILE": _contract.ROWS_PER_TILE,
-                   "TILE_METADATA_SIZE": _contract.TILE_METADATA_SIZE}
+                   "TILE_METADATA_SIZE": _contract.TILE_METADATA_SIZE, "MAX_SM_PARTS": _contract.MAX_SM_PARTS}
 
 
 def test_eval_shape_of_decode_and_metadata():
@@ -106,6 +107,12 @@ def test_num_sm_parts_out_of_range_is_refused(parts):
     # The decode grid holds the parts in its z dimension, which CUDA limits to 65535.
     with pytest.raises(jfm.ContractError, match=re.escape("num_sm_parts: expected a Python int in [1, 65535] or None")):
         jfm.get_mla_metadata(jnp.array([64, 0, 640], jnp.int32), 16, 1, num_sm_parts=parts)
+
+
+def test_metadata_handler_refuses_more_parts_than_the_grid_holds():
+    # Past the Python check (the primitive bound directly), the FFI handler keeps the same bound.
+    with pytest.raises(Exception, match=re.escape("1 <= num_sm_parts <= 65535")):
+        jax.jit(lambda s: mla_metadata_p.bind(s, num_sm_parts=65536))(jnp.array([64, 0, 640], jnp.int32))
 
 
 def test_largest_part_count_is_accepted_on_cpu():

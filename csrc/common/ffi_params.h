@@ -17,6 +17,9 @@ inline ffi::Error invalid(const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_flashmla: " + what);
 }
 
+// The part counts the decode grid can hold (kMaxSmParts), for error messages.
+inline std::string parts_range() { return "1 <= num_sm_parts <= " + std::to_string(kMaxSmParts); }
+
 inline ffi::Error check_metadata_shapes(ffi::Buffer<ffi::S32> seqlens, ffi::ResultBuffer<ffi::S32> tile_md,
                                         ffi::ResultBuffer<ffi::S32> num_splits, int32_t num_sm_parts) {
   auto sd = seqlens.dimensions();
@@ -25,7 +28,8 @@ inline ffi::Error check_metadata_shapes(ffi::Buffer<ffi::S32> seqlens, ffi::Resu
   if (sd.size() != 1 || td.size() != 2 || nd.size() != 1 || num_sm_parts < 1 || num_sm_parts > kMaxSmParts ||
       td[0] != num_sm_parts ||
       td[1] != kTileMetadataSize || nd[0] != sd[0] + 1) {
-    return invalid("metadata shapes do not match (cache_seqlens [b], tile_md [num_sm_parts, 8], num_splits [b+1])");
+    return invalid("metadata shapes do not match (cache_seqlens [b], tile_md [num_sm_parts, 8], num_splits [b+1], " +
+                   parts_range() + ")");
   }
   return ffi::Error::Success();
 }
@@ -64,7 +68,7 @@ inline ffi::Error read_decode_params(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, f
   if (seqlens.dimensions().size() != 1 || seqlens.dimensions()[0] != p.batch) return invalid("cache_seqlens must be [b]");
   auto td = tile_md.dimensions();
   if (td.size() != 2 || td[1] != kTileMetadataSize || td[0] < 1 || td[0] > kMaxSmParts) {
-    return invalid("tile_md must be [num_sm_parts, 8] with 1 <= num_sm_parts <= 65535");
+    return invalid("tile_md must be [num_sm_parts, 8] with " + parts_range());
   }
   p.num_sm_parts = static_cast<int>(td[0]);
   if (num_splits.dimensions().size() != 1 || num_splits.dimensions()[0] != p.batch + 1) {
