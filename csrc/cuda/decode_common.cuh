@@ -72,17 +72,6 @@ __device__ __forceinline__ void start_q_tile(uint8_t* q_tile, const DecodeParams
   }
 }
 
-// Zeroes K rows [valid, 64) of a stage, shared out over `num_threads` threads (this one is `thread`):
-// slots past a request's length may hold NaN, and P = 0 times V = NaN would still poison O.
-__device__ __forceinline__ void zero_tail_rows(uint8_t* stage, int valid, int thread, int num_threads) {
-  const int rows = kPageSize - valid;
-  for (int i = thread; i < rows * kChannelTiles * 8; i += num_threads) {
-    const int r = valid + i / (kChannelTiles * 8);
-    const int rest = i % (kChannelTiles * 8);
-    *reinterpret_cast<uint4*>(stage + (rest / 8) * kTileBytes + swizzled_offset(r, rest % 8)) = make_uint4(0, 0, 0, 0);
-  }
-}
-
 // The page range of request `req` in a part's tile_md row, clamped to the request's pages and the
 // batch so that a stale plan can never index outside block_table.
 struct PieceRange {
@@ -146,25 +135,6 @@ __device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.f
 // (log2 units); exactly 1 when the max did not move, so rescale_rows can skip the work.
 __device__ __forceinline__ float rescale_factor(float m_old, float m_new) {
   return m_old == m_new ? 1.f : exp2_approx(m_old - exp_base(m_new));
-}
-
-// S = Q K^T of one warpgroup over all 576 channels (9 tiles x 4 steps of k16), Q and K read from
-// shared memory through descriptors of their first tile; returns with the wgmma done. `Op::scores`
-// is the wgmma shape (N = kRegs / 2 tokens), `sc` its kRegs accumulator registers.
-template <typename Op, int kRegs>
-__device__ __forceinline__ void score_page(uint64_t q_desc, uint64_t k_desc, float* sc) {
-  wgmma_fence();
-#pragma unroll
-  for (int t = 0; t < kChannelTiles; ++t) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t offset = t * kTileBytes + kk * 32;
-      Op::scores(sc, desc_advance(q_desc, offset), desc_advance(k_desc, offset), (t | kk) != 0);
-    }
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-  pin_registers<kRegs>(sc);
 }
 
 // Rescales the rows of a 64x256 output fragment (rows r_lo and r_lo + 8 of this thread) by a_lo and

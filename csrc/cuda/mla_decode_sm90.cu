@@ -7,18 +7,21 @@
 // each, K arriving by TMA (one box per tile, 128-byte swizzle). Pieces that are a whole request
 // write out/lse; split requests write fp32 partials to the accumulator workspace.
 //
-// The pages of a piece go in pairs: page A (even) into stage 0, page B (odd) into stage 1. Warpgroup 0 owns output channels
-// 0..255 (O_L) and scores page A; warpgroup 1 owns channels 256..511 (O_R) and scores page B, each
-// with wgmma m64n64k16 over all 64 tokens. Per pair:
-//   WG0: S_A; m_a = max(m, rowmax S_A); P_A; O_L = O_L * 2^(m - m_a) + P_A V_A[:, L]  (P_A in registers)
-//        publishes m_a and P_A (in page A's RoPE tile, which nothing reads after S_A)  -> barrier A
-//   WG1: S_B; waits for m_a, P_A; O_R = O_R * 2^(m - m_a) + P_A V_A[:, R]  (P_A from shared memory)
-//        m_b = max(m_a, rowmax S_B); P_B; publishes m_b and P_B (page B's RoPE tile) -> barrier B
+// The pages of a piece go in pairs: page A (even) into stage 0, page B (odd) into stage 1. Warpgroup
+// 0 owns output channels 0..255 (O_L) and scores page A; warpgroup 1 owns channels 256..511 (O_R)
+// and scores page B, each with wgmma m64n64k16 over all 64 tokens. Per pair:
+//   WG0: m_a = max(m, rowmax S_A); P_A; publishes m_a and P_A (in page A's RoPE tile, which nothing
+//        reads after S_A)                                                         -> barrier MaxA
+//        O_L = O_L * 2^(m - m_a) + P_A V_A[:, L]  (P_A in registers)
+//   WG1: waits for m_a, P_A; O_R = O_R * 2^(m - m_a) + P_A V_A[:, R]  (P_A from shared memory)
+//        m_b = max(m_a, rowmax S_B); P_B; publishes m_b and P_B (page B's RoPE tile) -> barrier MaxB
 //        O_R = O_R * 2^(m_a - m_b) + P_B V_B[:, R]  (P_B in registers)
 //   WG0: waits for m_b, P_B; O_L = O_L * 2^(m_a - m_b) + P_B V_B[:, L]  (P_B from shared memory)
 // so one warpgroup's softmax overlaps the other's matrix work, Q is read once per 64 scores instead
 // of per 32, and no shared memory is added. Each warpgroup sums the P it computed; the two sums are
-// added at the end of the piece.
+// added at the end of the piece. Each warpgroup's S = Q K^T is issued and waited for at the start of
+// its pair. The pair bodies are compile-time (a later pair? page B?), so no branch separates a wgmma
+// from its wait, and the tail work (zeroing past the length) is only in the last pair's body.
 //
 // A stage is reloaded in two parts, each by the warpgroup that reads it last, as soon as that
 // warpgroup's wgmma on it are done (no cross-warpgroup release): part w holds V channels
@@ -26,10 +29,14 @@
 // part of the warpgroup that reads that P (warpgroup 1 for page A, warpgroup 0 for page B). So page
 // A's next load starts in the middle of a pair instead of at its end. Each part completes on its
 // own mbarrier; a warpgroup waits only on parts whose reload needs its own progress first, so a
-// part's phase can never run two loads ahead of a waiter.
+// part's phase can never run two loads ahead of a waiter. A warpgroup that reads a part it did not
+// wait for (the other's V half and P) sees its bytes through the other warpgroup's wait and the named
+// barrier between them, as FlashMLA relies on; waiting on the completed phase as well cost 1-2%.
 #include "cuda/decode_common.cuh"
 #include "cuda/mla_kernels.h"
 #include "cuda/wgmma_ops.cuh"
+
+#include <type_traits>
 
 namespace jax_flashmla {
 namespace sm90 {
@@ -44,7 +51,8 @@ struct SharedStorage {
 };
 
 constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + room to align the dynamic base
-constexpr int kBarPageA = 1, kBarPageB = 2, kBarWarpgroup = 3;  // named barriers (kBarWarpgroup + wg)
+// Named barriers of the pair hand-offs (see the header), and kBarWarpgroup + wg for one warpgroup.
+constexpr int kBarMaxA = 1, kBarMaxB = 2, kBarWarpgroup = 3;
 constexpr int kPTile = kChannelTiles - 1;  // the RoPE tile of a page, reused for that page's P
 
 template <typename Elem>
@@ -69,11 +77,11 @@ __device__ __forceinline__ void pin_words(uint32_t* r) {
 }
 
 // P = 2^(S scale_log2 - base) (S the raw scores, base in log2 units) packed to 16 bits, in the
-// register order of wgmma's A operand (token step kk is p[4 kk .. 4 kk + 3]), also written to `tile`
-// for the other warpgroup; adds the row sums to l. One FFMA and one MUFU.EX2 per score.
+// register order of wgmma's A operand (token step kk is p[4 kk .. 4 kk + 3]); adds the row sums to
+// l. One FFMA and one MUFU.EX2 per score.
 template <typename Elem>
 __device__ __forceinline__ void make_p(const float* sc, float scale_log2, float base_lo, float base_hi,
-                                       uint32_t* packed, uint8_t* tile, int r_lo, int col_q, float& l_lo, float& l_hi) {
+                                       uint32_t* packed, float& l_lo, float& l_hi) {
 #pragma unroll
   for (int i = 0; i < 32; i += 2) {
     const bool hi = (i >> 1) & 1;
@@ -82,28 +90,34 @@ __device__ __forceinline__ void make_p(const float* sc, float scale_log2, float 
     const float p1 = exp2_approx(fmaf(sc[i + 1], scale_log2, -base));
     if (hi) l_hi += p0 + p1; else l_lo += p0 + p1;
     packed[i / 2] = pack2<Elem>(p0, p1);
-    const int row = r_lo + (hi ? 8 : 0);
-    const int col = (i / 4) * 8 + col_q;
-    *reinterpret_cast<uint32_t*>(tile + swizzled_offset(row, col / 8) + (col % 8) * 2) = packed[i / 2];
   }
 }
 
-// The softmax step of one page: the running max (m, log2 units) moves to max(m, the page's raw row
-// maxima mx times scale_log2); returns it in new_*, with the factor 2^(m - new max) that O and the
-// row sums l must be rescaled by (applied to l here, to O by the caller), then makes P against it
-// (make_p, adding its row sums to l).
+// The softmax step of this warpgroup's page: the running max (m, log2 units) moves to max(m, the
+// page's raw row maxima mx times scale_log2), returned in new_*, with the factor 2^(m - new max)
+// that O must be rescaled by (l is rescaled here); then P against it (make_p, adding to l).
 template <typename Elem>
 __device__ __forceinline__ void softmax_page(const float* sc, float scale_log2, float mx_lo, float mx_hi, float m_lo,
-                                             float m_hi, uint32_t* packed, uint8_t* tile, int r_lo, int col_q,
-                                             float& l_lo, float& l_hi, float& new_lo, float& new_hi, float& f_lo,
-                                             float& f_hi) {
+                                             float m_hi, uint32_t* packed, float& l_lo, float& l_hi, float& new_lo,
+                                             float& new_hi, float& f_lo, float& f_hi) {
   new_lo = fmaxf(m_lo, mx_lo * scale_log2);
   new_hi = fmaxf(m_hi, mx_hi * scale_log2);
   f_lo = rescale_factor(m_lo, new_lo);
   f_hi = rescale_factor(m_hi, new_hi);
   l_lo *= f_lo;
   l_hi *= f_hi;
-  make_p<Elem>(sc, scale_log2, exp_base(new_lo), exp_base(new_hi), packed, tile, r_lo, col_q, l_lo, l_hi);
+  make_p<Elem>(sc, scale_log2, exp_base(new_lo), exp_base(new_hi), packed, l_lo, l_hi);
+}
+
+// Stores a packed P fragment (make_p's order) into a page's P tile for the other warpgroup.
+__device__ __forceinline__ void store_p(const uint32_t* packed, uint8_t* stage, int r_lo, int col_q) {
+  uint8_t* tile = stage + kPTile * kTileBytes;
+#pragma unroll
+  for (int i = 0; i < 32; i += 2) {
+    const int row = r_lo + (((i >> 1) & 1) ? 8 : 0);
+    const int col = (i / 4) * 8 + col_q;
+    *reinterpret_cast<uint32_t*>(tile + swizzled_offset(row, col / 8) + (col % 8) * 2) = packed[i / 2];
+  }
 }
 
 // P in a stage's RoPE tile, token step kk: the K-major A operand of PV.
@@ -125,23 +139,51 @@ __device__ __forceinline__ void issue_part(SharedStorage& s, int stage, int w, c
   if (rope) tma_load_3d(s.k[stage] + kPTile * kTileBytes, map, full, kPTile * kChannelTile, kv_head, row_coord, policy);
 }
 
-// This warpgroup's scores S = Q K^T over all 64 tokens of the page in stage `stage` (each warpgroup
-// scores its own stage: stage == wg), keys from key0, raw (unscaled) and masked, with their row
-// maxima. Waits for both parts of the page first; on a tail page it then zeroes the rows past
-// the length (those slots may hold NaN, and a masked P = 0 times V = NaN would still poison O).
+// S = Q K^T of the page in `stage`, raw (unscaled): waits for both parts, returns with the wgmma done.
 template <typename Elem>
-__device__ __forceinline__ void score_stage(SharedStorage& s, int stage, uint32_t parity, int len, int key0, int wtid,
-                                            int col_q, int limit_lo, int limit_hi, float* sc, float& mx_lo,
-                                            float& mx_hi) {
+__device__ __forceinline__ void scores_of_stage(SharedStorage& s, int stage, uint32_t parity, float* sc) {
   mbar_wait(&s.k_full[stage][0], parity);
   mbar_wait(&s.k_full[stage][1], parity);
-  if (len - key0 < kPageSize) {
-    zero_tail_rows(s.k[stage], len - key0, wtid, 128);
-    fence_proxy_async();
-    bar_sync(kBarWarpgroup + stage, 128);
+  const uint64_t q_desc = smem_desc_sw128(s.q, 16, 1024), k_desc = smem_desc_sw128(s.k[stage], 16, 1024);
+  wgmma_fence();  // after the wait loops: without it ptxas serializes every wgmma (C7520)
+#pragma unroll
+  for (int t = 0; t < kChannelTiles; ++t) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t offset = t * kTileBytes + kk * 32;
+      Ops<Elem>::scores(sc, desc_advance(q_desc, offset), desc_advance(k_desc, offset), (t | kk) != 0);
+    }
   }
-  score_page<Ops<Elem>, 32>(smem_desc_sw128(s.q, 16, 1024), smem_desc_sw128(s.k[stage], 16, 1024), sc);
-  mask_row_max<32>(sc, key0, col_q, limit_lo, limit_hi, mx_lo, mx_hi);
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_registers<32>(sc);
+}
+
+// On a request's last page, zeroes this warpgroup's V tiles (4 wg .. 4 wg + 3) in the key rows past
+// the length before its P V reads them: those slots may hold NaN, and P = 0 times NaN is NaN. (Q K^T
+// needs no zeroing: the scores of those keys are masked to -inf.)
+__device__ __forceinline__ void zero_tail_values(uint8_t* stage, int valid, int wg, int wtid) {
+  if (valid >= kPageSize) return;
+  for (int i = wtid; i < (kPageSize - valid) * 4 * 8; i += 128) {
+    const int r = valid + i / 32, chunk = i % 32;
+    *reinterpret_cast<uint4*>(stage + (4 * wg + chunk / 8) * kTileBytes + swizzled_offset(r, chunk % 8)) =
+        make_uint4(0, 0, 0, 0);
+  }
+  fence_proxy_async();
+  bar_sync(kBarWarpgroup + wg, 128);
+}
+
+// Hands the other warpgroup this thread's P fragment (into the page's P tile) and the new running
+// maxima of rows (r_lo, r_lo + 8), then arrives on `barrier`; the fence makes P visible to wgmma.
+__device__ __forceinline__ void hand_off(const uint32_t* packed, uint8_t* stage, float* published, int r_lo,
+                                         int col_q, int lane, float m_lo, float m_hi, int barrier) {
+  store_p(packed, stage, r_lo, col_q);
+  if (lane % 4 == 0) {
+    published[r_lo] = m_lo;
+    published[r_lo + 8] = m_hi;
+  }
+  fence_proxy_async();
+  bar_arrive(barrier, 2 * 128);
 }
 
 // Moves this thread's rows (r_lo, r_lo + 8) to the running maxima the other warpgroup published
@@ -157,22 +199,22 @@ __device__ __forceinline__ void adopt_max(const float* published, int r_lo, floa
   m_hi = new_hi;
 }
 
-// Hands this thread's new running maxima of rows (r_lo, r_lo + 8) to the other warpgroup, with the P
-// tile this warpgroup stored for it: the fence makes P visible to the async proxy (wgmma), then arrive.
-__device__ __forceinline__ void publish_max(float* published, int r_lo, int lane, float m_lo, float m_hi,
-                                            int barrier) {
-  if (lane % 4 == 0) {
-    published[r_lo] = m_lo;
-    published[r_lo + 8] = m_hi;
-  }
-  fence_proxy_async();
-  bar_arrive(barrier, 2 * 128);
-}
-
 // Waits for this warpgroup's matrix work, keeping the accumulators live until it is done.
 __device__ __forceinline__ void finish_wgmma(float* o) {
   wgmma_wait<0>();
   pin_registers<128>(o);
+}
+
+// O += P V[:, this warpgroup's half] with P from registers (this warpgroup's own page), waited for.
+template <typename Elem>
+__device__ __forceinline__ void values_from_registers(float* o, uint32_t* packed, const uint8_t* stage, int wg) {
+  pin_registers<128>(o);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_rs(o, packed + 4 * kk, v_desc(stage, wg, kk));
+  wgmma_commit();
+  finish_wgmma(o);
+  pin_words<16>(packed);  // the RS wgmma read them until now
 }
 
 template <typename Elem>
@@ -233,97 +275,114 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
 
-    for (int a = 0; a < n_pages; a += 2) {
-      const bool has_b = a + 1 < n_pages;
-      const int key_a = (page_begin + a) * kPageSize, key_b = key_a + kPageSize;
-      // This warpgroup's first thread reloads its parts of both stages with the next pair; the
-      // block-table reads start now so they are not on the reload's path.
-      int next_a = 0, next_b = 0;
-      if (wtid == 0) {
-        if (a + 2 < n_pages) next_a = page_row_coord(p, req, page_begin + a + 2);
+    // One pair of pages, pages a and a + 1 (see the header). kNext: a later pair follows (so this
+    // one has page B and no partial page); kHasB: page a + 1 is in the piece.
+    auto wg0_pair = [&](auto next_tag, auto has_b_tag, int a) {
+      constexpr bool kNext = decltype(next_tag)::value, kHasB = decltype(has_b_tag)::value;
+      const int key_a = (page_begin + a) * kPageSize;
+      const uint32_t phase_a = uses[0] & 1;
+      int next_a = 0, next_b = 0;  // the next pair's pages, read before they are needed
+      if (kNext && wtid == 0) {
+        next_a = page_row_coord(p, req, page_begin + a + 2);
         if (a + 3 < n_pages) next_b = page_row_coord(p, req, page_begin + a + 3);
       }
       float sc[32];
+      scores_of_stage<Elem>(s, 0, phase_a, sc);
+      float mx_lo, mx_hi;
+      mask_row_max<32>(sc, key_a, col_q, limit_lo, limit_hi, mx_lo, mx_hi);
       uint32_t packed[16];
-      if (wg == 0) {
-        // ---- warpgroup 0: scores and softmax of page A, then O_L += P_A V_A and P_B V_B ----
-        float mx_lo, mx_hi;
-        score_stage<Elem>(s, 0, uses[0] & 1, len, key_a, wtid, col_q, limit_lo, limit_hi, sc, mx_lo, mx_hi);
-        float ma_lo, ma_hi, alpha_lo, alpha_hi;
-        softmax_page<Elem>(sc, scale_log2, mx_lo, mx_hi, m_lo, m_hi, packed, s.k[0] + kPTile * kTileBytes, r_lo, col_q, l_lo, l_hi,
-                           ma_lo, ma_hi, alpha_lo, alpha_hi);
-        rescale_rows(o, alpha_lo, alpha_hi);
-        publish_max(s.max_a, r_lo, lane, ma_lo, ma_hi, kBarPageA);
-        m_lo = ma_lo;
-        m_hi = ma_hi;
-
+      float ma_lo, ma_hi, alpha_lo, alpha_hi;
+      softmax_page<Elem>(sc, scale_log2, mx_lo, mx_hi, m_lo, m_hi, packed, l_lo, l_hi, ma_lo, ma_hi, alpha_lo, alpha_hi);
+      hand_off(packed, s.k[0], s.max_a, r_lo, col_q, lane, ma_lo, ma_hi, kBarMaxA);
+      rescale_rows(o, alpha_lo, alpha_hi);
+      m_lo = ma_lo;
+      m_hi = ma_hi;
+      if constexpr (!kHasB) zero_tail_values(s.k[0], len - key_a, 0, wtid);
+      values_from_registers<Elem>(o, packed, s.k[0], 0);
+      // Stage 0's part 0 is done with once P_A V_A[:, L] is.
+      if (kNext && wtid == 0) issue_part(s, 0, 0, &k_map, next_a, kv_head, policy);
+      if constexpr (kHasB) {
+        bar_sync(kBarMaxB, 2 * 128);
+        adopt_max(s.max_b, r_lo, o, m_lo, m_hi, l_lo, l_hi);
+        if constexpr (!kNext) zero_tail_values(s.k[1], len - key_a - kPageSize, 0, wtid);
         pin_registers<128>(o);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_rs(o, packed + 4 * kk, v_desc(s.k[0], 0, kk));
+        for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[1], kk), v_desc(s.k[1], 0, kk));
         wgmma_commit();
-        // Stage 0's part 0 is done with once P_A V_A[:, L] is: reload it while warpgroup 1 works.
         finish_wgmma(o);
-        pin_words<16>(packed);  // the RS wgmma read them until now
-        if (wtid == 0 && a + 2 < n_pages) issue_part(s, 0, 0, &k_map, next_a, kv_head, policy);
-        if (has_b) {
-          bar_sync(kBarPageB, 2 * 128);
-          // Page B's bytes reach this warpgroup through warpgroup 1's wait and the barrier; waiting on
-          // the (already completed) phase of the part it reads makes the TMA writes visible to it
-          // directly. Safe: only this warpgroup reloads that part, below.
-          mbar_wait(&s.k_full[1][0], uses[1] & 1);
-          adopt_max(s.max_b, r_lo, o, m_lo, m_hi, l_lo, l_hi);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[1], kk), v_desc(s.k[1], 0, kk));
-          wgmma_commit();
-          finish_wgmma(o);
-          if (wtid == 0 && a + 3 < n_pages) issue_part(s, 1, 0, &k_map, next_b, kv_head, policy);
-        }
-      } else {
-        // ---- warpgroup 1: scores of page B, O_R += P_A V_A, softmax of page B, O_R += P_B V_B ----
-        float mx_lo = -INFINITY, mx_hi = -INFINITY;
-        if (has_b) {
-          score_stage<Elem>(s, 1, uses[1] & 1, len, key_b, wtid, col_q, limit_lo, limit_hi, sc, mx_lo, mx_hi);
-        }
-        bar_sync(kBarPageA, 2 * 128);
-        mbar_wait(&s.k_full[0][1], uses[0] & 1);  // as warpgroup 0 does for page B: completed already
-        adopt_max(s.max_a, r_lo, o, m_lo, m_hi, l_lo, l_hi);
-        pin_registers<128>(o);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[0], kk), v_desc(s.k[0], 1, kk));
-        wgmma_commit();
-        if (has_b) {
-          float mb_lo, mb_hi, beta_lo, beta_hi;
-          softmax_page<Elem>(sc, scale_log2, mx_lo, mx_hi, m_lo, m_hi, packed, s.k[1] + kPTile * kTileBytes, r_lo, col_q, l_lo,
-                             l_hi, mb_lo, mb_hi, beta_lo, beta_hi);
-          publish_max(s.max_b, r_lo, lane, mb_lo, mb_hi, kBarPageB);
-          // Stage 0's part 1 (V_A[:, R] and P_A) is done with once P_A V_A[:, R] is.
-          finish_wgmma(o);
-          if (wtid == 0 && a + 2 < n_pages) issue_part(s, 0, 1, &k_map, next_a, kv_head, policy);
-          rescale_rows(o, beta_lo, beta_hi);
-          m_lo = mb_lo;
-          m_hi = mb_hi;
-          pin_registers<128>(o);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_rs(o, packed + 4 * kk, v_desc(s.k[1], 1, kk));
-          wgmma_commit();
-          finish_wgmma(o);
-          pin_words<16>(packed);  // the RS wgmma read them until now
-          if (wtid == 0 && a + 3 < n_pages) issue_part(s, 1, 1, &k_map, next_b, kv_head, policy);
-        } else {
-          finish_wgmma(o);
-        }
+        if (kNext && wtid == 0 && a + 3 < n_pages) issue_part(s, 1, 0, &k_map, next_b, kv_head, policy);
       }
-      ++uses[0];
-      if (has_b) ++uses[1];
+    };
+
+    auto wg1_pair = [&](auto next_tag, auto has_b_tag, int a) {
+      constexpr bool kNext = decltype(next_tag)::value, kHasB = decltype(has_b_tag)::value;
+      const int key_a = (page_begin + a) * kPageSize, key_b = key_a + kPageSize;
+      const uint32_t phase_b = uses[1] & 1;
+      int next_a = 0, next_b = 0;
+      if (kNext && wtid == 0) {
+        next_a = page_row_coord(p, req, page_begin + a + 2);
+        if (a + 3 < n_pages) next_b = page_row_coord(p, req, page_begin + a + 3);
+      }
+      float sc[32], mx_lo = -INFINITY, mx_hi = -INFINITY;
+      if constexpr (kHasB) {
+        scores_of_stage<Elem>(s, 1, phase_b, sc);
+        mask_row_max<32>(sc, key_b, col_q, limit_lo, limit_hi, mx_lo, mx_hi);
+      }
+      bar_sync(kBarMaxA, 2 * 128);
+      adopt_max(s.max_a, r_lo, o, m_lo, m_hi, l_lo, l_hi);
+      if constexpr (!kHasB) zero_tail_values(s.k[0], len - key_a, 1, wtid);
+      pin_registers<128>(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[0], kk), v_desc(s.k[0], 1, kk));
+      wgmma_commit();
+      if constexpr (kHasB) {
+        uint32_t packed[16];
+        float mb_lo, mb_hi, beta_lo, beta_hi;
+        softmax_page<Elem>(sc, scale_log2, mx_lo, mx_hi, m_lo, m_hi, packed, l_lo, l_hi, mb_lo, mb_hi, beta_lo, beta_hi);
+        hand_off(packed, s.k[1], s.max_b, r_lo, col_q, lane, mb_lo, mb_hi, kBarMaxB);
+        // Stage 0's part 1 (V_A[:, R] and P_A) is done with once P_A V_A[:, R] is.
+        finish_wgmma(o);
+        if (kNext && wtid == 0) issue_part(s, 0, 1, &k_map, next_a, kv_head, policy);
+        rescale_rows(o, beta_lo, beta_hi);
+        m_lo = mb_lo;
+        m_hi = mb_hi;
+        if constexpr (!kNext) zero_tail_values(s.k[1], len - key_b, 1, wtid);
+        values_from_registers<Elem>(o, packed, s.k[1], 1);
+        if (kNext && wtid == 0 && a + 3 < n_pages) issue_part(s, 1, 1, &k_map, next_b, kv_head, policy);
+      } else {
+        finish_wgmma(o);
+      }
+    };
+
+    using Yes = std::true_type;
+    using No = std::false_type;
+    int a = 0;
+    if (wg == 0) {
+      for (; a + 2 < n_pages; a += 2) {
+        wg0_pair(Yes{}, Yes{}, a);
+        ++uses[0];
+        ++uses[1];
+      }
+      if (a + 1 < n_pages) wg0_pair(No{}, Yes{}, a);
+      else if (a < n_pages) wg0_pair(No{}, No{}, a);
+    } else {
+      for (; a + 2 < n_pages; a += 2) {
+        wg1_pair(Yes{}, Yes{}, a);
+        ++uses[0];
+        ++uses[1];
+      }
+      if (a + 1 < n_pages) wg1_pair(No{}, Yes{}, a);
+      else if (a < n_pages) wg1_pair(No{}, No{}, a);
     }
+    if (a < n_pages) ++uses[0];
+    if (a + 1 < n_pages) ++uses[1];
 
     finish_piece<Elem>(p, o, s.row_sum, req, piece.split, kv_head, row0, r_lo, wg, lane, l_lo, l_hi, m_lo, m_hi,
                        [&] {
-                         if (req < last_req) start_piece(req + 1);
+                         // last_req read again: kept in a register across the pieces, it is spilled
+                         if (req < min(md[kMdEndReq], p.batch - 1)) start_piece(req + 1);
                        });
   }
 }
