@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Static SASS figures of the decode kernels: the instruction mix of each kernel's page loop.
+"""Static SASS figures of the decode kernels: the instruction mix of each kernel's page loops.
 
     python3 scripts/sass_report.py OBJECT_OR_CUBIN [--cuobjdump PATH]
 
-The page loop is the innermost backward branch that encloses the kernel's HGMMA instructions; its
-body is counted as laid out (so conditional parts, such as the tail-page zeroing and the one
-thread that issues TMA loads, are counted once). A change that removes instructions from that body
-shows here before any timing. cuobjdump comes with the CUDA toolkit, or from PyPI
-(`pip install --target DIR nvidia-cuda-cuobjdump`, binary under DIR/nvidia/cu13/bin).
+A page loop is an innermost backward branch that encloses HGMMA instructions: one per warpgroup's
+steady pair body since the ninth session (before, one loop held both warpgroups). Its body is
+counted as laid out (so conditional parts, such as the one thread that issues TMA loads, are
+counted once). A change that removes instructions from that body shows here before any timing.
+cuobjdump comes with the CUDA toolkit, or from PyPI (`pip install --target DIR
+nvidia-cuda-cuobjdump`, binary under DIR/nvidia/cu13/bin).
 """
 from __future__ import annotations
 
@@ -35,21 +36,21 @@ def functions(sass: str) -> dict[str, list[tuple[int, str, str]]]:
     return out
 
 
-def page_loop(instrs):
-    """(start, end) addresses of the smallest backward-branch range holding every HGMMA, or None."""
+def page_loops(instrs):
+    """[(start, end)] of the innermost backward-branch ranges that hold an HGMMA, in address order.
+    Uniform retry loops (BRA.U.ANY) are not loops of the kernel's own."""
     hgmma = [a for a, op, _ in instrs if op == "HGMMA"]
-    if not hgmma:
-        return None
-    best = None
+    ranges = []
     for addr, op, text in instrs:
         if op != "BRA" or "U.ANY" in text:
             continue
         m = BRANCH_TARGET.search(text)
         target = int(m.group(1), 16) if m else addr
-        if target < addr and target <= min(hgmma) and addr >= max(hgmma):
-            if best is None or addr - target < best[1] - best[0]:
-                best = (target, addr)
-    return best
+        if target < addr and any(target <= h <= addr for h in hgmma):
+            ranges.append((target, addr))
+    innermost = [r for r in ranges
+                 if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
+    return sorted(set(innermost))
 
 
 def main() -> int:
@@ -59,15 +60,17 @@ def main() -> int:
     args = ap.parse_args()
     sass = subprocess.run([args.cuobjdump, "-sass", args.object], check=True, capture_output=True, text=True).stdout
     for name, instrs in functions(sass).items():
-        loop = page_loop(instrs)
-        if loop is None:
+        loops = page_loops(instrs)
+        if not loops:
             continue
-        body = [(op, text) for a, op, text in instrs if loop[0] <= a <= loop[1]]
-        mix = collections.Counter(op for op, _ in body)
-        hgmma = collections.Counter(text.split()[0] for op, text in body if op == "HGMMA")
-        print(f"{name}\n  page loop: {len(body)} instructions of {len(instrs)} in the kernel; "
-              + ", ".join(f"{k} x{v}" for k, v in sorted(hgmma.items())))
-        print("  mix: " + ", ".join(f"{k} {v}" for k, v in mix.most_common(16)))
+        print(f"{name}: {len(instrs)} instructions")
+        for start, end in loops:
+            body = [(op, text) for a, op, text in instrs if start <= a <= end]
+            mix = collections.Counter(op for op, _ in body)
+            hgmma = collections.Counter(text.split()[0] for op, text in body if op == "HGMMA")
+            print(f"  page loop {start:#x}-{end:#x}: {len(body)} instructions; "
+                  + ", ".join(f"{k} x{v}" for k, v in sorted(hgmma.items())))
+            print("    mix: " + ", ".join(f"{k} {v}" for k, v in mix.most_common(16)))
     return 0
 
 
