@@ -8,6 +8,8 @@ bf16; lengths ~ Normal(s_k, s_k/2) clipped to >= 2, one draw per s_k from --seed
               outside): from the JAX profiler, first kernel start to last kernel end of each
               iteration (its "span"; kernels that overlap, e.g. under programmatic dependent launch,
               count once), median over --iters (50) iterations with the L2 flushed before each.
+              The JSON record adds kernel_parts_ms: per kernel name (decode, combine), the median
+              of its time per iteration, so the two can be told apart where they overlap.
   call ms     wall clock of the whole jitted call (metadata + decode + combine), block_until_ready,
               median, L2 flushed before each.
   queued ms   the same call --queue-calls (20) times back to back with one block_until_ready, wall
@@ -188,6 +190,7 @@ class IterationTimes:
     sum_ms: list  # sum of event durations
     events: list  # events per iteration
     names: dict  # name -> count in the first iteration with events
+    name_ms: dict  # name -> per-iteration sum of that kernel's durations
     method: str
 
 
@@ -239,12 +242,20 @@ def attribute(events, windows, label: str, module_hint: str) -> IterationTimes |
     groups = [g for g in groups if g]
     if not groups:
         return None
+    name_ms = collections.defaultdict(list)
+    for g in groups:
+        per_iteration = collections.Counter()
+        for e in g:
+            per_iteration[e.name] += (e.end - e.start) / 1e6
+        for name, ms in per_iteration.items():
+            name_ms[name].append(ms)
     return IterationTimes(
         span_ms=[(max(e.end for e in g) - min(e.start for e in g)) / 1e6 for g in groups],
         busy_ms=[_union_ns((e.start, e.end) for e in g) / 1e6 for g in groups],
         sum_ms=[sum(e.end - e.start for e in g) / 1e6 for g in groups],
         events=[len(g) for g in groups],
         names=dict(collections.Counter(e.name for e in groups[0])),
+        name_ms=dict(name_ms),
         method=method,
     )
 
@@ -643,6 +654,7 @@ def run_matrix(jax, timer: Timer, args, cases: list[Case], baselines=None, ancho
                 rec.update(kernel_ms=median(t.span_ms), kernel_busy_ms=median(t.busy_ms),
                            kernel_sum_ms=median(t.sum_ms), kernel_min_ms=min(t.span_ms),
                            kernel_iters=len(t.span_ms), kernel_events=dict(t.names), src="trace",
+                           kernel_parts_ms={n: median(v) for n, v in t.name_ms.items()},
                            attribution=t.method)
             else:
                 wall = timer.wall_ms(kernel, args.iters)
@@ -904,6 +916,8 @@ planes {{ id: 2 name: "/device:GPU:0"
     assert [round(x, 6) for x in t.busy_ms] == [0.015, 0.017], t.busy_ms
     assert [round(x, 6) for x in t.sum_ms] == [0.017, 0.017], t.sum_ms
     assert t.names == {"mla_decode_kernel": 1, "mla_combine_kernel": 1}, t.names
+    assert {n: [round(x, 6) for x in v] for n, v in t.name_ms.items()} == {
+        "mla_decode_kernel": [0.01, 0.012], "mla_combine_kernel": [0.007, 0.005]}, t.name_ms
     no_windows = attribute(events, [], "kernel", "bench_kernel_call")
     assert no_windows.method == "module-runs" and [round(x, 6) for x in no_windows.span_ms] == [0.015, 0.025]
     print("[selftest] trace parser: ok (synthetic GPU plane, windows, module filter, overlap, skipped lines)")
