@@ -381,8 +381,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     finish_piece<Elem>(p, o, s.row_sum, req, piece.split, kv_head, row0, r_lo, wg, lane, l_lo, l_hi, m_lo, m_hi,
                        [&] {
-                         // last_req read again: kept in a register across the pieces, it is spilled
-                         if (req < min(md[kMdEndReq], p.batch - 1)) start_piece(req + 1);
+                         if (req < last_req) start_piece(req + 1);
                        });
   }
 }
