@@ -195,10 +195,11 @@ __device__ __forceinline__ void store_piece(const DecodeParams& p, const float* 
     } else {
       const int64_t acc_row = (slot * p.num_heads_k + kv_head) * p.rows_per_head_k + row;
       float* acc = p.o_accum + acc_row * kHeadDimV + wg * 256;
+      const uint64_t keep = evict_last_policy();
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
         const int i = j * 4 + half * 2;
-        *reinterpret_cast<float2*>(acc + j * 8 + col_q) = make_float2(o[i] * inv, o[i + 1] * inv);
+        st_global_f2_hint(acc + j * 8 + col_q, o[i] * inv, o[i + 1] * inv, keep);
       }
       if (wg == 0 && lane % 4 == 0) p.lse_accum[acc_row] = lse;
     }

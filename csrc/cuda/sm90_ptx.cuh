@@ -89,6 +89,19 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
   return policy;
 }
 
+// An L2 policy that keeps lines in L2 over evict_first/normal ones (the split partials, read back
+// by the combine kernel right after the decode kernel).
+__device__ __forceinline__ uint64_t evict_last_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+
+// Stores two floats with an L2 cache policy.
+__device__ __forceinline__ void st_global_f2_hint(float* ptr, float a, float b, uint64_t policy) {
+  asm volatile("st.global.L2::cache_hint.v2.f32 [%0], {%1, %2}, %3;" ::"l"(ptr), "f"(a), "f"(b), "l"(policy) : "memory");
+}
+
 // Loads the box at (c0, c1, c2) of a 3-D tensor map into shared memory, completing on `bar`.
 __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
                                             uint64_t policy) {
