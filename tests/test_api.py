@@ -91,6 +91,34 @@ def test_split_slots_are_disjoint_and_fit_the_workspace(parts, batch):
         assert used.max(initial=0) <= 1
 
 
+def combining_parts(tile_md, num_splits):
+    """The combine kernel's rule (mla_combine.cu): part j combines request r when j begins with r's
+    last piece of two or more. -> {request: [parts]}"""
+    claims = {}
+    for j, (begin_req, _, end_req, _, begin_split, *_) in enumerate(tile_md):
+        if not 0 <= begin_req < len(num_splits) - 1 or begin_req > end_req:
+            continue
+        n = num_splits[begin_req + 1] - num_splits[begin_req]
+        if begin_split >= 1 and begin_split == n - 1:
+            claims.setdefault(int(begin_req), []).append(j)
+    return claims
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 16, 66, 132])
+@pytest.mark.parametrize("batch", [1, 7, 128])
+def test_each_split_request_is_combined_by_exactly_one_part(parts, batch):
+    # The combine grid runs over the parts, not the requests: a split request whose last piece
+    # began no part would keep an unwritten output, one claimed twice would be written twice.
+    rng = np.random.default_rng([parts, batch, 1])
+    for trial in range(20):
+        seqlens = rng.integers(0, 9000 if trial % 2 else 300, batch).astype(np.int32)
+        tile_md, num_splits = _extension.schedule_tiles_host(seqlens, parts)
+        claims = combining_parts(tile_md, num_splits)
+        split = [r for r in range(batch) if num_splits[r + 1] - num_splits[r] > 1]
+        assert sorted(claims) == split
+        assert all(len(js) == 1 for js in claims.values())
+
+
 def test_scheduler_balances_long_requests():
     seqlens = np.full(4, 64 * 1000, np.int32)
     tile_md, _ = _extension.schedule_tiles_host(seqlens, 16)
