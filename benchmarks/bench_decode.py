@@ -10,6 +10,8 @@ bf16; lengths ~ Normal(s_k, s_k/2) clipped to >= 2, one draw per s_k from --seed
               count once), median over --iters (50) iterations with the L2 flushed before each.
               The JSON record adds kernel_parts_ms: per kernel name (decode, combine), the median
               of its time per iteration, so the two can be told apart where they overlap.
+  tail us     of kernel ms, the part after the decode kernel's end (the combine's wait release, its
+              work and its end), median over the same iterations.
   call ms     wall clock of the whole jitted call (metadata + decode + combine), block_until_ready,
               median, L2 flushed before each.
   queued ms   the same call --queue-calls (20) times back to back with one block_until_ready, wall
@@ -191,6 +193,7 @@ class IterationTimes:
     events: list  # events per iteration
     names: dict  # name -> count in the first iteration with events
     name_ms: dict  # name -> per-iteration sum of that kernel's durations
+    tail_ms: list  # per iteration: last end - the decode kernel's last end (iterations that have one)
     method: str
 
 
@@ -206,6 +209,9 @@ def _union_ns(intervals) -> float:
     if cur_e is not None:
         total += cur_e - cur_s
     return total
+
+
+DECODE_KERNEL = "decode_kernel"  # in the decode kernel's (demangled) name, not in the combine's
 
 
 def attribute(events, windows, label: str, module_hint: str) -> IterationTimes | None:
@@ -242,8 +248,11 @@ def attribute(events, windows, label: str, module_hint: str) -> IterationTimes |
     groups = [g for g in groups if g]
     if not groups:
         return None
-    name_ms = collections.defaultdict(list)
+    name_ms, tail_ms = collections.defaultdict(list), []
     for g in groups:
+        decode_ends = [e.end for e in g if DECODE_KERNEL in e.name]
+        if decode_ends:
+            tail_ms.append((max(e.end for e in g) - max(decode_ends)) / 1e6)
         per_iteration = collections.Counter()
         for e in g:
             per_iteration[e.name] += (e.end - e.start) / 1e6
@@ -256,6 +265,7 @@ def attribute(events, windows, label: str, module_hint: str) -> IterationTimes |
         events=[len(g) for g in groups],
         names=dict(collections.Counter(e.name for e in groups[0])),
         name_ms=dict(name_ms),
+        tail_ms=tail_ms,
         method=method,
     )
 
@@ -655,6 +665,7 @@ def run_matrix(jax, timer: Timer, args, cases: list[Case], baselines=None, ancho
                            kernel_sum_ms=median(t.sum_ms), kernel_min_ms=min(t.span_ms),
                            kernel_iters=len(t.span_ms), kernel_events=dict(t.names), src="trace",
                            kernel_parts_ms={n: median(v) for n, v in t.name_ms.items()},
+                           tail_us=None if not t.tail_ms else 1000 * median(t.tail_ms),
                            attribution=t.method)
             else:
                 wall = timer.wall_ms(kernel, args.iters)
@@ -760,7 +771,7 @@ def _f(v, fmt):
 MATRIX_COLS = [
     ("s_k", "s_k", "d"), ("h_q", "h_q", "d"), ("s_q", "s_q", "d"),
     ("kernel ms", "kernel_ms", ".3f"), ("call ms", "call_ms", ".3f"), ("queued ms", "queued_call_ms", ".3f"),
-    ("steady ms", "steady_call_ms", ".3f"), ("q.span ms", "queued_span_ms", ".3f"),
+    ("steady ms", "steady_call_ms", ".3f"), ("q.span ms", "queued_span_ms", ".3f"), ("tail us", "tail_us", ".1f"),
     ("TFLOPS", "tflops", "num"),
     ("GB/s", "gbps", "num"), ("BW%", "bw_pct", ".1f"), ("FLOP%", "flop_pct", ".1f"),
     ("XLA ms", "xla_ms", ".2f"), ("speedup", "speedup", ".1f"),
@@ -918,6 +929,7 @@ planes {{ id: 2 name: "/device:GPU:0"
     assert t.names == {"mla_decode_kernel": 1, "mla_combine_kernel": 1}, t.names
     assert {n: [round(x, 6) for x in v] for n, v in t.name_ms.items()} == {
         "mla_decode_kernel": [0.01, 0.012], "mla_combine_kernel": [0.007, 0.005]}, t.name_ms
+    assert [round(x, 6) for x in t.tail_ms] == [0.005, 0.013], t.tail_ms
     no_windows = attribute(events, [], "kernel", "bench_kernel_call")
     assert no_windows.method == "module-runs" and [round(x, 6) for x in no_windows.span_ms] == [0.015, 0.025]
     print("[selftest] trace parser: ok (synthetic GPU plane, windows, module filter, overlap, skipped lines)")
