@@ -205,6 +205,17 @@ __device__ __forceinline__ void finish_wgmma(float* o) {
   pin_registers<128>(o);
 }
 
+// Issues O += P V[:, this warpgroup's half] with P from the page's P tile (the other warpgroup's
+// page) and commits it; the caller waits (finish_wgmma) when it needs O.
+template <typename Elem>
+__device__ __forceinline__ void issue_values_from_shared(float* o, const uint8_t* stage, int wg) {
+  pin_registers<128>(o);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(stage, kk), v_desc(stage, wg, kk));
+  wgmma_commit();
+}
+
 // O += P V[:, this warpgroup's half] with P from registers (this warpgroup's own page), waited for.
 template <typename Elem>
 __device__ __forceinline__ void values_from_registers(float* o, uint32_t* packed, const uint8_t* stage, int wg) {
@@ -305,11 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         bar_sync(kBarMaxB, 2 * 128);
         adopt_max(s.max_b, r_lo, o, m_lo, m_hi, l_lo, l_hi);
         if constexpr (!kNext) zero_tail_values(s.k[1], len - key_a - kPageSize, 0, wtid);
-        pin_registers<128>(o);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[1], kk), v_desc(s.k[1], 0, kk));
-        wgmma_commit();
+        issue_values_from_shared<Elem>(o, s.k[1], 0);
         finish_wgmma(o);
         if (kNext && wtid == 0 && a + 3 < n_pages) issue_part(s, 1, 0, &k_map, next_b, kv_head, policy);
       }
@@ -332,11 +339,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       bar_sync(kBarMaxA, 2 * 128);
       adopt_max(s.max_a, r_lo, o, m_lo, m_hi, l_lo, l_hi);
       if constexpr (!kHasB) zero_tail_values(s.k[0], len - key_a, 1, wtid);
-      pin_registers<128>(o);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) Ops<Elem>::values_ss(o, p_desc(s.k[0], kk), v_desc(s.k[0], 1, kk));
-      wgmma_commit();
+      issue_values_from_shared<Elem>(o, s.k[0], 1);
       if constexpr (kHasB) {
         uint32_t packed[16];
         float mb_lo, mb_hi, beta_lo, beta_hi;
