@@ -362,23 +362,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     using Yes = std::true_type;
     using No = std::false_type;
     int a = 0;
-    if (wg == 0) {
+    // The piece's pages in pairs: full pairs with a successor, then a last pair with or without page B.
+    auto walk_pairs = [&](auto pair) {
       for (; a + 2 < n_pages; a += 2) {
-        wg0_pair(Yes{}, Yes{}, a);
+        pair(Yes{}, Yes{}, a);
         ++uses[0];
         ++uses[1];
       }
-      if (a + 1 < n_pages) wg0_pair(No{}, Yes{}, a);
-      else if (a < n_pages) wg0_pair(No{}, No{}, a);
-    } else {
-      for (; a + 2 < n_pages; a += 2) {
-        wg1_pair(Yes{}, Yes{}, a);
-        ++uses[0];
-        ++uses[1];
-      }
-      if (a + 1 < n_pages) wg1_pair(No{}, Yes{}, a);
-      else if (a < n_pages) wg1_pair(No{}, No{}, a);
-    }
+      if (a + 1 < n_pages) pair(No{}, Yes{}, a);
+      else if (a < n_pages) pair(No{}, No{}, a);
+    };
+    if (wg == 0) walk_pairs(wg0_pair);
+    else walk_pairs(wg1_pair);
     if (a < n_pages) ++uses[0];
     if (a + 1 < n_pages) ++uses[1];
 
