@@ -293,16 +293,28 @@ class Timer:
             import jax.numpy as jnp
             n = args.flush_mib * (1 << 20) // 4
             self._flush_buf = jnp.zeros((n,), jnp.float32)
-
-            def bench_l2_flush(x):
-                return x + 1.0
-            self._flush_fn = jax.jit(bench_l2_flush, donate_argnums=0)
+            # Both kinds evict the caches from the L2. "write" (FlashMLA's way: its tests rewrite a
+            # buffer) also leaves the buffer's last lines dirty there, to be written back during the
+            # next kernel; "read" leaves nothing dirty. Both are named bench_l2_flush, so the trace
+            # parser drops them from the timed iterations.
+            if args.flush_kind == "write":
+                def bench_l2_flush(x):
+                    return x + 1.0
+                self._flush_fn = jax.jit(bench_l2_flush, donate_argnums=0)
+            else:
+                def bench_l2_flush(x):
+                    return jnp.sum(x)
+                self._flush_fn = jax.jit(bench_l2_flush)
             self.flush()
 
     def flush(self):
-        if self._flush_fn is not None:
+        if self._flush_fn is None:
+            return
+        if self.args.flush_kind == "write":
             self._flush_buf = self._flush_fn(self._flush_buf)
             self._flush_buf.block_until_ready()
+        else:
+            self._flush_fn(self._flush_buf).block_until_ready()
 
     def wall_ms(self, fn, iters: int) -> list:
         times = []
@@ -956,7 +968,9 @@ def main(argv=None):
                    help="memory for distinct per-layer caches in step mode; above it all layers share one")
     p.add_argument("--copy-mib", type=int, default=2048, help="copy-bandwidth buffer (bf16)")
     p.add_argument("--matmul-n", type=int, default=8192)
-    p.add_argument("--flush-mib", type=int, default=256, help="L2 flush buffer written before each iteration (0: off)")
+    p.add_argument("--flush-mib", type=int, default=256, help="L2 flush buffer touched before each iteration (0: off)")
+    p.add_argument("--flush-kind", choices=("write", "read"), default="write",
+                   help="rewrite the flush buffer (the default, as FlashMLA's tests do) or only read it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ref", action="store_true", help="skip the plain-XLA reference")
     p.add_argument("--no-trace", action="store_true", help="wall clock only (no profiler)")
@@ -994,7 +1008,8 @@ def main(argv=None):
     env = {"device": f"{dev.platform}:{getattr(dev, 'device_kind', '?')}", "jax": jax.__version__,
            "jax_flashmla": getattr(jfm, "__version__", "?"), "kernel_path": jfm.kernel_path(),
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "iters": args.iters, "flush_mib": args.flush_mib, "seed": args.seed, "smoke": args.smoke}
+           "iters": args.iters, "flush_mib": args.flush_mib, "flush_kind": args.flush_kind, "seed": args.seed,
+           "smoke": args.smoke}
     print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     if env["kernel_path"] != "cuda-sm90":
         print(f"NOTE: decode lowers to {env['kernel_path']!r}, not the SM90 kernel: the 'kernel' figures "
