@@ -35,6 +35,8 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 // k_cache [num_blocks, 64, h_kv, 576] as a 3-D tensor (channel, kv head, token row) whose boxes are
 // 64 channels x 1 head x 64 tokens with 128-byte swizzle: one swizzled 64x64 tile per TMA copy.
+// L2 promotion is 128 bytes, one box row: 256 bytes was up to 9% slower on the memory-bound cases
+// (H200, L2 flushed by a read; docs/performance.md, twelfth session).
 ffi::Error make_kcache_tensor_map(const DecodeParams& p, CUtensorMap& map) {
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return ffi::Error(ffi::ErrorCode::kInternal, "jax_flashmla: cuTensorMapEncodeTiled unavailable");
@@ -47,7 +49,7 @@ ffi::Error make_kcache_tensor_map(const DecodeParams& p, CUtensorMap& map) {
   const CUtensorMapDataType type =
       p.dtype == ElementType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   CUresult res = encode(&map, type, 3, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
-                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (res != CUDA_SUCCESS) {
     return ffi::Error(ffi::ErrorCode::kInternal,
