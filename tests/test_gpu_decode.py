@@ -28,6 +28,7 @@ test code itself where there is no GPU; the heavy cases are slow there, select w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -347,6 +348,30 @@ def test_custom_softmax_scale():
     for scale in (0.1, 1.0):
         out, lse = run_kernel(args, causal=True, metadata=plan(args), softmax_scale=scale)
         check_against_reference(args, out, lse, causal=True, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_rising_and_jumping_scores(dtype):
+    # The running row max moves all along each sequence and jumps on a few pages: keys are scaled up
+    # with their position (score spread from 1 to 25 standard deviations) and three pages per
+    # request by 3 more. So the softmax's rescaling runs on many pages, for small rises and for
+    # jumps of tens of log2 units, and the split partials' maxima differ widely.
+    rng = _rng(f"rising-{dtype}")
+    lengths = np.array([3000, 700, 4096], np.int32)
+    problem = make_problem(rng, batch=3, seqlen_q=2, num_heads_q=64, num_heads_k=1, lengths=lengths,
+                           dtype=np.float32)
+    k_cache = problem.k_cache  # NaN outside the requests' tokens, and it stays NaN
+    for req, n in enumerate(lengths):
+        pages = problem.block_table[req, : -(-int(n) // PAGE)]
+        gain = 1 + 24 * np.arange(pages.size * PAGE) / n
+        gain[rng.choice(pages.size, size=3, replace=False)[:, None] * PAGE + np.arange(PAGE)] *= 3
+        k_cache[pages] *= gain.reshape(pages.size, PAGE, 1, 1)
+    args = device_args(dataclasses.replace(problem, q=problem.q.astype(DTYPES[dtype]),
+                                           k_cache=k_cache.astype(DTYPES[dtype])))
+    md = plan(args, num_sm_parts=16)
+    assert max_splits(md[1]) > 1
+    out, lse = run_kernel(args, causal=True, metadata=md)
+    check_against_reference(args, out, lse, causal=True)
 
 
 # ---- metadata, jit and the split/combine path ----------------------------------------------------
