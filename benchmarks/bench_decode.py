@@ -288,7 +288,7 @@ class Timer:
         self.profile_data = _profile_data_class()
         self.trace_described = False
         self.trace_ok = self.profile_data is not None and not args.no_trace
-        self._flush_fn = None
+        self._flush_step = None  # runs one flush and returns its result (not yet waited for)
         if args.flush_mib > 0:
             import jax.numpy as jnp
             n = args.flush_mib * (1 << 20) // 4
@@ -300,21 +300,24 @@ class Timer:
             if args.flush_kind == "write":
                 def bench_l2_flush(x):
                     return x + 1.0
-                self._flush_fn = jax.jit(bench_l2_flush, donate_argnums=0)
+                rewrite = jax.jit(bench_l2_flush, donate_argnums=0)
+
+                def step():
+                    self._flush_buf = rewrite(self._flush_buf)
+                    return self._flush_buf
             else:
                 def bench_l2_flush(x):
                     return jnp.sum(x)
-                self._flush_fn = jax.jit(bench_l2_flush)
+                read = jax.jit(bench_l2_flush)
+
+                def step():
+                    return read(self._flush_buf)
+            self._flush_step = step
             self.flush()
 
     def flush(self):
-        if self._flush_fn is None:
-            return
-        if self.args.flush_kind == "write":
-            self._flush_buf = self._flush_fn(self._flush_buf)
-            self._flush_buf.block_until_ready()
-        else:
-            self._flush_fn(self._flush_buf).block_until_ready()
+        if self._flush_step is not None:
+            self._flush_step().block_until_ready()
 
     def wall_ms(self, fn, iters: int) -> list:
         times = []
