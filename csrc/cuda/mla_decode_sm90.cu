@@ -10,14 +10,16 @@
 // The pages of a piece go in pairs: page A (even) into stage 0, page B (odd) into stage 1. Warpgroup
 // 0 owns output channels 0..255 (O_L) and scores page A; warpgroup 1 owns channels 256..511 (O_R)
 // and scores page B, each with wgmma m64n64k16 over all 64 tokens. Per pair:
-//   WG0: m_a = max(m, rowmax S_A); P_A; publishes m_a and P_A (in page A's RoPE tile, which nothing
-//        reads after S_A)                                                         -> barrier MaxA
+//   WG0: m_a = next_base(m, rowmax S_A); P_A; publishes m_a and P_A (in page A's RoPE tile, which
+//        nothing reads after S_A)                                                 -> barrier MaxA
 //        O_L = O_L * 2^(m - m_a) + P_A V_A[:, L]  (P_A in registers)
 //   WG1: waits for m_a, P_A; O_R = O_R * 2^(m - m_a) + P_A V_A[:, R]  (P_A from shared memory)
-//        m_b = max(m_a, rowmax S_B); P_B; publishes m_b and P_B (page B's RoPE tile) -> barrier MaxB
+//        m_b = next_base(m_a, rowmax S_B); P_B; publishes m_b and P_B (page B's RoPE tile)
+//                                                                                  -> barrier MaxB
 //        O_R = O_R * 2^(m_a - m_b) + P_B V_B[:, R]  (P_B in registers)
 //   WG0: waits for m_b, P_B; O_L = O_L * 2^(m_a - m_b) + P_B V_B[:, L]  (P_B from shared memory)
-// so one warpgroup's softmax overlaps the other's matrix work, Q is read once per 64 scores instead
+// (next_base: the running max, moved only when a page exceeds it by more than kMaxSlack) so one
+// warpgroup's softmax overlaps the other's matrix work, Q is read once per 64 scores instead
 // of per 32, and no shared memory is added. Each warpgroup sums the P it computed; the two sums are
 // added at the end of the piece. Each warpgroup's S = Q K^T is issued and waited for at the start of
 // its pair. The pair bodies are compile-time (a later pair? page B?), so no branch separates a wgmma
@@ -93,15 +95,27 @@ __device__ __forceinline__ void make_p(const float* sc, float scale_log2, float 
   }
 }
 
-// The softmax step of this warpgroup's page: the running max (m, log2 units) moves to max(m, the
-// page's raw row maxima mx times scale_log2), returned in new_*, with the factor 2^(m - new max)
-// that O must be rescaled by (l is rescaled here); then P against it (make_p, adding to l).
+// How far (log2 units) a page's row max may exceed the exponent base before the base moves: P is
+// then at most 2^8, which bf16, fp16 and the fp32 sums hold with the same relative precision, and
+// O is rescaled only when a row's max jumps by more than that (once per row in most sequences).
+constexpr float kMaxSlack = 8.f;
+
+// The exponent base after a page with scaled row max `page_max`: unchanged unless the page exceeds
+// it by more than kMaxSlack (a base of -inf, a row with no key yet, moves to any finite max).
+__device__ __forceinline__ float next_base(float base, float page_max) {
+  return page_max > base + kMaxSlack ? page_max : base;
+}
+
+// The softmax step of this warpgroup's page: the exponent base (m, log2 units) moves by next_base
+// with the page's raw row maxima mx times scale_log2, returned in new_*, with the factor
+// 2^(m - new base) that O must be rescaled by (l is rescaled here); then P against it (make_p,
+// adding to l).
 template <typename Elem>
 __device__ __forceinline__ void softmax_page(const float* sc, float scale_log2, float mx_lo, float mx_hi, float m_lo,
                                              float m_hi, uint32_t* packed, float& l_lo, float& l_hi, float& new_lo,
                                              float& new_hi, float& f_lo, float& f_hi) {
-  new_lo = fmaxf(m_lo, mx_lo * scale_log2);
-  new_hi = fmaxf(m_hi, mx_hi * scale_log2);
+  new_lo = next_base(m_lo, mx_lo * scale_log2);
+  new_hi = next_base(m_hi, mx_hi * scale_log2);
   f_lo = rescale_factor(m_lo, new_lo);
   f_hi = rescale_factor(m_hi, new_hi);
   l_lo *= f_lo;
