@@ -22,7 +22,7 @@
 // warpgroup's softmax overlaps the other's matrix work, Q is read once per 64 scores instead
 // of per 32, and no shared memory is added. Each warpgroup sums the P it computed; the two sums are
 // added at the end of the piece. Each warpgroup's S = Q K^T is issued and waited for at the start of
-// its pair. The pair bodies are compile-time (a later pair? page B?), so no branch separates a wgmma
+// its pair (by the stage's two load parts when few row tiles share a page: kMaxTilesByPart). The pair bodies are compile-time (a later pair? page B?), so no branch separates a wgmma
 // from its wait, and the tail work (zeroing past the length) is only in the last pair's body.
 //
 // A stage is reloaded in two parts, each by the warpgroup that reads it last, as soon as that
@@ -153,19 +153,41 @@ __device__ __forceinline__ void issue_part(SharedStorage& s, int stage, int w, c
   if (rope) tma_load_3d(s.k[stage] + kPTile * kTileBytes, map, full, kPTile * kChannelTile, kv_head, row_coord, policy);
 }
 
-// S = Q K^T of the page in `stage`, raw (unscaled): waits for both parts, returns with the wgmma done.
-template <typename Elem>
+// S = Q K^T of the page in `stage`, raw (unscaled); returns with the wgmma done. kByPart: part 0's
+// tiles are issued as soon as part 0 has landed, while part 1 may still be loading (helps when the
+// loads are the wait); otherwise one wait for both parts and one unbroken wgmma chain (helps when
+// the tensor pipe is: the fence between the parts costs more than the early start gains).
+template <typename Elem, bool kByPart>
 __device__ __forceinline__ void scores_of_stage(SharedStorage& s, int stage, uint32_t parity, float* sc) {
-  mbar_wait(&s.k_full[stage][0], parity);
-  mbar_wait(&s.k_full[stage][1], parity);
   const uint64_t q_desc = smem_desc_sw128(s.q, 16, 1024), k_desc = smem_desc_sw128(s.k[stage], 16, 1024);
-  wgmma_fence();  // after the wait loops: without it ptxas serializes every wgmma (C7520)
+  if constexpr (kByPart) {
 #pragma unroll
-  for (int t = 0; t < kChannelTiles; ++t) {
+    for (int w = 0; w < 2; ++w) {
+      mbar_wait(&s.k_full[stage][w], parity);
+      wgmma_fence();  // after the wait loop: without it ptxas serializes every wgmma (C7520)
+      const bool rope = w == 1 - stage;  // the part the RoPE tile comes with (issue_part)
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t offset = t * kTileBytes + kk * 32;
-      Ops<Elem>::scores(sc, desc_advance(q_desc, offset), desc_advance(k_desc, offset), (t | kk) != 0);
+      for (int j = 0; j < 5; ++j) {
+        if (j == 4 && !rope) continue;
+        const int t = j < 4 ? 4 * w + j : kPTile;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const uint32_t offset = t * kTileBytes + kk * 32;
+          Ops<Elem>::scores(sc, desc_advance(q_desc, offset), desc_advance(k_desc, offset), (w | j | kk) != 0);
+        }
+      }
+    }
+  } else {
+    mbar_wait(&s.k_full[stage][0], parity);
+    mbar_wait(&s.k_full[stage][1], parity);
+    wgmma_fence();  // after the wait loops: without it ptxas serializes every wgmma (C7520)
+#pragma unroll
+    for (int t = 0; t < kChannelTiles; ++t) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint32_t offset = t * kTileBytes + kk * 32;
+        Ops<Elem>::scores(sc, desc_advance(q_desc, offset), desc_advance(k_desc, offset), (t | kk) != 0);
+      }
     }
   }
   wgmma_commit();
@@ -242,7 +264,7 @@ __device__ __forceinline__ void values_from_registers(float* o, uint32_t* packed
   pin_words<16>(packed);  // the RS wgmma read them until now
 }
 
-template <typename Elem>
+template <typename Elem, bool kByPart>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
@@ -312,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (a + 3 < n_pages) next_b = page_row_coord(p, req, page_begin + a + 3);
       }
       float sc[32];
-      scores_of_stage<Elem>(s, 0, phase_a, sc);
+      scores_of_stage<Elem, kByPart>(s, 0, phase_a, sc);
       float mx_lo, mx_hi;
       mask_row_max<32>(sc, key_a, col_q, limit_lo, limit_hi, mx_lo, mx_hi);
       uint32_t packed[16];
@@ -347,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       float sc[32], mx_lo = -INFINITY, mx_hi = -INFINITY;
       if constexpr (kHasB) {
-        scores_of_stage<Elem>(s, 1, phase_b, sc);
+        scores_of_stage<Elem, kByPart>(s, 1, phase_b, sc);
         mask_row_max<32>(sc, key_b, col_q, limit_lo, limit_hi, mx_lo, mx_hi);
       }
       bar_sync(kBarMaxA, 2 * 128);
@@ -398,14 +420,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <typename Elem>
-cudaError_t launch_typed(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
-  if (cudaError_t err = allow_dynamic_smem<decode_kernel<Elem>>(kSmemBytes); err != cudaSuccess) return err;
+template <typename Elem, bool kByPart>
+cudaError_t launch_kernel(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
+  if (cudaError_t err = allow_dynamic_smem<decode_kernel<Elem, kByPart>>(kSmemBytes); err != cudaSuccess) return err;
   // Row tiles innermost: the CTAs that read the same pages (one per row tile) get adjacent ids.
   // 2.6-3.4% faster on the multi-tile cases than parts innermost (H200, docs/performance.md).
   const dim3 grid(ceil_div(p.rows_per_head_k, kRowsPerTile), p.num_heads_k, p.num_sm_parts);
-  decode_kernel<Elem><<<grid, kThreads, kSmemBytes, stream>>>(k_map, p);
+  decode_kernel<Elem, kByPart><<<grid, kThreads, kSmemBytes, stream>>>(k_map, p);
   return cudaGetLastError();
+}
+
+// Scores part by part when at most kMaxTilesByPart row tiles share each page: then the K loads
+// are the wait. With more, the tiles' CTAs find the pages in L2 and the tensor pipe is the limit.
+// (H200 A/Bs: part by part +0.5-1.5% at one tile; at two +1.5-3% for s_k <= 8192, -1.5 to +1.4%
+// at 16384; -3.5 to -6% at four. docs/performance.md, thirteenth session.)
+constexpr int kMaxTilesByPart = 2;
+
+template <typename Elem>
+cudaError_t launch_typed(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream) {
+  return ceil_div(p.rows_per_head_k, kRowsPerTile) <= kMaxTilesByPart ? launch_kernel<Elem, true>(p, k_map, stream)
+                                                                        : launch_kernel<Elem, false>(p, k_map, stream);
 }
 
 }  // namespace sm90
