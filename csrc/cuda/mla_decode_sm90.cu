@@ -432,8 +432,8 @@ cudaError_t launch_kernel(const DecodeParams& p, const CUtensorMap& k_map, cudaS
 
 // Scores part by part when at most kMaxTilesByPart row tiles share each page: then the K loads
 // are the wait. With more, the tiles' CTAs find the pages in L2 and the tensor pipe is the limit.
-// (H200 A/Bs: part by part +0.5-1.5% at one tile; at two +1.5-3% for s_k <= 8192, -1.5 to +1.4%
-// at 16384; -3.5 to -6% at four. docs/performance.md, thirteenth session.)
+// (H200 A/Bs, docs/performance.md, thirteenth session: part by part 0 to +1.4% at one tile; at two
+// -0.1 to +3.4% for s_k <= 8192, -1.5 to +1.5% at 16384; at four 0.2-5.5% slower, more at longer s_k.)
 constexpr int kMaxTilesByPart = 2;
 
 template <typename Elem>
