@@ -135,6 +135,9 @@ def main(argv=None):
     results, srcs, kpaths, case_keys, notes = {}, {}, {}, [], []
     reps_seen = []
     for r in runs:
+        if r["json"] and not os.path.exists(r["json"]):
+            # A run folder unpacked elsewhere (ab_logs.tgz): the JSON under this folder's json/.
+            r["json"] = os.path.join(d, "json", os.path.basename(r["json"]))
         if not r["json"] or not os.path.exists(r["json"]):
             continue
         try:

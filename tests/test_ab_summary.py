@@ -55,3 +55,18 @@ def test_a_failed_check_is_marked(tmp_path):
     text = _summary(tmp_path, variant_check="FAILED rc=1")
     assert "**fast FAILED**" in text
     assert "(check FAILED)" in text
+
+
+def test_a_run_folder_unpacked_elsewhere_finds_its_json(tmp_path):
+    """runs.tsv names each JSON by its path on the device; a fetched copy has them under json/."""
+    (tmp_path / "json").mkdir()
+    runs = ["variant\trep\trc\tstart\tend\tsecs\tjson"]
+    for variant, ms in (("base", 0.2), ("fast", 0.1)):
+        _report(tmp_path / "json" / f"{variant}_rep1.json", {(4096, 16): ms})
+        runs.append(f"{variant}\t1\t0\t\t\t16\t/nonexistent/ab/run/json/{variant}_rep1.json")
+    (tmp_path / "runs.tsv").write_text("\n".join(runs) + "\n")
+    (tmp_path / "variants.txt").write_text("base\nfast\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert _load().main(["--dir", str(tmp_path)]) == 0
+    assert "| 4096 | 16 | 1 | 0.200 | 0.100 | 2.000 |" in out.getvalue()
