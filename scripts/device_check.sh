@@ -2,7 +2,7 @@
 # One command for the GPU machine (the device tool runs it from the repository root):
 # build and install the package, run the GPU tests, run the benchmark; logs and results in $OUT.
 #
-#   bash scripts/device_check.sh [build] [test] [bench] [quick] [sanitize] [all] [-- PYTEST_ARGS...]
+#   bash scripts/device_check.sh [build] [test] [bench] [quick] [sanitize] [mesh] [all] [-- PYTEST_ARGS...]
 #
 #   no step named = all (build, test, bench). quick runs benchmarks/quick_check.py (nine correctness
 #   cases, then three wall-clock timings) in a process of its own under a timeout.
@@ -10,14 +10,18 @@
 #   racecheck; decode kernel only) once per tool: out-of-bounds accesses, misused barriers and
 #   shared-memory races that a passing test can hide. XLA's command buffers and GEMM autotuning are
 #   off there (see do_sanitize). Racecheck's reports on this kernel: docs/kernel.md, "Verification".
-#   test, bench, quick and sanitize build first when the installed package
+#   mesh runs the sharding and transformation tests (test_sharding.py, test_transforms.py) on this
+#   machine's GPUs: data- and head-parallel decode on real meshes against the reference, with the
+#   no-all-gather checks on the HLO. Each test skips when it needs more devices than there are, so
+#   a 2-GPU machine runs the 1-D meshes of 2 and a 1-GPU machine only the single-device ones.
+#   test, bench, quick, sanitize and mesh build first when the installed package
 #   is missing or lacks the CUDA kernels (a fresh machine). Arguments after `--` go to pytest
 #   (e.g. -- -x -k heavy). Environment:
 #     BENCH_ARGS   extra benchmark arguments, e.g. BENCH_ARGS="--cases s_k=4096 --mode matrix"
 #     BUILD_ARGS   extra pip arguments (default: -C cmake.define.JAX_FLASHMLA_CUDA=ON)
 #     ANCHORS      FlashMLA's figures (anchors/flashmla_h100.md) if copied into the checkout
 #     OUT          where logs go (the device tool sets it; default /tmp/jax_flashmla_device_out)
-#     TEST_TIMEOUT seconds the GPU tests may run before they are stopped (default 540)
+#     TEST_TIMEOUT seconds the GPU tests (and, separately, the mesh tests) may run (default 540)
 #     QUICK_TIMEOUT seconds the quick step may run (default 180)
 #     SANITIZE_TOOLS the sanitize step's tools (default: "memcheck synccheck racecheck"), each run
 #                  stopped after SANITIZE_TIMEOUT seconds (default 240)
@@ -27,7 +31,7 @@
 #
 # Files in $OUT: env.txt, build.log (full pip/CMake/ptxas log), ptxas.txt (register and spill report
 # per kernel), gpu_tests.log, bench.log, bench.json, clocks.csv (SM clock and power during the bench,
-# every 200 ms), quick.log, sanitize_<tool>.log. The last lines printed
+# every 200 ms), quick.log, sanitize_<tool>.log, mesh_tests.log. The last lines printed
 # are short summaries.
 set -uo pipefail
 [ -n "${ANCHORS:-}" ] && ANCHORS=$(realpath -m "$ANCHORS")  # relative to where the script was started
@@ -41,11 +45,11 @@ steps=()
 pytest_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    build|test|bench|quick|sanitize) steps+=("$1") ;;
+    build|test|bench|quick|sanitize|mesh) steps+=("$1") ;;
     all) steps+=(build test bench) ;;
     --) shift; pytest_args=("$@"); break ;;
     -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (steps: build test bench quick sanitize all; pytest args after --)"; exit 2 ;;
+    *) echo "device_check.sh: unknown argument '$1' (steps: build test bench quick sanitize mesh all; pytest args after --)"; exit 2 ;;
   esac
   shift
 done
@@ -117,6 +121,20 @@ do_test() {
   echo "pytest rc=${rc[test]} (${dur[test]} s); log: gpu_tests.log"
 }
 
+# ---- sharding and transformations on this machine's GPUs ------------------------------------------
+do_mesh() {
+  local t0=$SECONDS
+  echo; echo "==== mesh ===="
+  ensure_built
+  local xla_flags="${XLA_FLAGS:-}"
+  [[ "$xla_flags" == *xla_gpu_autotune_level* ]] || xla_flags="$xla_flags --xla_gpu_autotune_level=0"
+  (cd tests && XLA_FLAGS="$xla_flags" timeout -k 10 "${TEST_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider \
+     test_sharding.py test_transforms.py -rfEs "${pytest_args[@]}") >"$OUT/mesh_tests.log" 2>&1
+  rc[mesh]=$?
+  dur[mesh]=$((SECONDS - t0))
+  echo "mesh pytest rc=${rc[mesh]} (${dur[mesh]} s) on $(nvidia-smi -L 2>/dev/null | wc -l) GPU(s); log: mesh_tests.log"
+}
+
 # ---- benchmark -------------------------------------------------------------------------------------
 do_bench() {
   local t0=$SECONDS
@@ -177,6 +195,7 @@ want test && do_test
 want bench && do_bench
 want quick && do_quick
 want sanitize && do_sanitize
+want mesh && do_mesh
 
 # ---- summaries (the device reply shows only the end of the output) --------------------------------
 echo
@@ -193,6 +212,12 @@ if [ -n "${rc[test]+x}" ]; then
   grep -m 1 -E "^SKIPPED" "$OUT/gpu_tests.log" | cut -c1-200
   sed -n '/slowest/,/^$/p' "$OUT/gpu_tests.log" | grep -E "^[0-9.]+s " | head -n 5
   tail -n 1 "$OUT/gpu_tests.log"
+fi
+if [ -n "${rc[mesh]+x}" ]; then
+  echo "-- mesh: rc=${rc[mesh]} (${dur[mesh]} s)"
+  grep -E "^(FAILED|ERROR)" "$OUT/mesh_tests.log" | cut -c1-200 | head -n 25
+  grep -E "^SKIPPED" "$OUT/mesh_tests.log" | cut -c1-200 | head -n 5
+  tail -n 1 "$OUT/mesh_tests.log"
 fi
 if [ -n "${rc[bench]+x}" ]; then
   echo "-- bench: rc=${rc[bench]} (${dur[bench]} s)"

@@ -1,4 +1,8 @@
-"""jit with named shardings on an 8-device CPU mesh: the decode is partitioned, not gathered."""
+"""jit with named shardings on a device mesh: the decode is partitioned, not gathered.
+
+On the CPU, tests/conftest.py asks XLA for 8 host devices, so every test runs. On GPUs each test
+takes the devices its mesh needs and is skipped when there are fewer (a 2-GPU machine runs the
+1-D meshes of 2)."""
 
 import re
 
@@ -12,11 +16,11 @@ import jax_flashmla as fm
 from jax_flashmla import _extension
 from mla_cases import make_case
 
-pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (tests/conftest.py sets XLA_FLAGS)")
-
-
 def mesh_of(shape, names):
-    return Mesh(np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape), names)
+    needed = int(np.prod(shape))
+    if len(jax.devices()) < needed:
+        pytest.skip(f"needs {needed} devices, this backend has {len(jax.devices())}")
+    return Mesh(np.array(jax.devices()[:needed]).reshape(shape), names)
 
 
 def place(mesh, arrays, specs):
@@ -54,25 +58,29 @@ def local_out_shapes(hlo):
             for line in calls]
 
 
+@pytest.mark.parametrize("shards", [2, 4])
 @pytest.mark.parametrize("with_plan", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_data_parallel_rebases_page_ids(causal, with_plan):
-    mesh = mesh_of((4,), ("x",))
-    case = make_case(40, batch=8, seqlen_q=2, heads_q=4, shards=4)
+def test_data_parallel_rebases_page_ids(causal, with_plan, shards):
+    mesh = mesh_of((shards,), ("x",))
+    case = make_case(40, batch=2 * shards, seqlen_q=2, heads_q=4, shards=shards)
     fn = decode_fn(causal, with_plan, rows=8, h_kv=1)
     out, lse, hlo = check(fn, mesh, case, (P("x"),) * 4, causal, gathers_allowed=False)
     assert out.sharding.spec[0] == "x" and lse.sharding.spec[0] == "x"
     assert local_out_shapes(hlo) == [(2, 2, 4, fm.HEAD_DIM_V)]
 
 
-def test_data_parallel_with_replicated_cache_uses_global_ids():
-    mesh = mesh_of((4,), ("x",))
-    case = make_case(41, batch=8, heads_q=2)  # pages anywhere in the pool
+@pytest.mark.parametrize("shards", [2, 4])
+def test_data_parallel_with_replicated_cache_uses_global_ids(shards):
+    mesh = mesh_of((shards,), ("x",))
+    case = make_case(41, batch=2 * shards, heads_q=2)  # pages anywhere in the pool
     _, _, hlo = check(decode_fn(False), mesh, case, (P("x"), P(), P("x"), P("x")), False, gathers_allowed=False)
     assert local_out_shapes(hlo) == [(2, 1, 2, fm.HEAD_DIM_V)]
 
 
 def test_data_parallel_page_outside_own_shard_is_an_error_on_cpu():
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU path checks page ids; the GPU kernel reads ids outside the pool as zeros")
     mesh = mesh_of((2,), ("x",))
     q, k, bt, sl = make_case(42, batch=4, heads_q=2, lens=[100, 100, 100, 100], shards=2)
     bt = bt.at[0, 0].set(bt[3, 0])  # request 0 (shard 0) reads a page of shard 1
