@@ -102,19 +102,24 @@ ensure_built() {
 }
 
 # ---- tests -----------------------------------------------------------------------------------------
+# run_pytest LOG PYTEST_ARGS...: pytest from tests/, so the installed package, not the source folder,
+# is imported. -v names each test as it starts, so a kernel that hangs shows which case; TEST_TIMEOUT
+# (seconds) stops it before the device call's own limit, so the summary below still prints.
+# Every case compiles the reference for new shapes; XLA's GEMM autotuning (seconds per shape, and
+# nothing the comparison needs) is switched off unless XLA_FLAGS already sets it.
+run_pytest() {
+  local log=$1; shift
+  local xla_flags="${XLA_FLAGS:-}"
+  [[ "$xla_flags" == *xla_gpu_autotune_level* ]] || xla_flags="$xla_flags --xla_gpu_autotune_level=0"
+  (cd tests && XLA_FLAGS="$xla_flags" timeout -k 10 "${TEST_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider \
+     -rfEs "$@" "${pytest_args[@]}") >"$OUT/$log" 2>&1
+}
+
 do_test() {
   local t0=$SECONDS
   echo; echo "==== test ===="
   ensure_built
-  # From tests/ so the installed package, not the source folder, is imported. -v names each test
-  # as it starts, so a kernel that hangs shows which case; TEST_TIMEOUT (seconds) stops it before
-  # the device call's own limit, so the summary below still prints.
-  # Every case compiles the reference for new shapes; XLA's GEMM autotuning (seconds per shape, and
-  # nothing the comparison needs) is switched off unless XLA_FLAGS already sets it.
-  local xla_flags="${XLA_FLAGS:-}"
-  [[ "$xla_flags" == *xla_gpu_autotune_level* ]] || xla_flags="$xla_flags --xla_gpu_autotune_level=0"
-  (cd tests && XLA_FLAGS="$xla_flags" timeout -k 10 "${TEST_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider -m gpu test_gpu_decode.py \
-     -rfEs --durations=8 "${pytest_args[@]}") >"$OUT/gpu_tests.log" 2>&1
+  run_pytest gpu_tests.log -m gpu test_gpu_decode.py --durations=8
   rc[test]=$?
   [ "${rc[test]}" = 124 ] && echo "pytest stopped by TEST_TIMEOUT=${TEST_TIMEOUT:-540} s (a hang, or too many cases for one call)"
   dur[test]=$((SECONDS - t0))
@@ -126,10 +131,7 @@ do_mesh() {
   local t0=$SECONDS
   echo; echo "==== mesh ===="
   ensure_built
-  local xla_flags="${XLA_FLAGS:-}"
-  [[ "$xla_flags" == *xla_gpu_autotune_level* ]] || xla_flags="$xla_flags --xla_gpu_autotune_level=0"
-  (cd tests && XLA_FLAGS="$xla_flags" timeout -k 10 "${TEST_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider \
-     test_sharding.py test_transforms.py -rfEs "${pytest_args[@]}") >"$OUT/mesh_tests.log" 2>&1
+  run_pytest mesh_tests.log test_sharding.py test_transforms.py
   rc[mesh]=$?
   dur[mesh]=$((SECONDS - t0))
   echo "mesh pytest rc=${rc[mesh]} (${dur[mesh]} s) on $(nvidia-smi -L 2>/dev/null | wc -l) GPU(s); log: mesh_tests.log"
