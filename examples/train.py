@@ -16,7 +16,12 @@ Before training it also checks the kernel path against the naive path (no kernel
 at initialisation: logits of the same batch may differ from the float32 naive path by at most
 --tolerance-factor (2) times what the whole model run in bfloat16 differs.
 
-Usage: python3 examples/train.py [--steps 150 --threshold 1.0]
+With --data-parallel N the batch is split over N devices (a 1-D mesh, weights replicated): jit
+partitions the step, the kernel runs on each device's share of the requests and pages, and the
+gradients are summed across devices by XLA. On the CPU, ask XLA for host devices first, e.g.
+XLA_FLAGS=--xla_force_host_platform_device_count=2.
+
+Usage: python3 examples/train.py [--steps 150 --threshold 1.0] [--data-parallel N]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flashmla as jfm
 from jax_flashmla import nn
@@ -54,7 +60,22 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=1.0, help="loss (nats) to reach within --steps")
     p.add_argument("--tolerance-factor", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                   help="split the batch over N devices (1: one device, no mesh)")
     return p.parse_args(argv)
+
+
+def data_parallel_shardings(n: int, batch: int):
+    """(batch sharding, replicated sharding) over a 1-D mesh of n devices, or (None, None) for n = 1."""
+    if n == 1:
+        return None, None
+    if n < 1 or batch % n:
+        raise SystemExit(f"--data-parallel {n}: needs n >= 1 dividing --batch {batch}")
+    if len(jax.devices()) < n:
+        raise SystemExit(f"--data-parallel {n}: this backend has {len(jax.devices())} device(s) "
+                         "(on the CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+    return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
 
 def make_batch(rng, args):
@@ -73,6 +94,10 @@ def run(args) -> dict:
                         qk_nope_head_dim=args.nope_dim, v_head_dim=args.v_dim)
     cfg = nn.DecoderConfig(vocab_size=args.vocab, num_layers=args.layers, mlp_dim=args.mlp_dim, attention=attn)
     graphdef, params = nnx.split(nn.MLADecoder(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(args.seed)))
+    batch_sharding, replicated = data_parallel_shardings(args.data_parallel, args.batch)
+    place = (lambda tokens: tokens) if batch_sharding is None else (lambda tokens: jax.device_put(tokens, batch_sharding))
+    if replicated is not None:
+        params = jax.device_put(params, replicated)
     # Targets at index >= period - 1 (token position >= period) repeat a token seen `period` back.
     predictable = jnp.arange(args.seq_len) >= args.period - 1
 
@@ -83,13 +108,18 @@ def run(args) -> dict:
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(args.lr, weight_decay=0.01))
     opt_state = tx.init(params)
+    if replicated is not None:
+        opt_state = jax.device_put(opt_state, replicated)  # as the step returns it: no second compile
 
     def train_step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    # Data-parallel: the weights, optimizer state and loss stay replicated from step to step (one
+    # compile; the gradient's sum over the devices is XLA's all-reduce).
+    train_step = jax.jit(train_step, donate_argnums=(0, 1),
+                         **({} if replicated is None else dict(out_shardings=replicated)))
 
     @jax.jit
     def forward_check(params, tokens):
@@ -100,13 +130,13 @@ def run(args) -> dict:
             ref = model.naive(tokens)[0]
         return model.causal_paged(tokens), ref, bf16.naive(tokens)[0]
 
-    kernel, ref, bf16 = forward_check(params, make_batch(rng, args)[:, :-1])
+    kernel, ref, bf16 = forward_check(params, place(make_batch(rng, args)[:, :-1]))
     fwd_err, fwd_floor = float(jnp.abs(kernel - ref).max()), float(jnp.abs(bf16 - ref).max())
     forward_ok = fwd_err <= args.tolerance_factor * fwd_floor
 
     losses, reached_at, step_times = [], None, []
     for step in range(args.steps):
-        tokens = make_batch(rng, args)
+        tokens = place(make_batch(rng, args))
         t0 = time.perf_counter()
         params, opt_state, loss = train_step(params, opt_state, tokens)
         loss = float(loss)
@@ -115,11 +145,13 @@ def run(args) -> dict:
         if reached_at is None and loss < args.threshold:
             reached_at = step + 1
     timed = step_times[1:] if len(step_times) > 1 else step_times  # the first step compiles
+    tokens_per_s = args.batch * args.seq_len * len(timed) / sum(timed)
     result = dict(
-        backend=jax.default_backend(), kernel_path=jfm.kernel_path(), steps=args.steps, threshold=args.threshold,
+        backend=jax.default_backend(), kernel_path=jfm.kernel_path(), devices=args.data_parallel,
+        steps=args.steps, threshold=args.threshold,
         chance_loss=float(np.log(args.vocab)), start_loss=losses[0], end_loss=losses[-1], losses=losses,
         reached_at=reached_at, step_ms_median=1e3 * float(np.median(timed)),
-        tokens_per_s=args.batch * args.seq_len * len(timed) / sum(timed),
+        tokens_per_s=tokens_per_s, tokens_per_s_per_device=tokens_per_s / args.data_parallel,
         forward_max_abs_diff=fwd_err, forward_bf16_naive_abs_diff=fwd_floor, forward_ok=forward_ok,
     )
     result["ok"] = reached_at is not None and forward_ok
@@ -128,10 +160,14 @@ def run(args) -> dict:
 
 def summary(r) -> str:
     reached = f"reached at step {r['reached_at']}" if r["reached_at"] else "NOT reached"
-    return (f"train: {r['backend']} ({r['kernel_path']}) | loss {r['start_loss']:.3f} -> {r['end_loss']:.3f} "
+    devices = per_device = ""
+    if r["devices"] > 1:
+        devices = f", {r['devices']} devices data-parallel"
+        per_device = f" ({r['tokens_per_s_per_device']:.0f} per device)"
+    return (f"train: {r['backend']} ({r['kernel_path']}){devices} | loss {r['start_loss']:.3f} -> {r['end_loss']:.3f} "
             f"(chance {r['chance_loss']:.2f}), threshold {r['threshold']} {reached} within {r['steps']} steps | "
-            f"{r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s | kernel vs naive f32 forward: "
-            f"max abs {r['forward_max_abs_diff']:.3e} (bf16 naive: {r['forward_bf16_naive_abs_diff']:.3e}) | "
+            f"{r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s{per_device} | kernel vs naive f32 "
+            f"forward: max abs {r['forward_max_abs_diff']:.3e} (bf16 naive: {r['forward_bf16_naive_abs_diff']:.3e}) | "
             f"{'OK' if r['ok'] else 'FAILED'}")
 
 

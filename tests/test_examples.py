@@ -94,6 +94,31 @@ def test_train_loss_falls_below_threshold(capsys):
     assert r["forward_max_abs_diff"] <= args.tolerance_factor * r["forward_bf16_naive_abs_diff"]
 
 
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (tests/conftest.py gives the CPU 8)")
+def test_train_data_parallel_reaches_threshold_with_the_decode_partitioned():
+    train = _load("train")
+    args = train.parse_args(["--data-parallel", "2"])
+    r = train.run(args)
+    assert r["ok"], train.summary(r)
+    assert r["devices"] == 2 and "2 devices data-parallel" in train.summary(r)
+    assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2)
+
+    # The step's decode runs on each device's half of the batch, not on a gathered batch.
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax_flashmla import _extension
+
+    attn = nn.MLAConfig(dim=32, num_heads=2, qk_nope_head_dim=8, v_head_dim=8)
+    cfg = nn.DecoderConfig(vocab_size=16, num_layers=1, mlp_dim=32, attention=attn)
+    graphdef, params = nnx.split(nn.MLADecoder(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    tokens = jax.device_put(jnp.zeros((4, 70), jnp.int32), NamedSharding(mesh, P("data")))
+    loss = lambda p, t: jnp.sum(nnx.merge(graphdef, p).causal_paged(t))
+    hlo = jax.jit(jax.grad(loss)).lower(jax.device_put(params, NamedSharding(mesh, P())), tokens).compile().as_text()
+    calls = [line for line in hlo.splitlines() if f'custom_call_target="{_extension.DECODE_TARGET}"' in line]
+    assert calls and all("bf16[2,70,2,512]" in line for line in calls), calls
+
+
 def test_training_attention_goes_through_the_kernel():
     """The training forward and its gradient contain the library's op (not a jnp re-implementation)."""
     from flax import nnx
