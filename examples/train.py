@@ -95,7 +95,10 @@ def run(args) -> dict:
     cfg = nn.DecoderConfig(vocab_size=args.vocab, num_layers=args.layers, mlp_dim=args.mlp_dim, attention=attn)
     graphdef, params = nnx.split(nn.MLADecoder(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(args.seed)))
     batch_sharding, replicated = data_parallel_shardings(args.data_parallel, args.batch)
-    place = (lambda tokens: tokens) if batch_sharding is None else (lambda tokens: jax.device_put(tokens, batch_sharding))
+
+    def place(tokens):
+        return tokens if batch_sharding is None else jax.device_put(tokens, batch_sharding)
+
     if replicated is not None:
         params = jax.device_put(params, replicated)
     # Targets at index >= period - 1 (token position >= period) repeat a token seen `period` back.

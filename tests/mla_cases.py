@@ -1,9 +1,12 @@
-"""Random decode problems for the transformation tests (small shapes, CPU-friendly)."""
+"""Random decode problems for the transformation tests (small shapes, CPU-friendly), and the
+devices a multi-device test takes."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import jax.numpy as jnp
+import pytest
 
 from jax_flashmla import HEAD_DIM, PAGE_SIZE
 
@@ -39,3 +42,11 @@ def make_case(seed, *, batch=2, seqlen_q=1, heads_q=4, heads_k=1, lens=None, max
             table[i, used:] = rng.integers(-(10 ** 6), 10 ** 6, size=max_blocks - used)
         k[~valid] = np.nan
     return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(table), jnp.asarray(lens))
+
+
+def devices_or_skip(n):
+    """The first n devices (tests/conftest.py gives the CPU 8); skips the test when this backend has
+    fewer (a 2-GPU machine runs the tests of 2 devices)."""
+    if len(jax.devices()) < n:
+        pytest.skip(f"needs {n} devices, this backend has {len(jax.devices())}")
+    return jax.devices()[:n]

@@ -105,16 +105,15 @@ def test_train_data_parallel_reaches_threshold_with_the_decode_partitioned():
 
     # The step's decode runs on each device's half of the batch, not on a gathered batch.
     from flax import nnx
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from jax_flashmla import _extension
 
     attn = nn.MLAConfig(dim=32, num_heads=2, qk_nope_head_dim=8, v_head_dim=8)
     cfg = nn.DecoderConfig(vocab_size=16, num_layers=1, mlp_dim=32, attention=attn)
     graphdef, params = nnx.split(nn.MLADecoder(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
-    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
-    tokens = jax.device_put(jnp.zeros((4, 70), jnp.int32), NamedSharding(mesh, P("data")))
+    batch_sharding, replicated = train.data_parallel_shardings(2, 4)  # the example's own mesh
+    tokens = jax.device_put(jnp.zeros((4, 70), jnp.int32), batch_sharding)
     loss = lambda p, t: jnp.sum(nnx.merge(graphdef, p).causal_paged(t))
-    hlo = jax.jit(jax.grad(loss)).lower(jax.device_put(params, NamedSharding(mesh, P())), tokens).compile().as_text()
+    hlo = jax.jit(jax.grad(loss)).lower(jax.device_put(params, replicated), tokens).compile().as_text()
     calls = [line for line in hlo.splitlines() if f'custom_call_target="{_extension.DECODE_TARGET}"' in line]
     assert calls and all("bf16[2,70,2,512]" in line for line in calls), calls
 

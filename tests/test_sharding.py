@@ -14,13 +14,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flashmla as fm
 from jax_flashmla import _extension
-from mla_cases import make_case
+from mla_cases import devices_or_skip, make_case
 
 def mesh_of(shape, names):
-    needed = int(np.prod(shape))
-    if len(jax.devices()) < needed:
-        pytest.skip(f"needs {needed} devices, this backend has {len(jax.devices())}")
-    return Mesh(np.array(jax.devices()[:needed]).reshape(shape), names)
+    return Mesh(np.array(devices_or_skip(int(np.prod(shape)))).reshape(shape), names)
 
 
 def place(mesh, arrays, specs):

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 import jax_flashmla as fm
 from jax_flashmla import _extension
 from jax_flashmla._primitives import mla_decode_p, mla_metadata_p
-from mla_cases import make_case
+from mla_cases import devices_or_skip, make_case
 
 
 def assert_matches(got, want):
@@ -91,13 +91,6 @@ def test_nested_vmap():
 
 
 # ---- pmap and shard_map ---------------------------------------------------------------------------
-
-def devices_or_skip(n):
-    """The first n devices (tests/conftest.py gives the CPU 8); skips when this backend has fewer."""
-    if len(jax.devices()) < n:
-        pytest.skip(f"needs {n} devices, this backend has {len(jax.devices())}")
-    return jax.devices()[:n]
-
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_pmap_lowers_per_device(n):

@@ -22,8 +22,9 @@
 // warpgroup's softmax overlaps the other's matrix work, Q is read once per 64 scores instead
 // of per 32, and no shared memory is added. Each warpgroup sums the P it computed; the two sums are
 // added at the end of the piece. Each warpgroup's S = Q K^T is issued and waited for at the start of
-// its pair (by the stage's two load parts when few row tiles share a page: kMaxTilesByPart). The pair bodies are compile-time (a later pair? page B?), so no branch separates a wgmma
-// from its wait, and the tail work (zeroing past the length) is only in the last pair's body.
+// its pair (by the stage's two load parts when few row tiles share a page: kMaxTilesByPart). The pair
+// bodies are compile-time (a later pair? page B?), so no branch separates a wgmma from its wait, and
+// the tail work (zeroing past the length) is only in the last pair's body.
 //
 // A stage is reloaded in two parts, each by the warpgroup that reads it last, as soon as that
 // warpgroup's wgmma on it are done (no cross-warpgroup release): part w holds V channels
