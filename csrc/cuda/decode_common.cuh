@@ -53,22 +53,29 @@ __device__ __forceinline__ int page_row_coord(const DecodeParams& p, int req, in
 }
 
 // Starts loading the 64-row Q tile of (req, kv head, rows from row0) into the swizzled layout, with
-// all kThreads threads; rows past the request's query rows are zero. The copies are cp.async, so each
-// thread has all of its 18 chunks in flight at once (plain loads wait for each chunk before its
-// shared-memory store, 18 global-memory latencies in a row); cp_async_wait_all() completes them.
+// all kThreads threads; rows past the request's query rows are zero. Four threads share a row, so
+// each finds its row's (token, head) with one division per piece; thread c0 of a row copies its
+// chunks c0, c0 + 4, ..., c0 + 68, whose shared and global addresses are its two row bases plus
+// compile-time offsets (the 18 copies need no per-copy address math). The four threads of a row
+// read 64 contiguous bytes per step. The copies are cp.async, so all 18 are in flight at once;
+// cp_async_wait_all() completes them.
 __device__ __forceinline__ void start_q_tile(uint8_t* q_tile, const DecodeParams& p, int req, int kv_head, int row0) {
   constexpr int kChunksPerRow = kHeadDim * 2 / 16;  // 72 chunks of 16 bytes
-  const auto* q = static_cast<const uint8_t*>(p.q);
-  for (int j = threadIdx.x; j < kRowsPerTile * kChunksPerRow; j += kThreads) {
-    int i = j;
-    asm volatile("" : "+r"(i));  // no per-iteration addresses precomputed (they would be spilled)
-    const int r = i / kChunksPerRow, c = i % kChunksPerRow;
-    const int row = row0 + r;
-    const bool valid = row < p.rows_per_head_k;
-    const int token = row / p.q_heads_per_k;
-    const int head = kv_head * p.q_heads_per_k + row % p.q_heads_per_k;
-    const int64_t elem = ((static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDim;
-    cp_async_16(q_tile + (c / 8) * kTileBytes + swizzled_offset(r, c % 8), valid ? q + elem * 2 + c * 16 : q, valid);
+  constexpr int kThreadsPerRow = kThreads / kRowsPerTile;
+  static_assert(kThreadsPerRow == 4 && kChunksPerRow % kThreadsPerRow == 0, "the steps below assume 4 threads a row");
+  const int r = threadIdx.x / kThreadsPerRow, c0 = threadIdx.x % kThreadsPerRow;
+  const int row = row0 + r;
+  const bool valid = row < p.rows_per_head_k;
+  const int token = row / p.q_heads_per_k;
+  const int head = kv_head * p.q_heads_per_k + row % p.q_heads_per_k;
+  const int64_t elem = ((static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDim;
+  const uint8_t* src = static_cast<const uint8_t*>(p.q) + (valid ? elem * 2 : 0) + c0 * 16;
+  // Chunk c = c0 + 4k lies in 128-byte tile k / 2 at swizzled slot (c0 + 4 (k % 2)) ^ (r % 8).
+  uint8_t* dst_even = q_tile + swizzled_offset(r, c0);
+  uint8_t* dst_odd = q_tile + swizzled_offset(r, c0 + 4);
+#pragma unroll
+  for (int k = 0; k < kChunksPerRow / kThreadsPerRow; ++k) {
+    cp_async_16((k % 2 ? dst_odd : dst_even) + (k / 2) * kTileBytes, src + k * kThreadsPerRow * 16, valid);
   }
 }
 
