@@ -7,7 +7,8 @@ With p = exp(scale * q.k - lse) (lse saved by the forward), out = sum_t p_t v_t,
   dk_t = scale * sum_rows ds_t q  (+ sum_rows p_t dout on the first 512 channels)
 The backward walks the block table a few pages at a time with lax.scan, so no float32 score tensor
 of a whole sequence exists at once; dk of each page is scattered back into the pool through
-block_table (pages past a sequence's length get nothing; unused slots stay zero).
+block_table (pages past a sequence's length get nothing; unused slots stay zero). Under named
+shardings the public op runs this per shard, partitioned like the forward (_sharding.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ def mla_decode_bwd(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse=
 
     Works in float32 whatever the input dtype; results come back in the dtypes of q and k_cache.
     """
+    dq, dk = mla_decode_bwd_f32(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse,
+                                softmax_scale=softmax_scale, causal=causal, pages_per_step=pages_per_step)
+    return dq.astype(q.dtype), dk.astype(k_cache.dtype)
+
+
+def mla_decode_bwd_f32(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse=None, *, softmax_scale, causal,
+                       pages_per_step: int = PAGES_PER_STEP):
+    """mla_decode_bwd with float32 results (a partitioned backward sums partial dk in float32).
+
+    Page ids outside [0, num_blocks) get nothing and read zeros: under the data-parallel rule
+    (_sharding.py) those are pages of another shard, whose dk that shard computes.
+    """
     b, s_q, h_q, d = q.shape
     num_blocks, page, h_kv, _ = k_cache.shape
     g = h_q // h_kv
@@ -45,14 +58,16 @@ def mla_decode_bwd(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse=
         delta = delta - dlse.astype(f32).reshape(b, h_kv, g, s_q).transpose(0, 3, 1, 2)
     limit = reference.visible_key_limit(cache_seqlens, s_q, causal)  # [b, s]
 
-    # Pages past ceil(len / 64) may hold any id: point them past the pool so scatters drop them.
+    # Pages past ceil(len / 64) may hold any id, and ids outside the pool are not this pool's pages:
+    # point both past the pool so scatters drop them (jnp would wrap negative ids).
     max_blocks = block_table.shape[1]
     steps = -(-max_blocks // pages_per_step)
     padded = steps * pages_per_step
     pages_used = (cache_seqlens + page - 1) // page
     page_pos = jnp.arange(padded, dtype=jnp.int32)
     table = jnp.pad(block_table, ((0, 0), (0, padded - max_blocks)))
-    table = jnp.where(page_pos[None, :] < pages_used[:, None], table, num_blocks)
+    table = jnp.where((page_pos[None, :] < pages_used[:, None]) & (table >= 0) & (table < num_blocks), table,
+                      num_blocks)
     table = table.reshape(b, steps, pages_per_step).transpose(1, 0, 2)  # [steps, b, pps]
 
     def step(carry, xs):
@@ -79,16 +94,18 @@ def mla_decode_bwd(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse=
     init = (jnp.zeros((b, s_q, h_kv, g, d), f32), jnp.zeros(k_cache.shape, f32))
     firsts = jnp.arange(steps, dtype=jnp.int32) * pages_per_step
     (dq, dk), _ = jax.lax.scan(step, init, (table, firsts))
-    return dq.reshape(b, s_q, h_q, d).astype(q.dtype), dk.astype(k_cache.dtype)
+    return dq.reshape(b, s_q, h_q, d), dk
 
 
 def _zero_cotangent(x):
     return None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
 
 
-def differentiable(forward):
+def differentiable(forward, backward):
     """Wraps forward(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, softmax_scale,
-    causal) -> (out, lse) in a custom_vjp whose backward is mla_decode_bwd.
+    causal) -> (out, lse) in a custom_vjp whose backward is backward(q, k_cache, block_table,
+    cache_seqlens, out, lse, dout, dlse, softmax_scale, causal) -> (dq, dk_cache): mla_decode_bwd,
+    or an op that partitions it (api.py).
 
     Both outputs carry gradient: the cotangent of lse enters through d lse / d s_t = p_t.
     """
@@ -104,8 +121,7 @@ def differentiable(forward):
     def bwd(softmax_scale, causal, res, cotangents):
         q, k_cache, block_table, cache_seqlens, tile_md, num_splits, out, lse = res
         dout, dlse = cotangents
-        dq, dk = mla_decode_bwd(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse,
-                                softmax_scale=softmax_scale, causal=causal)
+        dq, dk = backward(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse, softmax_scale, causal)
         return (dq, dk, _zero_cotangent(block_table), _zero_cotangent(cache_seqlens),
                 _zero_cotangent(tile_md), _zero_cotangent(num_splits))
 

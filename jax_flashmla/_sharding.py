@@ -19,6 +19,11 @@ us how to split it instead of gathering its operands:
   split on blocks while q is not split on batch over the same axes, ...) falls back to replicating
   the offending dims, which XLA does with gathers: slower, never wrong.
 
+The backward (mla_attention_bwd_p, what jax.grad of the public op runs) is partitioned the same way,
+by the same layout and rebasing: under data parallelism each shard's dk is its own slice of the pool
+(dk of pages it does not own comes from their own shard), so it needs no all-gather and no
+reduction; a pool kept whole while the work is split gets its dk summed over the splitting axes.
+
 The split plan is per shard: a shard whose batch differs from the global one plans its own local
 requests with mla_metadata_p inside the partition; a passed plan is reused only when the batch is
 not split (then it is a plan for exactly the requests the shard sees).
@@ -33,7 +38,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import _contract, _primitives
+from . import _autodiff, _contract, _primitives
 from ._batching import axis_size, fold_requests
 from ._primitives import mla_decode_p, mla_metadata_p
 
@@ -164,17 +169,22 @@ def _shard_index(mesh, axes):
     return index
 
 
+def _local_block_table(mesh, layout, k_cache, block_table):
+    """The page ids a shard uses: data-parallel rebases global ids onto its slice of the pool."""
+    batch_axes, _, k_on_blocks, _ = layout
+    if not k_on_blocks:
+        return block_table
+    return block_table - _shard_index(mesh, batch_axes) * k_cache.shape[0]
+
+
 def _make_partition(with_plan):
     def partition(softmax_scale, causal, mesh, arg_shapes, result_shape):
         del result_shape
         layout = _layout(mesh, arg_shapes)
-        batch_axes, _, k_on_blocks, _ = layout
+        batch_axes = layout[0]
 
         def lower_fn(q, k_cache, block_table, cache_seqlens, *plan_args):
-            if k_on_blocks:
-                # Data-parallel: global page ids -> this shard's slice of the pool.
-                n_local = k_cache.shape[0]
-                block_table = block_table - _shard_index(mesh, batch_axes) * n_local
+            block_table = _local_block_table(mesh, layout, k_cache, block_table)
             tile_md, num_splits = plan_args if (plan_args and not batch_axes) else (None, None)
             return _local_decode(q, k_cache, block_table, cache_seqlens, tile_md, num_splits,
                                  softmax_scale=softmax_scale, causal=causal)
@@ -208,15 +218,14 @@ def _planless(softmax_scale, causal, q, k_cache, block_table, cache_seqlens):
     return _body(softmax_scale, causal, q, k_cache, block_table, cache_seqlens)
 
 
-def _partitioned(fun, with_plan):
-    rule = _RULE.format(plan=", t e, c" if with_plan else "")
+def _partitioned(fun, rule, partition, infer):
     # Everything but batch, heads and pages must stay whole; Shardy wants these in factor order.
     factors = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
     keep_whole = tuple(f for f in factors if f not in ("b", "h", "n", "k"))
     cp = custom_partitioning(fun, static_argnums=(0, 1))
     cp.def_partition(
-        partition=_make_partition(with_plan),
-        infer_sharding_from_operands=_infer,
+        partition=partition,
+        infer_sharding_from_operands=infer,
         propagate_user_sharding=None,
         sharding_rule=rule,
         need_replication_factors=keep_whole,
@@ -224,27 +233,122 @@ def _partitioned(fun, with_plan):
     return cp
 
 
-_decode_with_plan = _partitioned(_with_plan, True)
-_decode_planless = _partitioned(_planless, False)
+_decode_with_plan = _partitioned(_with_plan, _RULE.format(plan=", t e, c"), _make_partition(True), _infer)
+_decode_planless = _partitioned(_planless, _RULE.format(plan=""), _make_partition(False), _infer)
+
+
+def _lower_partitioned(partitioned, plain):
+    """A lowering that binds `partitioned` (a custom_partitioning of `plain`)."""
+
+    def lowering(ctx, *args, softmax_scale, causal):
+        fun = partitioned
+        axis_context = ctx.module_context.axis_context
+        if hasattr(axis_context, "device_assignment") and axis_context.device_assignment is None:
+            # No device assignment to partition over (a JAX without the hook below): lower the
+            # plain per-device op, which XLA then treats like any custom call (gathers; still correct).
+            fun = plain
+        return mlir.lower_fun(lambda *a: fun(softmax_scale, causal, *a), multiple_results=True)(ctx, *args)
+
+    return lowering
+
+
+_lower_decode_with_plan = _lower_partitioned(_decode_with_plan, _with_plan)
+_lower_decode_planless = _lower_partitioned(_decode_planless, _planless)
 
 
 def _lowering(ctx, *args, softmax_scale, causal):
-    fun = _decode_with_plan if len(args) == 6 else _decode_planless
-    axis_context = ctx.module_context.axis_context
-    if hasattr(axis_context, "device_assignment") and axis_context.device_assignment is None:
-        # No device assignment to partition over (a JAX without the hook below): lower the plain
-        # per-device op, which XLA then treats like any custom call (gathers; still correct).
-        fun = _with_plan if len(args) == 6 else _planless
-    return mlir.lower_fun(lambda *a: fun(softmax_scale, causal, *a), multiple_results=True)(ctx, *args)
+    lower = _lower_decode_with_plan if len(args) == 6 else _lower_decode_planless
+    return lower(ctx, *args, softmax_scale=softmax_scale, causal=causal)
 
 
 mlir.register_lowering(mla_attention_p, _lowering)
 
+
+# ---- the backward -------------------------------------------------------------------------------
+# mla_attention_bwd_p: (q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse) -> (dq, dk_cache),
+# the pure-JAX backward (_autodiff.mla_decode_bwd) as one op partitioned like the forward: the same
+# layout, the same page-id rebasing. Without it, its gather of keys by global page id and its
+# scatter of dk make XLA all-gather the pool under data parallelism. Per shard, dq is local (its
+# batch rows and heads), and dk is local when the pool is split like the work (data-parallel: a
+# shard's pages get dk only from its own requests; kv heads split with q heads). A pool that is not
+# split where the work is (replicated k_cache under a batch or head split) gets partial dk from
+# every shard: summed over those mesh axes, in float32.
+
+mla_attention_bwd_p = Primitive("jax_flashmla_attention_bwd")
+mla_attention_bwd_p.multiple_results = True
+
+
+def _bwd_body(softmax_scale, causal, q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse):
+    return _autodiff.mla_decode_bwd(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse,
+                                    softmax_scale=softmax_scale, causal=causal)
+
+
+def _bwd_abstract_eval(q, k_cache, *args, softmax_scale, causal):
+    del args, softmax_scale, causal
+    return jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray(k_cache.shape, k_cache.dtype)
+
+
+def _bwd_batch_rule(args, dims, *, softmax_scale, causal):
+    # The plain backward, vmapped: right for any mapped operands (a shared pool gets per-member dk).
+    # Not partitioned: under vmap and named shardings XLA treats it like any JAX code.
+    fn = lambda *a: _bwd_body(softmax_scale, causal, *a)
+    return jax.vmap(fn, in_axes=tuple(dims))(*args), (0, 0)
+
+
+mla_attention_bwd_p.def_abstract_eval(_bwd_abstract_eval)
+mla_attention_bwd_p.def_impl(_primitives._impl(mla_attention_bwd_p))
+batching.primitive_batchers[mla_attention_bwd_p] = _bwd_batch_rule
+
+
+def _bwd_shardings(mesh, layout):
+    """(arg shardings, result shardings): dq like q, dk like k_cache, out and dout like out, ..."""
+    q_s, k_s, bt_s, sl_s = _arg_shardings(mesh, layout, False)
+    out_s, lse_s = _result_shardings(mesh, layout)
+    return (q_s, k_s, bt_s, sl_s, out_s, lse_s, out_s, lse_s), (q_s, k_s)
+
+
+def _bwd_partition(softmax_scale, causal, mesh, arg_shapes, result_shape):
+    del result_shape
+    layout = _layout(mesh, arg_shapes)
+    batch_axes, head_axes, k_on_blocks, k_on_heads = layout
+    sum_axes = (() if k_on_blocks else batch_axes) + (() if k_on_heads else head_axes)
+    arg_shardings, result_shardings = _bwd_shardings(mesh, layout)
+
+    def lower_fn(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse):
+        block_table = _local_block_table(mesh, layout, k_cache, block_table)
+        dq, dk = _autodiff.mla_decode_bwd_f32(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse,
+                                              softmax_scale=softmax_scale, causal=causal)
+        if sum_axes:
+            dk = jax.lax.psum(dk, sum_axes)
+        return dq.astype(q.dtype), dk.astype(k_cache.dtype)
+
+    return mesh, lower_fn, result_shardings, arg_shardings
+
+
+def _bwd_infer(softmax_scale, causal, mesh, arg_shapes, result_shape):
+    del softmax_scale, causal, result_shape
+    return _bwd_shardings(mesh, _layout(mesh, arg_shapes))[1]
+
+
+# dk is split on pages like k_cache, so `n` appears in a result here.
+_BWD_RULE = "b s h d, n p k d, b m, b, b s h v, b h s, b s h v, b h s -> b s h d, n p k d"
+_bwd_partitioned = _partitioned(_bwd_body, _BWD_RULE, _bwd_partition, _bwd_infer)
+mlir.register_lowering(mla_attention_bwd_p, _lower_partitioned(_bwd_partitioned, _bwd_body))
+
+
+def mla_attention_bwd(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse, softmax_scale, causal):
+    """The decode's backward as a partitioned op (_autodiff.differentiable's `backward`)."""
+    if dlse is None:
+        dlse = jnp.zeros(lse.shape, lse.dtype)
+    return tuple(mla_attention_bwd_p.bind(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse,
+                                          softmax_scale=softmax_scale, causal=causal))
+
+
 # custom_partitioning needs the device assignment while lowering; JAX provides it only to
-# primitives listed here (custom_partitioning_p is, but the jaxpr holds mla_attention_p instead).
+# primitives listed here (custom_partitioning_p is, but the jaxpr holds our primitives instead).
 try:
     from jax._src import dispatch as _dispatch
 
-    _dispatch.prim_requires_devices_during_lowering.add(mla_attention_p)
+    _dispatch.prim_requires_devices_during_lowering.update((mla_attention_p, mla_attention_bwd_p))
 except (ImportError, AttributeError):  # a JAX without the hook: partitioning may then fail loudly
     pass

@@ -6,7 +6,7 @@ import jax
 
 from . import _autodiff, _batching, _contract  # noqa: F401  (_batching registers vmap rules)
 from ._primitives import mla_metadata_p
-from ._sharding import mla_attention_p
+from ._sharding import mla_attention_p, mla_attention_bwd
 
 
 def _default_sm_count() -> int:
@@ -84,4 +84,4 @@ def _forward(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, softma
     return out, lse
 
 
-_decode = _autodiff.differentiable(_forward)
+_decode = _autodiff.differentiable(_forward, mla_attention_bwd)

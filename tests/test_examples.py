@@ -116,6 +116,8 @@ def test_train_data_parallel_reaches_threshold_with_the_decode_partitioned():
     hlo = jax.jit(jax.grad(loss)).lower(jax.device_put(params, replicated), tokens).compile().as_text()
     calls = [line for line in hlo.splitlines() if f'custom_call_target="{_extension.DECODE_TARGET}"' in line]
     assert calls and all("bf16[2,70,2,512]" in line for line in calls), calls
+    # Its backward is partitioned too: no all-gather of the page pool (nor of anything else).
+    assert "all-gather" not in hlo, [line for line in hlo.splitlines() if "all-gather" in line][:3]
 
 
 def test_training_attention_goes_through_the_kernel():

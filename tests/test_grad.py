@@ -130,6 +130,21 @@ def test_grad_of_vmapped_decode():
     assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("cache_mapped", [False, True])
+def test_grad_of_vmapped_decode_wrt_cache(cache_mapped):
+    """The backward op's vmap rule: a shared pool sums the members' dk, one pool per member gets its own."""
+    q, k, bt, sl = make_case(8, batch=2, seqlen_q=2, heads_q=4, heads_k=2, lens=[0, 129])
+    qs, ks = jnp.stack([q, -q]), (jnp.stack([k, -k]) if cache_mapped else k)
+    in_axes = (0, 0 if cache_mapped else None)
+    loss = lambda fn: (lambda qs, ks: jnp.sum(jax.vmap(fn, in_axes)(qs, ks)[0].astype(jnp.float32) ** 2))
+    got = jax.jit(jax.grad(loss(lambda q, k: fm.flash_mla_with_kvcache(q, k, bt, sl, causal=True)), (0, 1)))(qs, ks)
+    want = jax.grad(loss(lambda q, k: fm.mla_decode_reference(q, k, bt, sl, causal=True)), (0, 1))(qs, ks)
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.nan_to_num(np.asarray(w, np.float32))
+        assert g.shape == w.shape and not np.isnan(g).any()
+        assert np.abs(g - w).max() <= 2e-2 * np.abs(w).max()
+
+
 def _avals(jaxpr):
     """Every intermediate aval of a jaxpr, sub-jaxprs (scan bodies, custom rules) included."""
     for eqn in jaxpr.eqns:
@@ -146,7 +161,13 @@ def test_backward_never_holds_a_whole_sequence():
     max_blocks = 16  # 1024 keys per request; the backward walks them 4 pages (256 keys) at a time
     q, k, bt, sl = make_case(7, batch=2, heads_q=4, max_blocks=max_blocks)
     grad = jax.grad(lambda q, k: jnp.sum(fm.flash_mla_with_kvcache(q, k, bt, sl)[0].astype(jnp.float32)), (0, 1))
-    sizes = [a.shape for a in _avals(jax.make_jaxpr(grad)(q, k).jaxpr) if hasattr(a, "shape")]
+    # The gradient runs the backward as one op (partitioned under shardings) whose body is
+    # _autodiff.mla_decode_bwd: probe that body's intermediates.
+    assert "jax_flashmla_attention_bwd" in str(jax.make_jaxpr(grad)(q, k))
+    out, lse = fm.flash_mla_with_kvcache(q, k, bt, sl)
+    bwd = functools.partial(_autodiff.mla_decode_bwd, softmax_scale=SCALE, causal=False)
+    sizes = [a.shape for a in _avals(jax.make_jaxpr(bwd)(q, k, bt, sl, out, lse, out, lse).jaxpr)
+             if hasattr(a, "shape")]
     assert sizes, "no intermediates found"
     assert not [s for s in sizes if any(d >= max_blocks * fm.PAGE_SIZE for d in s)]
     # The same probe does see the whole sequence in the reference's gradient.

@@ -158,3 +158,124 @@ def test_grad_under_data_parallel_sharding():
     for g, w in zip(got, want):
         g, w = np.asarray(g, np.float32), np.nan_to_num(np.asarray(w, np.float32))
         assert np.abs(g - w).max() <= 2e-2 * np.abs(w).max()
+
+
+# ---- the backward: partitioned like the forward ---------------------------------------------------
+
+def grad_fn(causal):
+    """jit(grad) of a loss that weighs out and the finite part of lse (both cotangents reach the
+    backward), with respect to q and k_cache."""
+    def loss(q, k, bt, sl):
+        out, lse = fm.flash_mla_with_kvcache(q, k, bt, sl, causal=causal)
+        w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+        return jnp.sum(out.astype(jnp.float32) * w) + 0.3 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+    return jax.jit(jax.grad(loss, (0, 1)))
+
+
+def check_grad(mesh, case, specs, causal, *, gathers_allowed=True, reductions_allowed=True):
+    """Sharded gradients against the unsharded ones of the same op; returns (dq, dk, compiled HLO)."""
+    fn = grad_fn(causal)
+    args = place(mesh, case, specs)
+    hlo = fn.lower(*args).compile().as_text()
+    got = fn(*args)
+    want = fn(*case)
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.isfinite(g).all()  # NaN in unused cache slots stays out
+        # The same per-shard math; only sums over shards (psum of dk) may round differently.
+        np.testing.assert_allclose(g, w, rtol=1e-2, atol=1e-2 * np.abs(w).max())
+    if not gathers_allowed:
+        assert "all-gather" not in hlo, re.findall(r"all-gather[^\n]*", hlo)[:3]
+    if not reductions_allowed:
+        assert "all-reduce" not in hlo, re.findall(r"all-reduce[^\n]*", hlo)[:3]
+    return got[0], got[1], hlo
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+@pytest.mark.parametrize("h_kv,s_q,causal", [(1, 1, False), (1, 2, True), (2, 3, True)])
+def test_grad_data_parallel_needs_no_collective(shards, h_kv, s_q, causal):
+    """Each shard's dk is its own slice of the pool and dq its own rows: no all-gather of the pool,
+    no all-reduce either. The case: pages shuffled within each shard's slice, NaN past each length,
+    garbage past ceil(len / 64), a zero length and a length-1 request (with causal s_q > 1 its
+    first query rows see nothing)."""
+    mesh = mesh_of((shards,), ("x",))
+    batch = 2 * shards
+    lens = np.random.default_rng(shards).integers(1, 3 * fm.PAGE_SIZE + 1, batch)
+    lens[0], lens[-1] = 0, 1
+    case = make_case(50 + shards, batch=batch, seqlen_q=s_q, heads_q=4, heads_k=h_kv, lens=lens, shards=shards)
+    dq, dk, hlo = check_grad(mesh, case, (P("x"),) * 4, causal, gathers_allowed=False, reductions_allowed=False)
+    assert dq.sharding.spec[0] == "x" and dk.sharding.spec[0] == "x"
+    # Pages no request reads get zero; at least one page of every shard gets some gradient.
+    n_local = case[1].shape[0] // shards
+    dk = np.asarray(dk, np.float32).reshape(shards, n_local, -1)
+    assert all(np.abs(dk[i]).max() > 0 for i in range(shards))
+
+
+def test_grad_data_parallel_with_plan_and_foreign_page_ids_past_length():
+    """A plan passed to the forward and garbage ids past a length (here: another shard's pages)."""
+    mesh = mesh_of((2,), ("x",))
+    q, k, bt, sl = make_case(53, batch=4, seqlen_q=2, heads_q=2, lens=[64, 65, 10, 129], shards=2)
+    bt = bt.at[0, 1:].set(bt[3, 0])  # past request 0's single page: a page of shard 1
+    def loss(q, k, bt, sl):
+        tile_md, num_splits = fm.get_mla_metadata(sl, 4, 1)
+        out, _ = fm.flash_mla_with_kvcache(q, k, bt, sl, tile_md=tile_md, num_splits=num_splits, causal=True)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+    fn = jax.jit(jax.grad(loss, (0, 1)))
+    args = place(mesh, (q, k, bt, sl), (P("x"),) * 4)
+    assert "all-gather" not in fn.lower(*args).compile().as_text()
+    for g, w in zip(fn(*args), fn(q, k, bt, sl)):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("h_kv", [1, 2])
+def test_grad_head_parallel(h_kv):
+    # h_kv = 1: the replicated pool's dk sums the head shards' parts (an all-reduce, no gather);
+    # h_kv = 2: the pool is split on its heads like q, so each shard's dk is its own.
+    mesh = mesh_of((2,), ("h",))
+    case = make_case(54, batch=2, seqlen_q=2, heads_q=4, heads_k=h_kv)
+    specs = (P(None, None, "h"), P(None, None, "h") if h_kv > 1 else P(), P(), P())
+    dq, _, _ = check_grad(mesh, case, specs, True, gathers_allowed=False, reductions_allowed=h_kv == 1)
+    assert dq.sharding.spec[2] == "h"
+
+
+def test_grad_data_and_head_parallel_on_2d_mesh():
+    mesh = mesh_of((2, 4), ("x", "h"))
+    case = make_case(55, batch=4, seqlen_q=2, heads_q=8, heads_k=1, shards=2)
+    dq, dk, _ = check_grad(mesh, case, (P("x", None, "h"), P("x"), P("x"), P("x")), True, gathers_allowed=False)
+    assert tuple(dq.sharding.spec)[:3] == ("x", None, "h") and dk.sharding.spec[0] == "x"
+
+
+def test_grad_batch_over_two_mesh_axes():
+    mesh = mesh_of((2, 2), ("a", "b"))
+    case = make_case(56, batch=8, heads_q=2, shards=4)
+    check_grad(mesh, case, (P(("a", "b")),) * 4, True, gathers_allowed=False, reductions_allowed=False)
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_grad_data_parallel_with_replicated_cache(shards):
+    # Global ids, every shard may touch any page: dk is summed over the shards (all-reduce).
+    mesh = mesh_of((shards,), ("x",))
+    case = make_case(57, batch=2 * shards, heads_q=2)
+    check_grad(mesh, case, (P("x"), P(), P("x"), P("x")), False, gathers_allowed=False)
+
+
+@pytest.mark.parametrize("name", sorted(FALLBACKS))
+def test_grad_under_other_shardings_falls_back_to_a_correct_plan(name):
+    shape, names, kw, specs = FALLBACKS[name]
+    check_grad(mesh_of(shape, names), make_case(58, **kw), specs, True)
+
+
+def test_grad_gspmd_callbacks():
+    if not hasattr(jax.config, "jax_use_shardy_partitioner"):
+        pytest.skip("this JAX has no GSPMD propagation to fall back on")
+    previous = jax.config.jax_use_shardy_partitioner
+    try:
+        jax.config.update("jax_use_shardy_partitioner", False)
+    except Exception as e:  # noqa: BLE001  (a JAX that only keeps the flag for compatibility)
+        pytest.skip(f"cannot turn Shardy off: {e}")
+    try:
+        mesh = mesh_of((2,), ("x",))
+        case = make_case(59, batch=4, seqlen_q=2, heads_q=4, heads_k=2, shards=2)
+        check_grad(mesh, case, (P("x"),) * 4, True, gathers_allowed=False, reductions_allowed=False)
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
