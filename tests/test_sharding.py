@@ -4,6 +4,7 @@ On the CPU, tests/conftest.py asks XLA for 8 host devices, so every test runs. O
 takes the devices its mesh needs and is skipped when there are fewer (a 2-GPU machine runs the
 1-D meshes of 2)."""
 
+import contextlib
 import re
 
 import jax
@@ -130,7 +131,9 @@ def test_other_shardings_fall_back_to_a_correct_plan(name):
     check(decode_fn(True), mesh_of(shape, names), make_case(46, **kw), specs, True)
 
 
-def test_gspmd_callbacks():
+@contextlib.contextmanager
+def gspmd_partitioner():
+    """Shardy off inside the block, so XLA's GSPMD propagation calls the custom_partitioning callbacks."""
     if not hasattr(jax.config, "jax_use_shardy_partitioner"):
         pytest.skip("this JAX has no GSPMD propagation to fall back on")
     previous = jax.config.jax_use_shardy_partitioner
@@ -139,13 +142,18 @@ def test_gspmd_callbacks():
     except Exception as e:  # noqa: BLE001  (a JAX that only keeps the flag for compatibility)
         pytest.skip(f"cannot turn Shardy off: {e}")
     try:
+        yield
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
+
+
+def test_gspmd_callbacks():
+    with gspmd_partitioner():
         mesh = mesh_of((2, 2), ("x", "h"))
         case = make_case(47, batch=4, seqlen_q=2, heads_q=4, shards=2)
         specs = (P("x", None, "h"), P("x"), P("x"), P("x"))
         _, _, hlo = check(decode_fn(True), mesh, case, specs, True, gathers_allowed=False)
         assert local_out_shapes(hlo) == [(2, 2, 2, fm.HEAD_DIM_V)]
-    finally:
-        jax.config.update("jax_use_shardy_partitioner", previous)
 
 
 def test_grad_under_data_parallel_sharding():
@@ -266,16 +274,7 @@ def test_grad_under_other_shardings_falls_back_to_a_correct_plan(name):
 
 
 def test_grad_gspmd_callbacks():
-    if not hasattr(jax.config, "jax_use_shardy_partitioner"):
-        pytest.skip("this JAX has no GSPMD propagation to fall back on")
-    previous = jax.config.jax_use_shardy_partitioner
-    try:
-        jax.config.update("jax_use_shardy_partitioner", False)
-    except Exception as e:  # noqa: BLE001  (a JAX that only keeps the flag for compatibility)
-        pytest.skip(f"cannot turn Shardy off: {e}")
-    try:
+    with gspmd_partitioner():
         mesh = mesh_of((2,), ("x",))
         case = make_case(59, batch=4, seqlen_q=2, heads_q=4, heads_k=2, shards=2)
         check_grad(mesh, case, (P("x"),) * 4, True, gathers_allowed=False, reductions_allowed=False)
-    finally:
-        jax.config.update("jax_use_shardy_partitioner", previous)
