@@ -99,8 +99,10 @@ def run(args) -> dict:
     def place(tokens):
         return tokens if batch_sharding is None else jax.device_put(tokens, batch_sharding)
 
-    if replicated is not None:
-        params = jax.device_put(params, replicated)
+    def replicate(tree):  # data-parallel: the same copy on every device
+        return tree if replicated is None else jax.device_put(tree, replicated)
+
+    params = replicate(params)
     # Targets at index >= period - 1 (token position >= period) repeat a token seen `period` back.
     predictable = jnp.arange(args.seq_len) >= args.period - 1
 
@@ -110,9 +112,7 @@ def run(args) -> dict:
         return jnp.sum(nll * predictable) / (predictable.sum() * tokens.shape[0])
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(args.lr, weight_decay=0.01))
-    opt_state = tx.init(params)
-    if replicated is not None:
-        opt_state = jax.device_put(opt_state, replicated)  # as the step returns it: no second compile
+    opt_state = replicate(tx.init(params))  # as the step returns it: no second compile
 
     def train_step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
