@@ -17,6 +17,7 @@ import jax_flashmla as fm
 from jax_flashmla import _extension
 from mla_cases import devices_or_skip, make_case
 
+
 def mesh_of(shape, names):
     return Mesh(np.array(devices_or_skip(int(np.prod(shape)))).reshape(shape), names)
 
