@@ -20,6 +20,10 @@ bf16; lengths ~ Normal(s_k, s_k/2) clipped to >= 2, one draw per s_k from --seed
   steady ms   per call in that loop's steady state: (time of 2x --queue-calls calls - time of
               --queue-calls calls) / --queue-calls, median of the same 5 repeats; the fixed cost of
               filling and draining the queue cancels.
+  k.steady ms the kernel-only call (the plan computed outside, as for kernel ms) in the same loop,
+              its repeats taking turns with the whole call's; "call/k" = steady ms / k.steady ms,
+              the whole call's cost over the kernels' under the same load (a clock that drops under
+              sustained load slows both).
   q.span ms   the same queued calls seen by the profiler: first kernel start to last kernel end over
               the --queue-calls calls, per call (median of 3): what a call costs the device in a loop
               that does not wait, metadata kernel and every gap between kernels and calls included.
@@ -39,9 +43,12 @@ q and, memory allowing, a different cache per layer): device busy time (union of
 span and the step's wall clock; overhead = 1 - busy / wall. "queued ms" is the wall clock per step of
 --step-queue steps dispatched back to back with one sync (a serving loop that does not wait for
 each step), and "q.ovh%" = 1 - busy / queued ms; "steady ms" and "s.ovh%" the same in the loop's
-steady state (as in the matrix: 2x --step-queue steps less --step-queue steps, per step). The same
-queued steps under the profiler give "q.busy ms" and "q.span ms" per step (union of kernel
-intervals; first kernel start to last kernel end) and "q.gap%" = 1 - q.busy / q.span: the device
+steady state (as in the matrix: 2x --step-queue steps less --step-queue steps, per step).
+"l.steady ms" is the step's decode calls alone (a jit of the same --layers calls, the plan given)
+in the same loop, its repeats taking turns with the step's, and "step/l" = steady ms / l.steady ms:
+what the plan's kernel and the step's dispatch add under the same load. The same queued steps
+under the profiler give "q.busy ms" and "q.span ms" per step (union of kernel intervals; first
+kernel start to last kernel end) and "q.gap%" = 1 - q.busy / q.span: the device
 time lost between kernels and between steps while steps are queued, against kernel time measured in
 the same run (so a clock that drops under sustained load shows as q.busy > busy, not as overhead).
 
@@ -328,26 +335,29 @@ class Timer:
             times.append((time.perf_counter() - t0) * 1e3)
         return times
 
-    def queued_ms(self, fn, calls: int = 20, repeats: int = 5) -> tuple[list, list]:
+    def queued_ms(self, fns: dict, calls: int = 20, repeats: int = 5) -> dict:
         """Wall clock per call of `calls` back-to-back calls with one sync at the end (no L2 flush
         between them), once per repeat: what a serving loop that does not wait for each step
         sees, host dispatch overlapping the device work of earlier calls. Each repeat also runs
         2 `calls` calls; (time of 2 `calls` - time of `calls`) / `calls` is the loop's steady cost
         per call, without the fixed cost of filling the queue (the first call's dispatch) and
-        draining it (the final sync). Returns (per-call times, steady per-call times)."""
-        queued, steady = [], []
+        draining it (the final sync). The functions in `fns` take turns within each repeat, so
+        that a clock that drops under sustained load slows all of them alike and their ratio
+        stays fair. Returns {label: (per-call times, steady per-call times)}."""
+        result = {label: ([], []) for label in fns}
         for _ in range(repeats):
-            batch_ms = []
-            for n in (calls, 2 * calls):
-                self.flush()
-                t0 = time.perf_counter()
-                outs = [fn() for _ in range(n)]
-                self.jax.block_until_ready(outs)
-                batch_ms.append((time.perf_counter() - t0) * 1e3)
-                del outs
-            queued.append(batch_ms[0] / calls)
-            steady.append((batch_ms[1] - batch_ms[0]) / calls)
-        return queued, steady
+            for label, fn in fns.items():
+                batch_ms = []
+                for n in (calls, 2 * calls):
+                    self.flush()
+                    t0 = time.perf_counter()
+                    outs = [fn() for _ in range(n)]
+                    self.jax.block_until_ready(outs)
+                    batch_ms.append((time.perf_counter() - t0) * 1e3)
+                    del outs
+                result[label][0].append(batch_ms[0] / calls)
+                result[label][1].append((batch_ms[1] - batch_ms[0]) / calls)
+        return result
 
     def device_ms(self, jobs) -> dict:
         """jobs: [(label, fn, iters, module_hint)] with fn() -> arrays. Runs all of them inside one
@@ -687,8 +697,11 @@ def run_matrix(jax, timer: Timer, args, cases: list[Case], baselines=None, ancho
                 rec.update(kernel_ms=median(wall), kernel_min_ms=min(wall), kernel_iters=len(wall), src="wall")
             wall_call = timer.wall_ms(whole, args.iters)
             rec.update(call_ms=median(wall_call), call_min_ms=min(wall_call))
-            queued, steady = timer.queued_ms(whole, calls=args.queue_calls)
-            rec.update(queued_call_ms=median(queued), steady_call_ms=median(steady))
+            loops = timer.queued_ms({"call": whole, "kernel": kernel}, calls=args.queue_calls)
+            rec.update(queued_call_ms=median(loops["call"][0]), steady_call_ms=median(loops["call"][1]),
+                       steady_kernel_ms=median(loops["kernel"][1]))
+            # The whole call's cost over the kernels' in the same loop, repeats interleaved.
+            rec["steady_call_over_kernel"] = rec["steady_call_ms"] / rec["steady_kernel_ms"]
             tq = dev.get("queued")
             if tq is not None:
                 rec["queued_span_ms"] = median(tq.span_ms) / args.queue_calls
@@ -718,9 +731,7 @@ def run_step(jax, timer: Timer, args, cases: list[Case]) -> list[dict]:
 
     layers = args.layers
 
-    def bench_decode_step(qs, caches, block_table, cache_seqlens):
-        rows = qs[0].shape[1] * qs[0].shape[2] // caches[0].shape[2]
-        tile_md, num_splits = jfm.get_mla_metadata(cache_seqlens, rows, caches[0].shape[2])
+    def bench_decode_layers(qs, caches, block_table, cache_seqlens, tile_md, num_splits):
         outs = []
         for q, k_cache in zip(qs, caches):
             out, _ = jfm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, tile_md,
@@ -728,7 +739,13 @@ def run_step(jax, timer: Timer, args, cases: list[Case]) -> list[dict]:
             outs.append(out)
         return tuple(outs)
 
+    def bench_decode_step(qs, caches, block_table, cache_seqlens):
+        rows = qs[0].shape[1] * qs[0].shape[2] // caches[0].shape[2]
+        tile_md, num_splits = jfm.get_mla_metadata(cache_seqlens, rows, caches[0].shape[2])
+        return bench_decode_layers(qs, caches, block_table, cache_seqlens, tile_md, num_splits)
+
     step_fn = jax.jit(bench_decode_step)
+    layers_fn = jax.jit(bench_decode_layers)  # the step's decode calls alone, the plan given
     results = []
     min_len = max(c.s_q for c in cases) if cases else 1
     for c in cases:
@@ -745,12 +762,19 @@ def run_step(jax, timer: Timer, args, cases: list[Case]) -> list[dict]:
         dev = timer.device_ms([("step", step, args.step_iters, "bench_decode_step"),
                                ("queued", queue, 3, "bench_decode_step")])
         wall = timer.wall_ms(step, args.step_iters)
-        queued, steady = timer.queued_ms(step, calls=args.step_queue)
+        rows = c.s_q * c.h_q // c.h_kv
+        md = jax.block_until_ready(jfm.get_mla_metadata(pool.cache_seqlens, rows, c.h_kv))
+        layers_only = lambda: layers_fn(qs, caches, pool.block_table, pool.cache_seqlens, *md)  # noqa: E731
+        loops = timer.queued_ms({"step": step, "layers": layers_only}, calls=args.step_queue)
+        queued, steady = loops["step"]
         flops, nbytes = flops_and_bytes(pool.lengths, c.b, c.s_q, c.h_q, c.h_kv)
         rec = dataclasses.asdict(c)
         rec.update(layers=layers, distinct_caches=copies, wall_ms=median(wall), wall_min_ms=min(wall),
                    queued_step_ms=median(queued), steady_step_ms=median(steady), flops=layers * flops,
-                   bytes=layers * nbytes)
+                   bytes=layers * nbytes, steady_layers_ms=median(loops["layers"][1]))
+        # The step over its decode calls alone, in the same loop under the same load: the plan's
+        # kernel and the step's dispatch.
+        rec["steady_step_over_layers"] = rec["steady_step_ms"] / rec["steady_layers_ms"]
         t = dev.get("step")
         if t is not None:
             rec.update(busy_ms=median(t.busy_ms), span_ms=median(t.span_ms), sum_ms=median(t.sum_ms),
@@ -786,7 +810,8 @@ def _f(v, fmt):
 MATRIX_COLS = [
     ("s_k", "s_k", "d"), ("h_q", "h_q", "d"), ("s_q", "s_q", "d"),
     ("kernel ms", "kernel_ms", ".3f"), ("call ms", "call_ms", ".3f"), ("queued ms", "queued_call_ms", ".3f"),
-    ("steady ms", "steady_call_ms", ".3f"), ("q.span ms", "queued_span_ms", ".3f"), ("tail us", "tail_us", ".1f"),
+    ("steady ms", "steady_call_ms", ".3f"), ("k.steady ms", "steady_kernel_ms", ".3f"),
+    ("call/k", "steady_call_over_kernel", ".3f"), ("q.span ms", "queued_span_ms", ".3f"), ("tail us", "tail_us", ".1f"),
     ("TFLOPS", "tflops", "num"),
     ("GB/s", "gbps", "num"), ("BW%", "bw_pct", ".1f"), ("FLOP%", "flop_pct", ".1f"),
     ("XLA ms", "xla_ms", ".2f"), ("speedup", "speedup", ".1f"),
@@ -827,7 +852,8 @@ STEP_COLS = [
     ("caches", "distinct_caches", "d"), ("busy ms", "busy_ms", ".3f"), ("span ms", "span_ms", ".3f"),
     ("wall ms", "wall_ms", ".3f"), ("overhead%", "overhead_pct", ".1f"), ("queued ms", "queued_step_ms", ".3f"),
     ("q.ovh%", "queued_overhead_pct", ".1f"), ("steady ms", "steady_step_ms", ".3f"),
-    ("s.ovh%", "steady_overhead_pct", ".1f"), ("q.busy ms", "queued_busy_ms", ".3f"),
+    ("s.ovh%", "steady_overhead_pct", ".1f"), ("l.steady ms", "steady_layers_ms", ".3f"),
+    ("step/l", "steady_step_over_layers", ".3f"), ("q.busy ms", "queued_busy_ms", ".3f"),
     ("q.span ms", "queued_span_ms", ".3f"), ("q.gap%", "queued_gap_pct", ".1f"), ("idle%", "idle_in_span_pct", ".1f"),
     ("ms/layer", "per_layer_ms", ".3f"), ("src", "src", "s"),
 ]
