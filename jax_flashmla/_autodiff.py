@@ -91,7 +91,8 @@ def mla_decode_bwd_f32(q, k_cache, block_table, cache_seqlens, out, lse, dout, d
         dk = dk.at[ids.reshape(-1)].add(dkeys, mode="drop")
         return (dq, dk), None
 
-    init = (jnp.zeros((b, s_q, h_kv, g, d), f32), jnp.zeros(k_cache.shape, f32))
+    # zeros_like: inside shard_map the carries must vary over the same mesh axes as the step's results.
+    init = (jnp.zeros_like(q, shape=(b, s_q, h_kv, g, d), dtype=f32), jnp.zeros_like(k_cache, dtype=f32))
     firsts = jnp.arange(steps, dtype=jnp.int32) * pages_per_step
     (dq, dk), _ = jax.lax.scan(step, init, (table, firsts))
     return dq.reshape(b, s_q, h_q, d), dk

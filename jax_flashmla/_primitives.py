@@ -27,10 +27,38 @@ mla_decode_p.multiple_results = True
 
 # ---- abstract evaluation ----------------------------------------------------------------------
 
+def varying_axes(*avals) -> frozenset:
+    """The manual mesh axes (inside shard_map) over which any of these values varies; empty outside."""
+    axes = frozenset()
+    for aval in avals:
+        # aval.manual_axis_type.varying on JAX 0.10 and 0.11 (tested); aval.vma on earlier JAX (untested here).
+        mat = getattr(aval, "manual_axis_type", None)
+        axes |= frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+    return axes
+
+
+def varying_like(outs, *inputs):
+    """`outs` typed to vary over the manual mesh axes of `inputs`, as JAX types the results of its own
+    ops inside shard_map. Without it a per-device result would claim to be the same on every device:
+    shard_map would skip its out_specs check and jax.grad would reject the backward's cotangents.
+
+    The public API first casts its operands to vary alike (api._vary_alike), so one of them carries
+    the whole set; its type is the template (JAX's constructors for this changed between versions)."""
+    axes = varying_axes(*inputs)
+    if not axes:
+        return tuple(outs)
+    template = next((a for a in inputs if varying_axes(a) == axes), None)
+    if template is None:
+        raise _contract.ContractError(
+            f"operands vary over different manual mesh axes ({[sorted(varying_axes(a)) for a in inputs]}); "
+            "call the op through jax_flashmla's public API, which casts them alike")
+    return tuple(template.update(shape=o.shape, dtype=o.dtype, weak_type=False) for o in outs)
+
+
 def _metadata_abstract_eval(cache_seqlens, *, num_sm_parts):
     batch = cache_seqlens.shape[0]
-    return (jax.core.ShapedArray((num_sm_parts, _contract.TILE_METADATA_SIZE), jnp.int32),
-            jax.core.ShapedArray((batch + 1,), jnp.int32))
+    return varying_like((jax.core.ShapedArray((num_sm_parts, _contract.TILE_METADATA_SIZE), jnp.int32),
+                         jax.core.ShapedArray((batch + 1,), jnp.int32)), cache_seqlens)
 
 
 def decode_output_avals(q, k_cache, tile_md, *, head_dim_v=_contract.HEAD_DIM_V):
@@ -47,7 +75,8 @@ def decode_output_avals(q, k_cache, tile_md, *, head_dim_v=_contract.HEAD_DIM_V)
 
 def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, *, softmax_scale, causal):
     _contract.check_decode_args(q, k_cache, block_table, cache_seqlens, _contract.HEAD_DIM_V, tile_md, num_splits)
-    return decode_output_avals(q, k_cache, tile_md)
+    return varying_like(decode_output_avals(q, k_cache, tile_md), q, k_cache, block_table, cache_seqlens, tile_md,
+                        num_splits)
 
 
 mla_metadata_p.def_abstract_eval(_metadata_abstract_eval)

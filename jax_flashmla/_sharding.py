@@ -72,8 +72,9 @@ def _abstract_eval(q, k_cache, block_table, cache_seqlens, *plan_args, softmax_s
     tile_md, num_splits = plan_args if plan_args else (None, None)
     shapes = _contract.check_decode_args(q, k_cache, block_table, cache_seqlens, _contract.HEAD_DIM_V,
                                          tile_md, num_splits)
-    return (jax.core.ShapedArray((shapes.batch, shapes.seqlen_q, shapes.num_heads_q, shapes.head_dim_v), q.dtype),
+    outs = (jax.core.ShapedArray((shapes.batch, shapes.seqlen_q, shapes.num_heads_q, shapes.head_dim_v), q.dtype),
             jax.core.ShapedArray((shapes.batch, shapes.num_heads_q, shapes.seqlen_q), jnp.float32))
+    return _primitives.varying_like(outs, q, k_cache, block_table, cache_seqlens, *plan_args)
 
 
 def _batch_rule(args, dims, *, softmax_scale, causal):
@@ -284,8 +285,9 @@ def _bwd_body(softmax_scale, causal, q, k_cache, block_table, cache_seqlens, out
 
 
 def _bwd_abstract_eval(q, k_cache, *args, softmax_scale, causal):
-    del args, softmax_scale, causal
-    return jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray(k_cache.shape, k_cache.dtype)
+    del softmax_scale, causal
+    outs = (jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray(k_cache.shape, k_cache.dtype))
+    return _primitives.varying_like(outs, q, k_cache, *args)
 
 
 def _bwd_batch_rule(args, dims, *, softmax_scale, causal):
@@ -339,7 +341,7 @@ mlir.register_lowering(mla_attention_bwd_p, _lower_partitioned(_bwd_partitioned,
 def mla_attention_bwd(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse, softmax_scale, causal):
     """The decode's backward as a partitioned op (_autodiff.differentiable's `backward`)."""
     if dlse is None:
-        dlse = jnp.zeros(lse.shape, lse.dtype)
+        dlse = jnp.zeros_like(lse)  # varies like lse inside shard_map
     return tuple(mla_attention_bwd_p.bind(q, k_cache, block_table, cache_seqlens, out, lse, dout, dlse,
                                           softmax_scale=softmax_scale, causal=causal))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from . import _autodiff, _batching, _contract  # noqa: F401  (_batching registers vmap rules)
-from ._primitives import mla_metadata_p
+from ._primitives import mla_metadata_p, varying_axes
 from ._sharding import mla_attention_p, mla_attention_bwd
 
 
@@ -72,7 +72,30 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     if not isinstance(causal, bool):
         raise _contract.ContractError(f"causal: expected a Python bool, got {causal!r}")
     del shapes
+    q, k_cache, block_table, cache_seqlens, tile_md, num_splits = _vary_alike(
+        q, k_cache, block_table, cache_seqlens, tile_md, num_splits)
     return _decode(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, scale, causal)
+
+
+def _vary_alike(*operands):
+    """Inside shard_map, casts every operand to vary over all the manual mesh axes that any of them
+    varies over, as JAX's own ops do implicitly; outside shard_map it returns them unchanged.
+    The results vary over those axes, and jax.grad transposes the cast into a sum: a pool replicated
+    over a batch split gets the psum of every device's dk."""
+    present = [x for x in operands if x is not None]
+    axes = varying_axes(*(jax.typeof(x) for x in present))
+    if not axes:
+        return operands
+
+    def cast(x):
+        missing = () if x is None else tuple(sorted(axes - varying_axes(jax.typeof(x)), key=str))
+        if not missing:
+            return x
+        if hasattr(jax.lax, "pcast"):  # JAX 0.10 and 0.11 (tested)
+            return jax.lax.pcast(x, missing, to="varying")
+        return jax.lax.pvary(x, missing)  # earlier JAX (untested here)
+
+    return tuple(cast(x) for x in operands)
 
 
 def _forward(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, softmax_scale, causal):

@@ -149,6 +149,70 @@ def test_shard_map_head_parallel():
     assert_matches(fn(q, k), fm.mla_decode_reference(q, k, bt, sl))
 
 
+def _loss(q, k, bt, sl, causal=True):
+    out, lse = fm.flash_mla_with_kvcache(q, k, bt, sl, causal=causal)
+    finite = jnp.isfinite(lse)  # rows with no visible key have lse = +inf
+    return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(jnp.where(finite, lse, 0.0))
+
+
+def _assert_grads_match(got, want):
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.isfinite(g).all() and np.isfinite(w).all()
+        np.testing.assert_allclose(g, w, rtol=1e-2, atol=1e-2 * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_grad_inside_shard_map_data_parallel_with_local_pools(n):
+    # Each device differentiates its requests against its own slice of the pool: dq and dk equal the
+    # single-device gradients, with no collective.
+    mesh = Mesh(np.array(devices_or_skip(n)), ("x",))
+    q, k, bt, sl = make_case(24, batch=2 * n, seqlen_q=2, heads_q=4, shards=n)
+
+    def local(q, k, bt, sl):
+        bt = bt - jax.lax.axis_index("x") * k.shape[0]
+        return jax.grad(_loss, argnums=(0, 1))(q, k, bt, sl)
+
+    fn = jax.jit(_shard_map(local, mesh, (P("x"),) * 4, (P("x"), P("x"))))
+    _assert_grads_match(fn(q, k, bt, sl), jax.grad(_loss, argnums=(0, 1))(q, k, bt, sl))
+
+
+def test_grad_inside_shard_map_replicated_pool_is_summed():
+    # A pool every device holds whole while the batch is split: each device's dk covers only its
+    # own requests, and the op's operands are cast to vary alike, whose transpose sums dk over "x".
+    mesh = Mesh(np.array(devices_or_skip(2)), ("x",))
+    q, k, bt, sl = make_case(25, batch=4, seqlen_q=3, heads_q=4, heads_k=2)
+
+    def local(q, k, bt, sl):
+        return jax.grad(_loss, argnums=(0, 1))(q, k, bt, sl)
+
+    fn = jax.jit(_shard_map(local, mesh, (P("x"), P(), P("x"), P("x")), (P("x"), P())))
+    _assert_grads_match(fn(q, k, bt, sl), jax.grad(_loss, argnums=(0, 1))(q, k, bt, sl))
+
+
+def test_grad_inside_shard_map_head_parallel():
+    mesh = Mesh(np.array(devices_or_skip(2)), ("h",))
+    q, k, bt, sl = make_case(26, batch=2, seqlen_q=2, heads_q=6, heads_k=2, lens=[0, 150])
+    grad = lambda q, k: jax.grad(_loss, argnums=(0, 1))(q, k, bt, sl)  # noqa: E731
+    spec = P(None, None, "h")
+    fn = jax.jit(_shard_map(grad, mesh, (spec, spec), (spec, spec)))
+    _assert_grads_match(fn(q, k), grad(q, k))
+
+
+def test_shard_map_results_vary_over_the_split_axis():
+    # The op's results are typed per device inside shard_map, so shard_map's own check rejects an
+    # out_spec that would claim them equal on every device (it would silently return one shard).
+    mesh = Mesh(np.array(devices_or_skip(2)), ("x",))
+    q, k, bt, sl = make_case(27, batch=4, heads_q=4, shards=2)
+
+    def local(q, k, bt, sl):
+        bt = bt - jax.lax.axis_index("x") * k.shape[0]
+        return fm.flash_mla_with_kvcache(q, k, bt, sl)[0]
+
+    with pytest.raises(Exception, match="(?i)replicat"):
+        jax.jit(_shard_map(local, mesh, (P("x"),) * 4, P()))(q, k, bt, sl)
+
+
 # ---- jit with donation, checkpoint ------------------------------------------------------------------
 
 def test_jit_with_donated_cache_appends_then_decodes():
