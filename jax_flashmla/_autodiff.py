@@ -9,6 +9,12 @@ The backward walks the block table a few pages at a time with lax.scan, so no fl
 of a whole sequence exists at once; dk of each page is scattered back into the pool through
 block_table (pages past a sequence's length get nothing; unused slots stay zero). Under named
 shardings the public op runs this per shard, partitioned like the forward (_sharding.py).
+
+Higher orders (grad of grad, Hessian-vector products): differentiating the backward needs the
+derivatives of the forward's out and lse, and of the backward itself. Both primitives get a JVP
+rule (registered in _sharding.py): the forward's tangents are those of the pure-JAX reference, the
+backward's are JAX's own of mla_decode_bwd. These run only when a second derivative is taken; they
+materialize the reference's [b, h_q, s_q, keys] scores, so they are not memory-bounded.
 """
 
 from __future__ import annotations
@@ -96,6 +102,22 @@ def mla_decode_bwd_f32(q, k_cache, block_table, cache_seqlens, out, lse, dout, d
     firsts = jnp.arange(steps, dtype=jnp.int32) * pages_per_step
     (dq, dk), _ = jax.lax.scan(step, init, (table, firsts))
     return dq.reshape(b, s_q, h_q, d), dk
+
+
+def forward_tangents(q, k_cache, block_table, cache_seqlens, dq, dk_cache, *, softmax_scale, causal):
+    """Tangents (d_out, d_lse) of the decode at (q, k_cache) along (dq, dk_cache): those of the
+    pure-JAX reference, in the primal outputs' dtypes (out in q's, lse float32)."""
+    ref = lambda q, k: reference.reference_math(q, k, block_table, cache_seqlens, _contract.HEAD_DIM_V,
+                                                softmax_scale, causal)
+    _, (d_out, d_lse) = jax.jvp(ref, (q, k_cache), (dq, dk_cache))
+    return d_out, d_lse
+
+
+def backward_jvp(primals, tangents, *, softmax_scale, causal):
+    """JAX's JVP of mla_decode_bwd: primals and tangents of (q, k_cache, block_table, cache_seqlens,
+    out, lse, dout, dlse), no symbolic zeros; returns ((dq, dk), (tangent of dq, of dk))."""
+    fn = functools.partial(mla_decode_bwd, softmax_scale=softmax_scale, causal=causal)
+    return jax.jvp(fn, tuple(primals), tuple(tangents))
 
 
 def _zero_cotangent(x):

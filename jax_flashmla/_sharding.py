@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import _autodiff, _contract, _primitives
@@ -87,9 +87,21 @@ def _batch_rule(args, dims, *, softmax_scale, causal):
     return (unfold(out), unfold(lse)), (0, 0)
 
 
+def _jvp_rule(primals, tangents, *, softmax_scale, causal):
+    # Taken only for second derivatives: the public op is a custom_vjp, whose backward needs the
+    # derivatives of out and lse once it is itself differentiated (_autodiff, module docstring).
+    q, k_cache, block_table, cache_seqlens = primals[:4]
+    out, lse = mla_attention_p.bind(*primals, softmax_scale=softmax_scale, causal=causal)
+    dq, dk = (ad.instantiate_zeros(t) for t in tangents[:2])
+    d_out, d_lse = _autodiff.forward_tangents(q, k_cache, block_table, cache_seqlens, dq, dk,
+                                              softmax_scale=softmax_scale, causal=causal)
+    return (out, lse), (d_out, d_lse)
+
+
 mla_attention_p.def_abstract_eval(_abstract_eval)
 mla_attention_p.def_impl(_primitives._impl(mla_attention_p))  # eager: one cached jit per params
 batching.primitive_batchers[mla_attention_p] = _batch_rule
+ad.primitive_jvps[mla_attention_p] = _jvp_rule
 
 
 # ---- partitioning -------------------------------------------------------------------------------
@@ -297,9 +309,17 @@ def _bwd_batch_rule(args, dims, *, softmax_scale, causal):
     return jax.vmap(fn, in_axes=tuple(dims))(*args), (0, 0)
 
 
+def _bwd_jvp_rule(primals, tangents, *, softmax_scale, causal):
+    # The plain backward's own JVP (second derivatives only); not partitioned, like the batch rule.
+    outs, touts = _autodiff.backward_jvp(primals, [ad.instantiate_zeros(t) for t in tangents],
+                                         softmax_scale=softmax_scale, causal=causal)
+    return list(outs), list(touts)
+
+
 mla_attention_bwd_p.def_abstract_eval(_bwd_abstract_eval)
 mla_attention_bwd_p.def_impl(_primitives._impl(mla_attention_bwd_p))
 batching.primitive_batchers[mla_attention_bwd_p] = _bwd_batch_rule
+ad.primitive_jvps[mla_attention_bwd_p] = _bwd_jvp_rule
 
 
 def _bwd_shardings(mesh, layout):

@@ -64,8 +64,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       log of the sum of exp of the scaled scores). A query with no visible key gets out = 0 and
       lse = +inf.
 
-    Differentiable in q and k_cache (jax.grad / jax.vjp), vmappable, and partitioned under jit
-    with named shardings (head- and data-parallel); see docs/transformations.md.
+    Differentiable in q and k_cache (jax.grad / jax.vjp; second derivatives too, through jax.grad),
+    vmappable, and partitioned under jit with named shardings (head- and data-parallel); see
+    docs/transformations.md.
     """
     shapes = _contract.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_md, num_splits)
     scale = _contract.check_softmax_scale(softmax_scale)
