@@ -11,6 +11,15 @@ import jax_flashmla as jfm
 from conftest import assert_output_close, make_problem
 
 
+@pytest.fixture(autouse=True)
+def _on_the_cpu():
+    # These are tests of the CPU handler: its float32 P (hence the tight tolerances) and its value
+    # checks. On a machine with a GPU the default device would run the kernel instead, which rounds
+    # P to 16 bits and reads bad page ids as zeros (tested in test_gpu_decode.py).
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def assert_matches_reference(problem, *, causal, softmax_scale=None, num_sm_parts=None):
     h_q, h_kv = problem.q.shape[2], problem.k_cache.shape[2]
     rows = problem.q.shape[1] * h_q // h_kv
