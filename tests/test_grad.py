@@ -218,3 +218,22 @@ def test_forward_mode_is_refused_clearly():
     q, k, bt, sl = make_case(11, batch=1, lens=[10])
     with pytest.raises(TypeError, match="forward-mode"):
         jax.jvp(lambda q: fm.flash_mla_with_kvcache(q, k, bt, sl)[0], (q,), (q,))
+
+
+def test_hessian_vector_product_under_vmap():
+    # The JVP rules batch like the rest: a vmapped Hessian-vector product against the reference's.
+    q, k, bt, sl = make_case(12, batch=2, seqlen_q=2, heads_q=4, heads_k=2, lens=[0, 129])
+    rng = np.random.default_rng(13)
+    vqs = jnp.asarray(rng.standard_normal((2,) + q.shape), q.dtype)
+
+    def hvp_q(decode):
+        loss = lambda q: jnp.sum(decode(q, k)[0].astype(jnp.float32) ** 2)
+        return lambda q, vq: jax.jvp(jax.grad(loss), (q,), (vq,))[1]
+
+    qs = jnp.stack([q, -q])
+    got = jax.jit(jax.vmap(hvp_q(lambda q, k: fm.flash_mla_with_kvcache(q, k, bt, sl, causal=True))))(qs, vqs)
+    want = jax.vmap(hvp_q(lambda q, k: fm.mla_decode_reference(q, k, bt, sl, causal=True)))(qs, vqs)
+    g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    eps = float(jnp.finfo(q.dtype).eps)
+    assert g.shape == w.shape and not np.isnan(g).any()
+    assert np.linalg.norm(g - w) <= 2.5 * eps * np.linalg.norm(w), np.linalg.norm(g - w) / np.linalg.norm(w) / eps

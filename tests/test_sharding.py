@@ -169,6 +169,28 @@ def test_grad_under_data_parallel_sharding():
         assert np.abs(g - w).max() <= 2e-2 * np.abs(w).max()
 
 
+def test_hessian_vector_product_under_data_parallel_sharding():
+    # Second derivatives are right under named shardings; their JVP rules are plain JAX, which XLA
+    # partitions by gathering (docs/transformations.md, "grad"), so no collective count is asserted.
+    mesh = mesh_of((2,), ("x",))
+    q, k, bt, sl = make_case(49, batch=4, heads_q=4, lens=[1, 150, 64, 0], shards=2)
+    rng = np.random.default_rng(50)
+    vq = jnp.asarray(rng.standard_normal(q.shape), q.dtype)
+    vk = jnp.asarray(rng.standard_normal(k.shape), k.dtype)
+
+    def hvp(fn):
+        loss = lambda q, k: jnp.sum(fn(q, k)[0].astype(jnp.float32) ** 2)
+        return lambda q, k: jax.jvp(jax.grad(loss, (0, 1)), (q, k), (vq, vk))[1]
+
+    got = jax.jit(hvp(lambda q, k: fm.flash_mla_with_kvcache(q, k, bt, sl)))(*place(mesh, (q, k), (P("x"), P("x"))))
+    want = hvp(lambda q, k: fm.mla_decode_reference(q, k, bt, sl))(q, k)
+    eps = float(jnp.finfo(q.dtype).eps)
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert not np.isnan(g).any()
+        assert np.linalg.norm(g - w) <= 2.5 * eps * np.linalg.norm(w), np.linalg.norm(g - w) / np.linalg.norm(w) / eps
+
+
 # ---- the backward: partitioned like the forward ---------------------------------------------------
 
 def grad_fn(causal):
