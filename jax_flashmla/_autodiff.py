@@ -113,13 +113,6 @@ def forward_tangents(q, k_cache, block_table, cache_seqlens, dq, dk_cache, *, so
     return d_out, d_lse
 
 
-def backward_jvp(primals, tangents, *, softmax_scale, causal):
-    """JAX's JVP of mla_decode_bwd: primals and tangents of (q, k_cache, block_table, cache_seqlens,
-    out, lse, dout, dlse), no symbolic zeros; returns ((dq, dk), (tangent of dq, of dk))."""
-    fn = functools.partial(mla_decode_bwd, softmax_scale=softmax_scale, causal=causal)
-    return jax.jvp(fn, tuple(primals), tuple(tangents))
-
-
 def _zero_cotangent(x):
     return None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
 

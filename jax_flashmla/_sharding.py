@@ -311,8 +311,8 @@ def _bwd_batch_rule(args, dims, *, softmax_scale, causal):
 
 def _bwd_jvp_rule(primals, tangents, *, softmax_scale, causal):
     # The plain backward's own JVP (second derivatives only); not partitioned, like the batch rule.
-    outs, touts = _autodiff.backward_jvp(primals, [ad.instantiate_zeros(t) for t in tangents],
-                                         softmax_scale=softmax_scale, causal=causal)
+    fn = lambda *a: _bwd_body(softmax_scale, causal, *a)
+    outs, touts = jax.jvp(fn, tuple(primals), tuple(ad.instantiate_zeros(t) for t in tangents))
     return list(outs), list(touts)
 
 
