@@ -1,5 +1,5 @@
-"""Random decode problems for the transformation tests (small shapes, CPU-friendly), and the
-devices a multi-device test takes."""
+"""Random decode problems for the transformation tests (small shapes, CPU-friendly), the devices a
+multi-device test takes, and the comparison of second derivatives against the reference's."""
 
 from __future__ import annotations
 
@@ -50,3 +50,15 @@ def devices_or_skip(n):
     if len(jax.devices()) < n:
         pytest.skip(f"needs {n} devices, this backend has {len(jax.devices())}")
     return jax.devices()[:n]
+
+
+def assert_within_eps(got, want, dtype, *, l2, max_elem=None):
+    """`got` has no NaN and is within `l2` times dtype's epsilon of `want` in relative L2 error (and,
+    when given, within `max_elem` eps of want's largest magnitude in every element). The bound of
+    the second-derivative tests: their 16-bit tangents are rounded once more than the reference's."""
+    eps = float(jnp.finfo(dtype).eps)
+    g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert not np.isnan(g).any()
+    assert np.linalg.norm(g - w) <= l2 * eps * np.linalg.norm(w), np.linalg.norm(g - w) / np.linalg.norm(w) / eps
+    if max_elem is not None:
+        assert np.abs(g - w).max() <= max_elem * eps * np.abs(w).max(), np.abs(g - w).max() / np.abs(w).max() / eps

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flashmla as fm
 from jax_flashmla import _extension
-from mla_cases import devices_or_skip, make_case
+from mla_cases import assert_within_eps, devices_or_skip, make_case
 
 
 def mesh_of(shape, names):
@@ -184,11 +184,8 @@ def test_hessian_vector_product_under_data_parallel_sharding():
 
     got = jax.jit(hvp(lambda q, k: fm.flash_mla_with_kvcache(q, k, bt, sl)))(*place(mesh, (q, k), (P("x"), P("x"))))
     want = hvp(lambda q, k: fm.mla_decode_reference(q, k, bt, sl))(q, k)
-    eps = float(jnp.finfo(q.dtype).eps)
     for g, w in zip(got, want):
-        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        assert not np.isnan(g).any()
-        assert np.linalg.norm(g - w) <= 2.5 * eps * np.linalg.norm(w), np.linalg.norm(g - w) / np.linalg.norm(w) / eps
+        assert_within_eps(g, w, q.dtype, l2=2.5)
 
 
 # ---- the backward: partitioned like the forward ---------------------------------------------------
