@@ -8,40 +8,31 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from jax_flashmla import HEAD_DIM, PAGE_SIZE
+from jax_flashmla import PAGE_SIZE, testing
 
 
 def make_case(seed, *, batch=2, seqlen_q=1, heads_q=4, heads_k=1, lens=None, max_blocks=3, num_blocks=None,
               dtype=jnp.bfloat16, shards=1, poison=True):
-    """A decode problem whose page ids are a random permutation of the pool.
+    """A decode problem (jax_flashmla.testing) as device arrays, its page ids a random permutation of
+    the pool; lengths uniform in [1, max_blocks * 64] unless given.
 
     With shards > 1 the pool splits into `shards` equal slices and request i's pages are drawn from
     slice i // (batch // shards), as the data-parallel layout requires. Slots past each length hold
-    NaN and block-table entries past ceil(len / 64) hold garbage when `poison` is set.
+    NaN and block-table entries past ceil(len / 64) hold garbage when `poison` is set; without it every
+    column holds a page of the request's own, with random values throughout (room to append).
     """
     rng = np.random.default_rng(seed)
     if lens is None:
         lens = rng.integers(1, max_blocks * PAGE_SIZE + 1, size=batch)
-    lens = np.asarray(lens, np.int32)
     per_shard = batch // shards
     if num_blocks is None:
         num_blocks = shards * (per_shard * max_blocks + 1)
-    n_local = num_blocks // shards
-    table = np.zeros((batch, max_blocks), np.int32)
-    for s in range(shards):
-        ids = rng.permutation(n_local)[: per_shard * max_blocks] + s * n_local
-        table[s * per_shard:(s + 1) * per_shard] = ids.reshape(per_shard, max_blocks)
-    q = rng.standard_normal((batch, seqlen_q, heads_q, HEAD_DIM)).astype(np.float32)
-    k = rng.standard_normal((num_blocks, PAGE_SIZE, heads_k, HEAD_DIM)).astype(np.float32)
-    if poison:
-        valid = np.zeros((num_blocks, PAGE_SIZE), bool)  # pool slots some sequence reads
-        for i, n in enumerate(lens):
-            used = -(-int(n) // PAGE_SIZE)
-            for j in range(used):
-                valid[table[i, j], : min(PAGE_SIZE, int(n) - j * PAGE_SIZE)] = True
-            table[i, used:] = rng.integers(-(10 ** 6), 10 ** 6, size=max_blocks - used)
-        k[~valid] = np.nan
-    return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(table), jnp.asarray(lens))
+    layout = dict(pages=max_blocks, pad=-1) if not poison else dict(pad=testing.GARBAGE)
+    problem = testing.make_problem(rng, batch=batch, seqlen_q=seqlen_q, num_heads_q=heads_q, num_heads_k=heads_k,
+                                   lengths=lens, dtype=np.float32, poison=poison, max_blocks=max_blocks,
+                                   num_blocks=num_blocks, shards=shards, **layout)
+    return (jnp.asarray(problem.q, dtype), jnp.asarray(problem.k_cache, dtype), jnp.asarray(problem.block_table),
+            jnp.asarray(problem.cache_seqlens))
 
 
 def devices_or_skip(n):
