@@ -2,7 +2,7 @@
 time of three standard-matrix cases (b=128, s_k=8192, causal, h_kv=1, bf16).
 
 The full suites are tests/test_gpu_decode.py and benchmarks/bench_decode.py; this is what fits a
-short device visit. The timings are wall clock of one jitted call (decode + combine, metadata passed
+two-minute check of a GPU machine. The timings are wall clock of one jitted call (decode + combine, metadata passed
 in), median of `--iters` calls: dispatch is included. On the CPU it runs the correctness cases only.
 
 Usage (repository root, package installed):
@@ -12,7 +12,6 @@ Usage (repository root, package installed):
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -21,16 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flashmla as jfm
+from jax_flashmla import testing
 from jax_flashmla.reference import reference_math
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from conftest import cos_diff, make_problem  # noqa: E402  (shuffled pages, NaN in unused slots)
+
+def cos_diff(x, y) -> float:
+    """FlashMLA's closeness measure, 1 - 2 sum(xy) / sum(x^2 + y^2), in float64."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    denom = float((x * x + y * y).sum())
+    return 0.0 if denom == 0.0 else 1.0 - 2.0 * float((x * y).sum()) / denom
 
 
 def check(b, s_q, h_q, h_kv, lengths, causal, dtype=jnp.bfloat16, num_sm_parts=None, seed=0) -> bool:
     """Kernel vs reference with FlashMLA's tolerances: cos diff < 1e-5, lse within 8/65536."""
-    problem = make_problem(np.random.default_rng(seed), batch=b, seqlen_q=s_q, num_heads_q=h_q, num_heads_k=h_kv,
-                           lengths=lengths, dtype=dtype)
+    # Shuffled pages, NaN in every slot no request reads, padding ids -1.
+    problem = testing.make_problem(np.random.default_rng(seed), batch=b, seqlen_q=s_q, num_heads_q=h_q,
+                                   num_heads_k=h_kv, lengths=lengths, dtype=dtype, spare_pages=3)
     q, k_cache, table, lens = (jnp.asarray(x) for x in problem.args)
     plan = (jfm.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv, num_sm_parts=num_sm_parts)
             if num_sm_parts else (None, None))
@@ -72,14 +77,9 @@ def timing(iters: int, cases=TIMED_CASES) -> None:
     for h_q, s_q in cases:
         b, s_k = 128, 8192
         rng = np.random.default_rng(0)
-        lens = np.clip(rng.normal(s_k, s_k / 2, b), s_q, None).astype(np.int32)
-        pages = -(-lens // jfm.PAGE_SIZE)
-        num_blocks = int(pages.sum())
-        table = np.zeros((b, int(pages.max())), np.int32)
-        ids, used = rng.permutation(num_blocks), 0
-        for i, n in enumerate(pages):
-            table[i, :n] = ids[used:used + n]
-            used += n
+        lens = testing.varlen_lengths(rng, b, s_k, min_len=s_q)
+        layout = testing.page_layout(rng, lens, pad=0)
+        table, num_blocks = layout.block_table, layout.num_blocks
         q = jnp.asarray(rng.standard_normal((b, s_q, h_q, jfm.HEAD_DIM)), jnp.bfloat16)
         k_cache = jax.random.normal(jax.random.key(0), (num_blocks, jfm.PAGE_SIZE, 1, jfm.HEAD_DIM), jnp.bfloat16)
         table, lens_dev = jnp.asarray(table), jnp.asarray(lens)
