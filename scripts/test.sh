@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/bazel_test.sh
-# Run from tests/ so the installed package, not the source folder, is imported.
-cd tests && python3 -m pytest -q -p no:cacheprovider .
+# Run from tests/ so the installed package, not the source folder, is imported; one pytest over the
+# package's tests and the lab tools' (tools/tests/).
+cd tests && python3 -m pytest -q -p no:cacheprovider . ../tools/tests

@@ -4,8 +4,8 @@
 # with the sections that say where the time goes (throughput vs peak, memory traffic, tensor-pipe
 # use, warp stall reasons). Text reports in $OUT/ncu_<h_q>_<s_q>.txt.
 #
-#   bash scripts/profile_ncu.sh [H_Q,S_Q ...]     (default: 16,1 128,2; the package must be installed,
-#                                                   e.g. by `bash scripts/device_check.sh build`)
+#   bash tools/profile_ncu.sh [H_Q,S_Q ...]     (default: 16,1 128,2; the package must be installed,
+#                                                   e.g. by `bash tools/device_check.sh build`)
 #   NCU_ARGS: extra ncu arguments (e.g. "--set full").
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Static SASS figures of the decode kernels: the instruction mix of each kernel's page loops.
 
-    python3 scripts/sass_report.py OBJECT_OR_CUBIN [--cuobjdump PATH]
+    python3 tools/sass_report.py OBJECT_OR_CUBIN [--cuobjdump PATH]
 
 A page loop is an innermost backward branch that encloses HGMMA instructions: one per warpgroup's
-steady pair body since the ninth session (before, one loop held both warpgroups). Its body is
+steady pair body (a kernel whose warpgroups share one loop shows one). Its body is
 counted as laid out (so conditional parts, such as the one thread that issues TMA loads, are
 counted once). A change that removes instructions from that body shows here before any timing.
 cuobjdump comes with the CUDA toolkit, or from PyPI (`pip install --target DIR

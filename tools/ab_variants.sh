@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# A/B benchmark of kernel variants in one device call (the device tool runs it from the repository
-# root; carry the variants folder, e.g. carry [".devtree"]).
+# A/B benchmark of builds of this package on one GPU machine, in one command: each variant is built,
+# optionally checked, and timed with the same harness (this tree's benchmarks/bench_decode.py),
+# the variants' runs interleaved; per-row ratios and their geomean go to $OUT/ab_summary.md.
 #
-#   VARIANTS="base v1 v2" CHECK_VARIANTS="v1 v2" bash scripts/ab_variants.sh
+#   VARIANTS="old=git:v0.1 base" AB_REF=old bash tools/ab_variants.sh      # a git ref against this tree
+#   VARIANTS="base v1 v2" CHECK_VARIANTS="v1 v2" bash tools/ab_variants.sh  # overlays on this tree
+#   (tools/ab_trees.sh is the first form with defaults that fit a 9-minute call.)
 #
-# The variants are scratch copies of kernel files in a git-ignored folder (AB_VARIANTS_DIR, default
-# .devtree/exp). `base` = the repository tree as it is; any other name N = that tree plus the
-# overlays in $AB_VARIANTS_DIR/N/:  cuda/ -> csrc/cuda/,  common/ -> csrc/common/,  py/ -> jax_flashmla/,
-# tree/ -> repository root (relative paths kept), and delete.txt (optional): paths relative to the
-# root, one a line, removed from the copy (overlays can only add/replace files otherwise). A loose
-# source file directly in $AB_VARIANTS_DIR/N/ (*.cu *.cuh *.h *.hpp *.cc *.py) replaces the one file of
-# that name under csrc/ or jax_flashmla/ (ignored, with a warning, when the name is not unique).
+# A variant is a word of VARIANTS:
+#   base            this tree as it is (tracked and untracked-but-not-ignored files)
+#   NAME=tree       this tree as it is, under another name
+#   NAME=git:REF    the tree of git ref REF of this repository (`git archive`; needs .git)
+#   NAME=dir:PATH   the tree in folder PATH (e.g. an unpacked `git archive`)
+#   NAME            this tree plus the overlays in $AB_VARIANTS_DIR/NAME/: cuda/ -> csrc/cuda/,
+#                   common/ -> csrc/common/, py/ -> jax_flashmla/, tree/ -> repository root (relative
+#                   paths kept), and delete.txt (optional): paths relative to the root, one a line,
+#                   removed from the copy. A loose source file directly in $AB_VARIANTS_DIR/NAME/
+#                   (*.cu *.cuh *.h *.hpp *.cc *.py) replaces the one file of that name under csrc/ or
+#                   jax_flashmla/ (ignored, with a warning, when the name is not unique).
 #
-# Steps: 1. copy + overlay each variant to /tmp/ab/src_N and build them all in parallel with
+# Steps: 1. copy each variant to /tmp/ab/src_N and build them all in parallel with
 #   `pip install --target /tmp/ab/site_N` (skipped when /tmp/ab/site_N holds a build of the same
 #   source hash: a warm machine); ptxas registers/spills per kernel go into the summary.
-#   2. correctness: quick_check.py --check-only per CHECK_VARIANTS (+ the GPU pytest subset
-#   PYTEST_K); a failing variant is still benchmarked, marked FAILED.
+#   2. correctness: the variant's benchmarks/quick_check.py --check-only per CHECK_VARIANTS (+ its
+#   GPU pytest subset PYTEST_K); a failing variant is still benchmarked, marked FAILED.
 #   3. bench_decode.py $BENCH_ARGS, REPS times over all variants (interleaved), nvidia-smi clocks
 #   logged beside it. 4. $OUT/ab_summary.md (also printed at the end) and $OUT/ab_logs.tgz.
 # Every python runs from an empty directory with PYTHONPATH=/tmp/ab/site_N, so the variant's build,
@@ -24,12 +31,13 @@
 #
 # Environment:
 #   VARIANTS        default "base"
+#   AB_REF          the variant the others are compared with (default base, else the first built)
 #   CHECK_VARIANTS  default "" (none)
 #   SKIP_QUICK      1: skip quick_check.py in the check step (only the pytest subset runs)
-#   AB_VARIANTS_DIR where the variants' overlays are (default .devtree/exp)
+#   AB_VARIANTS_DIR where the overlays are (default tools/variants, git-ignored)
 #   PYTEST_K        pytest -k expression for tests/test_gpu_decode.py (default: no pytest)
 #   PYTEST_TIMEOUT  default 200;  CHECK_TIMEOUT default 150;  BUILD_TIMEOUT default 300
-#   BENCH_ARGS      default "--mode matrix --no-ref --cases s_k=4096/8192 --iters 30"
+#   BENCH_ARGS      default "--no-ref --cases s_k=4096/8192 --iters 30"
 #   BENCH_TIMEOUT   per bench run, default 240
 #   REPS            default 2;  BENCH_ORDER: same (default: v1 v2 v1 v2) or abba (v1 v2 v2 v1)
 #   AB_BUDGET_S     no new step starts after this many seconds (default 540); a bench run is not
@@ -42,7 +50,7 @@ set -uo pipefail
 SECONDS=0
 cd "$(dirname "$0")/.."
 REPO=$PWD
-EXP=${AB_VARIANTS_DIR:-$REPO/.devtree/exp}
+EXP=${AB_VARIANTS_DIR:-$REPO/tools/variants}
 OUT=${OUT:-/tmp/ab_out}
 AB=/tmp/ab
 W=$AB/run                       # this call's logs, results and state (fresh every call)
@@ -54,7 +62,7 @@ export PYTHONUNBUFFERED=1
 
 VARIANTS=${VARIANTS:-base}
 CHECK_VARIANTS=${CHECK_VARIANTS:-}
-BENCH_ARGS=${BENCH_ARGS:---mode matrix --no-ref --cases s_k=4096/8192 --iters 30}
+BENCH_ARGS=${BENCH_ARGS:---no-ref --cases s_k=4096/8192 --iters 30}
 REPS=${REPS:-2}
 BUDGET=${AB_BUDGET_S:-540}
 HARD=${AB_HARD_S:-585}
@@ -79,7 +87,7 @@ cleanup() { if [ -n "$smi_pid" ]; then kill "$smi_pid" 2>/dev/null; wait "$smi_p
 trap cleanup EXIT
 
 finish() {  # summary + logs archive; safe to call more than once
-  python3 "$REPO/scripts/ab_summary.py" --dir "$W" --field "${AB_FIELD:-kernel_ms}" \
+  python3 "$REPO/tools/ab_summary.py" --dir "$W" --field "${AB_FIELD:-kernel_ms}" --ref "${AB_REF:-base}" \
     --elapsed "$SECONDS" --budget "$BUDGET" >"$W/ab_summary.md" 2>"$W/logs/ab_summary.err" \
     || { echo "ab_summary.py failed:"; cat "$W/logs/ab_summary.err"; } >>"$W/ab_summary.md"
   cp "$W/ab_summary.md" "$OUT/ab_summary.md"
@@ -98,7 +106,7 @@ import sys, importlib.util as u, jax
 s = u.find_spec('jax_flashmla')
 print('python', sys.version.split()[0], '| jax', jax.__version__, '| devices', jax.devices())
 print('jax_flashmla without PYTHONPATH:', s.origin if s else 'not installed')") 2>&1
-  echo "VARIANTS=$VARIANTS | CHECK_VARIANTS=$CHECK_VARIANTS | PYTEST_K=${PYTEST_K:-} | REPS=$REPS | BENCH_ORDER=${BENCH_ORDER:-same}"
+  echo "VARIANTS=$VARIANTS | AB_REF=${AB_REF:-base} | CHECK_VARIANTS=$CHECK_VARIANTS | PYTEST_K=${PYTEST_K:-} | REPS=$REPS | BENCH_ORDER=${BENCH_ORDER:-same}"
   echo "BENCH_ARGS=$BENCH_ARGS | AB_BUDGET_S=$BUDGET | AB_HARD_S=$HARD"
 } >"$W/env.txt" 2>&1
 cat "$W/env.txt"
@@ -108,11 +116,11 @@ list_tree() {  # NUL-separated files of the tree: tracked + untracked-not-ignore
   if git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
     git -C "$REPO" ls-files -z -co --exclude-standard |
       while IFS= read -r -d '' f; do
-        case "$f" in .devtree/*|shared/*) continue ;; esac
+        case "$f" in tools/variants/*|shared/*) continue ;; esac
         [ -f "$f" ] && printf '%s\0' "$f"
       done
-  else  # no git: everything but VCS, scratch and build outputs
-    find . -type f -not -path './.git/*' -not -path './.devtree/*' -not -path './shared/*' \
+  else  # no git: everything but VCS, the overlays and build outputs
+    find . -type f -not -path './.git/*' -not -path './tools/variants/*' -not -path './shared/*' \
       -not -path './build/*' -not -path './bazel-*' -not -name '*.so' -not -path '*/__pycache__/*' \
       -printf '%P\0'
   fi
@@ -125,11 +133,27 @@ srchash() {  # sha256 over the paths and contents of what the build reads
 
 declare -a OK=()          # variants still in the race
 declare -A HASH=()
-prepare() {  # prepare N: /tmp/ab/src_N = tree + overlays
-  local n=$1 src=$AB/src_$1 d=$EXP/$1 sub dst f nfiles=0
+prepare() {  # prepare N [SOURCE]: /tmp/ab/src_N = this tree + overlays, or SOURCE (tree, git:REF, dir:PATH)
+  local n=$1 from=${2:-} src=$AB/src_$1 d=$EXP/$1 sub dst f nfiles=0
   rm -rf "$src"; mkdir -p "$src"
-  list_tree | xargs -0 -r cp --parents -t "$src"
-  if [ "$n" != base ]; then
+  case "$from" in
+    git:*)
+      if ! git -C "$REPO" archive --format=tar "${from#git:}" | tar -x -C "$src"; then
+        log "$n: git archive ${from#git:} failed (no .git here, or no such ref): dropped; dir:PATH takes a folder"
+        st "$n" build "DROPPED (git archive ${from#git:})"; return 1
+      fi
+      st "$n" overlay "$from ($(git -C "$REPO" rev-parse --short "${from#git:}" 2>/dev/null))" ;;
+    dir:*)
+      if [ ! -f "${from#dir:}/CMakeLists.txt" ]; then
+        log "$n: ${from#dir:} holds no source tree (no CMakeLists.txt): dropped"; st "$n" build "DROPPED (no tree)"; return 1
+      fi
+      (cd "${from#dir:}" && find . -type f -not -path './.git/*' -not -path '*/__pycache__/*' -not -path './build/*' \
+         -not -name '*.so' -print0 | xargs -0 -r cp --parents -t "$src")
+      st "$n" overlay "$from" ;;
+    *) list_tree | xargs -0 -r cp --parents -t "$src"
+       [ "$from" = tree ] && st "$n" overlay "(this tree)" ;;
+  esac
+  if [ "$n" != base ] && [ -z "$from" ]; then
     if [ ! -d "$d" ]; then log "$n: no overlay folder $d: dropped"; st "$n" build "DROPPED (no $d)"; return 1; fi
     for sub in "$d"/*; do
       [ -e "$sub" ] || continue
@@ -175,19 +199,22 @@ prepare() {  # prepare N: /tmp/ab/src_N = tree + overlays
   HASH[$n]=$(srchash "$src")
   st "$n" hash "${HASH[$n]}"
   touch "$W/logs/overlay_$n.txt"
-  st "$n" overlay "$(grep -E '^  (add|replace|delete) ' "$W/logs/overlay_$n.txt" | awk '{print $1 " " $2}' | paste -sd ';' -)"
+  [ -z "$from" ] && st "$n" overlay "$(grep -E '^  (add|replace|delete) ' "$W/logs/overlay_$n.txt" | awk '{print $1 " " $2}' | paste -sd ';' -)"
   log "$n: source $src hash ${HASH[$n]}"
   cat "$W/logs/overlay_$n.txt"
   return 0
 }
 
 seen=" "
-for n in $VARIANTS; do
+for word in $VARIANTS; do
+  n=${word%%=*} from=""
+  [ "$n" != "$word" ] && from=${word#*=}
   if [[ ! "$n" =~ ^[A-Za-z0-9_.-]+$ ]]; then log "bad variant name '$n': dropped"; continue; fi
+  case "$from" in ""|tree|git:?*|dir:?*) ;; *) log "$n: unknown source '$from' (tree, git:REF or dir:PATH): dropped"; continue ;; esac
   case "$seen" in *" $n "*) log "$n listed twice: once is enough"; continue ;; esac
   seen="$seen$n "
   echo "$n" >>"$W/variants.txt"
-  prepare "$n" && OK+=("$n")
+  prepare "$n" "$from" && OK+=("$n")
 done
 
 # ---- 1b. builds, in parallel ----------------------------------------------------------------------
@@ -221,7 +248,7 @@ declare -a BUILT=()
 for n in "${OK[@]}"; do
   read -r rc secs reused <"$W/build_$n.rc" 2>/dev/null || { rc=99; secs=0; reused=; }
   cp "$AB/build_$n.log" "$W/logs/build_$n.log" 2>/dev/null
-  bash "$REPO/scripts/ptxas_report.sh" "$AB/build_$n.log" "WARN " >"$W/ptxas_$n.txt" 2>/dev/null
+  bash "$REPO/tools/ptxas_report.sh" "$AB/build_$n.log" "WARN " >"$W/ptxas_$n.txt" 2>/dev/null
   if [ "$rc" != 0 ]; then
     log "$n: build FAILED (rc=$rc, ${secs} s$([ "$rc" = 124 ] && echo ', timed out')): dropped. End of its log:"
     st "$n" build "FAILED rc=$rc (${secs} s)"
@@ -230,20 +257,20 @@ for n in "${OK[@]}"; do
   fi
   st "$n" build "ok ${reused:+(reused) }${secs} s"
   # Which package does python import with this PYTHONPATH?
+  # Public names only, so that any build of the package answers.
   info=$(pyrun "$n" python3 -c "
-import jax_flashmla as j, jax_flashmla._extension as e
-print(j.__file__, e.HAS_CUDA_KERNELS, j.kernel_path())" 2>"$W/logs/import_$n.err" | tail -n 1)
+import jax_flashmla as j
+print(j.__file__, j.kernel_path())" 2>"$W/logs/import_$n.err" | tail -n 1)
   log "$n: import: $info"
-  read -r file cuda kpath <<<"$info"
-  st "$n" import "${file:-?} | HAS_CUDA_KERNELS=${cuda:-?} | ${kpath:-?}"
+  read -r file kpath <<<"$info"
+  st "$n" import "${file:-?} | ${kpath:-?}"
   if [[ "${file:-}" != "$AB/site_$n/"* ]]; then
     log "$n: DROPPED: imported ${file:-nothing} instead of $AB/site_$n"; cat "$W/logs/import_$n.err"
     st "$n" build "DROPPED (import: ${file:-failed})"; continue
   fi
-  if [ "$cuda" != True ]; then
-    log "$n: DROPPED: built without the CUDA kernels"; st "$n" build "DROPPED (HAS_CUDA_KERNELS=$cuda)"; continue
+  if [ "$kpath" != cuda-sm90 ]; then
+    log "$n: DROPPED: decode lowers to ${kpath:-?}, not the SM90 kernel"; st "$n" build "DROPPED (kernel_path=${kpath:-?})"; continue
   fi
-  [ "$kpath" != cuda-sm90 ] && log "$n: WARNING: kernel_path=$kpath (not cuda-sm90)"
   BUILT+=("$n")
 done
 log "built: ${BUILT[*]:-none}"

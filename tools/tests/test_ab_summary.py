@@ -1,4 +1,4 @@
-"""scripts/ab_summary.py (the A/B table of scripts/ab_variants.sh) on a hand-made run folder."""
+"""tools/ab_summary.py (the A/B table of tools/ab_variants.sh) on a hand-made run folder."""
 
 import contextlib
 import importlib.util
@@ -6,7 +6,7 @@ import io
 import json
 import pathlib
 
-SCRIPT = pathlib.Path(__file__).parent.parent / "scripts" / "ab_summary.py"
+SCRIPT = pathlib.Path(__file__).parent.parent / "ab_summary.py"
 
 
 def _load():
@@ -47,7 +47,8 @@ def test_ratio_per_case_and_geometric_mean(tmp_path):
     # ratio = median(base) / median(variant): > 1 means the variant is faster
     assert "| 4096 | 16 | 1 | 0.200/0.200 | 0.100/0.100 | 2.000 |" in text
     assert "| 4096 | 128 | 1 | 0.500/0.500 | 0.400/0.400 | 1.250 |" in text
-    assert f"base/fast: geomean {(2.0 * 1.25) ** 0.5:.4f}, min 1.250, max 2.000 over 2 cases" in text
+    assert (f"base/fast: geomean {(2.0 * 1.25) ** 0.5:.4f}, min 1.250 (s_k=4096 h_q=128 s_q=1), max 2.000 "
+            "over 2 cases; 0 below 0.98") in text
     assert "| `ns::decode_kernel<bf16>` | - | 252 regs |" in text
 
 

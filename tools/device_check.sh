@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One command for the GPU machine (the device tool runs it from the repository root):
+# One command for a GPU machine (run from anywhere; it works in the repository root):
 # build and install the package, run the GPU tests, run the benchmark; logs and results in $OUT.
 #
-#   bash scripts/device_check.sh [build] [test] [bench] [quick] [sanitize] [mesh] [all] [-- PYTEST_ARGS...]
+#   bash tools/device_check.sh [build] [test] [bench] [quick] [sanitize] [mesh] [all] [-- PYTEST_ARGS...]
 #
 #   no step named = all (build, test, bench). quick runs benchmarks/quick_check.py (nine correctness
 #   cases, then three wall-clock timings) in a process of its own under a timeout.
@@ -19,8 +19,8 @@
 #   (e.g. -- -x -k heavy). Environment:
 #     BENCH_ARGS   extra benchmark arguments, e.g. BENCH_ARGS="--cases s_k=4096 --mode matrix"
 #     BUILD_ARGS   extra pip arguments (default: -C cmake.define.JAX_FLASHMLA_CUDA=ON)
-#     ANCHORS      FlashMLA's figures (anchors/flashmla_h100.md) if copied into the checkout
-#     OUT          where logs go (the device tool sets it; default /tmp/jax_flashmla_device_out)
+#     ANCHORS      FlashMLA's figures (markdown; tools/flashmla_anchors.py) to set beside the bench's
+#     OUT          where logs go (default /tmp/jax_flashmla_device_out)
 #     TEST_TIMEOUT seconds the GPU tests (and, separately, the mesh tests) may run (default 540)
 #     QUICK_TIMEOUT seconds the quick step may run (default 180)
 #     SANITIZE_TOOLS the sanitize step's tools (default: "memcheck synccheck racecheck"), each run
@@ -63,9 +63,8 @@ SECONDS=0
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | wc -l) changed paths"
-  # The device tool's copy of the tree can carry an older .git than its files, so the line above may
-  # name an old commit; this hash of the sources (compare with the same command locally) names the
-  # tree that was built.
+  # A copy of the tree can carry an older .git than its files, so the line above may name an old
+  # commit; this hash of the sources (compare with the same command locally) names the tree built.
   echo "sources: $(cat $(find csrc CMakeLists.txt -type f | LC_ALL=C sort) | sha256sum | cut -c1-12) (sha256 of csrc/ and CMakeLists.txt)"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || true
   echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1)"
@@ -73,7 +72,7 @@ SECONDS=0
 } | tee "$OUT/env.txt"
 
 installed_ok() {  # the installed package (not the source folder) imports and carries the CUDA kernels
-  (cd /tmp && python3 -c "import jax_flashmla._extension as e, sys; sys.exit(0 if e.HAS_CUDA_KERNELS else 1)") >/dev/null 2>&1
+  (cd /tmp && python3 -c "import jax_flashmla as j, sys; sys.exit(0 if j.kernel_path() == 'cuda-sm90' else 1)") >/dev/null 2>&1
 }
 
 # ---- build -----------------------------------------------------------------------------------------
@@ -84,13 +83,13 @@ do_build() {
   python3 -m pip install --no-build-isolation --no-deps -v ${BUILD_ARGS:--C cmake.define.JAX_FLASHMLA_CUDA=ON} . \
     >"$OUT/build.log" 2>&1
   rc[build]=$?
-  bash scripts/ptxas_report.sh "$OUT/build.log" >"$OUT/ptxas.txt"
+  bash tools/ptxas_report.sh "$OUT/build.log" >"$OUT/ptxas.txt"
   if [ "${rc[build]}" -ne 0 ]; then
     echo "build FAILED (rc=${rc[build]}); end of build.log:"
     grep -nE "error|Error|FAILED" "$OUT/build.log" | head -20
     tail -n 30 "$OUT/build.log"
   fi
-  (cd /tmp && python3 -c "import jax_flashmla as j, jax_flashmla._extension as e; print('installed:', j.__file__, '| CUDA kernels:', e.HAS_CUDA_KERNELS, '| kernel_path:', j.kernel_path())") 2>&1 | tail -n 3
+  (cd /tmp && python3 -c "import jax_flashmla as j; print('installed:', j.__file__, '| kernel_path:', j.kernel_path())") 2>&1 | tail -n 3
   dur[build]=$((SECONDS - t0))
 }
 
@@ -142,8 +141,7 @@ do_bench() {
   local t0=$SECONDS
   echo; echo "==== bench ===="
   ensure_built
-  local anchors=() smi_pid=""
-  [ -n "${ANCHORS:-}" ] && anchors=(--anchors "$ANCHORS")
+  local smi_pid=""
   # The SM clock and power beside the run, every 200 ms: sustained (queued) runs may lower the clock,
   # which the queued columns would otherwise show as overhead.
   if command -v nvidia-smi >/dev/null 2>&1; then
@@ -152,10 +150,13 @@ do_bench() {
     smi_pid=$!
   fi
   # shellcheck disable=SC2086
-  (cd /tmp && python3 "$REPO/benchmarks/bench_decode.py" --json "$OUT/bench.json" --markdown "${anchors[@]}" \
+  (cd /tmp && python3 "$REPO/benchmarks/bench_decode.py" --json "$OUT/bench.json" --markdown \
      ${BENCH_ARGS:-}) >"$OUT/bench.log" 2>&1
   rc[bench]=$?
   [ -n "$smi_pid" ] && kill "$smi_pid" 2>/dev/null
+  if [ -n "${ANCHORS:-}" ] && [ -f "$OUT/bench.json" ]; then
+    python3 tools/flashmla_anchors.py "$ANCHORS" "$OUT/bench.json" >>"$OUT/bench.log" 2>&1
+  fi
   dur[bench]=$((SECONDS - t0))
   echo "bench rc=${rc[bench]} (${dur[bench]} s); log: bench.log, results: bench.json"
 }
@@ -229,7 +230,7 @@ if [ -n "${rc[bench]+x}" ]; then
       { c[NR] = $1 } END { if (NR) printf "   SM clock over %d samples (clocks.csv): min %d, median %d, max %d MHz; power max %s W\n",
         NR, c[1], c[int((NR + 1) / 2)], c[NR], pmax }'
   fi
-  grep -E "^  (copy|matmul):|^NOTE|^anchors: .*not found|no GPU plane|\[trace\].*(no |unavailable|iterations)" "$OUT/bench.log" | cut -c1-200 | head -n 10
+  grep -E "^  (copy|matmul):|^NOTE|no GPU plane|\[trace\].*(no |unavailable|iterations)" "$OUT/bench.log" | cut -c1-200 | head -n 10
   if grep -q "^Device: " "$OUT/bench.log"; then
     sed -n '/^Device: /,$p' "$OUT/bench.log"
   else

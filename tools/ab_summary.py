@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""scripts/ab_variants.sh's summary: reads its run folder (/tmp/ab/run) and prints markdown.
+"""tools/ab_variants.sh's summary: reads its run folder (/tmp/ab/run) and prints markdown.
 
 Files read (all optional): variants.txt (order), status.tsv (variant, key, value; last one wins),
 runs.tsv (variant, rep, rc, start, end, secs, json), json/*.json (bench_decode.py --json output:
@@ -260,6 +260,7 @@ def main(argv=None):
     w("| " + " | ".join(head) + " |")
     w("|" + "---|" * len(head))
     ratios = {v: [] for v in others}
+    slowest = {}  # variant -> (ratio, case) of its lowest ratio
 
     def cell(v, key):
         vals = results.get(v, {}).get(key, {})
@@ -276,6 +277,8 @@ def main(argv=None):
             m = median(list(results.get(v, {}).get(key, {}).values()))
             if ref_m and m:
                 ratios[v].append(ref_m / m)
+                if v not in slowest or ref_m / m < slowest[v][0]:
+                    slowest[v] = (ref_m / m, f"s_k={s_k} h_q={h_q} s_q={s_q}" + (f" b={b} h_kv={h_kv}" if multi_b else ""))
                 row.append(f"{ref_m / m:.3f}")
             else:
                 row.append("-")
@@ -288,8 +291,9 @@ def main(argv=None):
     for v in others:
         rs = ratios[v]
         if rs:
-            w(f"- {ref}/{v}: geomean {math.exp(sum(map(math.log, rs)) / len(rs)):.4f}, min {min(rs):.3f}, "
-              f"max {max(rs):.3f} over {len(rs)} cases" + (" **(check FAILED)**" if any(
+            w(f"- {ref}/{v}: geomean {math.exp(sum(map(math.log, rs)) / len(rs)):.4f}, min {min(rs):.3f} "
+              f"({slowest[v][1]}), max {max(rs):.3f} over {len(rs)} cases; "
+              f"{sum(r < 0.98 for r in rs)} below 0.98" + (" **(check FAILED)**" if any(
                   x.startswith("FAILED") for x in (status.get(v, {}).get("check", ""),
                                                     status.get(v, {}).get("pytest", ""))) else ""))
     print("\n".join(out))

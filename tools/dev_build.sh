@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Developer build: compiles the extension into build/dev and links it into the source tree, so
 # `python -c "import jax_flashmla"` and pytest work from the checkout without `pip install`.
-# Usage: scripts/dev_build.sh [-DJAX_FLASHMLA_CUDA=OFF|ON|AUTO ...]
+# Usage: tools/dev_build.sh [-DJAX_FLASHMLA_CUDA=OFF|ON|AUTO ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c "import jax, nanobind" 2>/dev/null || python3 -m pip install -q jax nanobind

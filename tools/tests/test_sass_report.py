@@ -1,9 +1,9 @@
-"""scripts/sass_report.py's parser on a hand-written SASS listing (no CUDA tools needed)."""
+"""tools/sass_report.py's parser on a hand-written SASS listing (no CUDA tools needed)."""
 
 import importlib.util
 import pathlib
 
-SCRIPT = pathlib.Path(__file__).parent.parent / "scripts" / "sass_report.py"
+SCRIPT = pathlib.Path(__file__).parent.parent / "sass_report.py"
 
 LISTING = """
         Function : _Z6kernelv
@@ -55,7 +55,7 @@ TWO_LOOPS = """
 
 
 def test_each_warpgroups_loop_is_a_page_loop_of_its_own():
-    # Since the ninth session each warpgroup has its own steady pair loop; the piece loop around
+    # Each warpgroup has its own steady pair loop; the piece loop around
     # both (0x70 -> 0x0) holds an HGMMA of its own (a tail pair) but is not innermost.
     report = _load()
     kernel = report.functions(TWO_LOOPS)["_Z6kernelv"]

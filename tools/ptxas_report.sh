@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # ptxas -v report of a build log, one line per kernel: "Used N registers | stack/spills | function"
 # (demangled, shortened), then ptxas warnings/errors and any spill lines, each prefixed by PREFIX.
-# Used by scripts/device_check.sh and scripts/ab_variants.sh.
+# Used by tools/device_check.sh and tools/ab_variants.sh.
 #
-#   bash scripts/ptxas_report.sh BUILD_LOG [PREFIX]
+#   bash tools/ptxas_report.sh BUILD_LOG [PREFIX]
 set -uo pipefail
 log=$1 prefix=${2:-}
 awk '
