@@ -103,7 +103,7 @@ ensure_built() {
 # ---- tests -----------------------------------------------------------------------------------------
 # run_pytest LOG PYTEST_ARGS...: pytest from tests/, so the installed package, not the source folder,
 # is imported. -v names each test as it starts, so a kernel that hangs shows which case; TEST_TIMEOUT
-# (seconds) stops it before the device call's own limit, so the summary below still prints.
+# (seconds) stops it before any outer time limit, so the summary below still prints.
 # Every case compiles the reference for new shapes; XLA's GEMM autotuning (seconds per shape, and
 # nothing the comparison needs) is switched off unless XLA_FLAGS already sets it.
 run_pytest() {
