@@ -41,6 +41,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kCombineMinCtasPerSm) comb
   // Online over groups of kSplitsPerLoad partials (usually one group): each group's lse and values
   // are loaded together, then the sums move to the group's max.
   float max_lse = -INFINITY, total = 0.f;
+  bool nan = false;  // a NaN partial (fmaxf skips it) makes the row NaN, never empty
   float4 sum[4] = {};
   for (int s0 = 0; s0 < n; s0 += kSplitsPerLoad) {
     float lse[kSplitsPerLoad];
@@ -55,7 +56,10 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kCombineMinCtasPerSm) comb
     }
     float new_max = max_lse;
 #pragma unroll
-    for (int i = 0; i < kSplitsPerLoad; ++i) new_max = fmaxf(new_max, lse[i]);
+    for (int i = 0; i < kSplitsPerLoad; ++i) {
+      new_max = fmaxf(new_max, lse[i]);
+      nan |= isnan(lse[i]);
+    }
     if (new_max == -INFINITY) continue;  // only empty pieces so far
     const float f = expf(max_lse - new_max);  // 0 while max_lse is -inf
     total *= f;
@@ -75,6 +79,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kCombineMinCtasPerSm) comb
     }
     max_lse = new_max;
   }
+  if (nan) total = NAN;
   const bool empty = total == 0.f;
   const float inv = empty ? 0.f : 1.f / total;
   const QueryRow qr = query_row(p, kv_head, row);

@@ -18,20 +18,31 @@ struct PieceCoord {
   int split;    // index of the piece among its request's pieces
   int kv_head;
   int row0;     // first query row of the CTA's 64-row tile
+  int key_begin;  // first key of the piece
+  int n_pages;    // pages in the piece
 };
 
 // Stores one warpgroup's half of a piece's output: `o` is the 64x256 fp32 accumulator fragment of
 // channels [256 wg, 256 wg + 256) (rows r_lo and r_lo + 8 of this thread), normalized by the whole
 // row sums in `st`. A whole request writes out/lse; a split one its accumulator slot. The row max
-// m is in log2 units.
+// m is in log2 units. `limit` holds the rows' key limits.
 template <typename Elem>
 __device__ __forceinline__ void store_piece(const DecodeParams& p, const float* o, const PieceCoord& pc,
-                                            const ThreadCoord& t, const RowState& st, bool final_out, int64_t slot) {
+                                            const ThreadCoord& t, const RowState& st, RowLimits limit, bool final_out,
+                                            int64_t slot) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = pc.row0 + t.r_lo + 8 * half;
     if (row >= p.rows_per_head_k) continue;
-    const float l = half ? st.l_hi : st.l_lo, m = half ? st.m_hi : st.m_lo;
+    float l = half ? st.l_hi : st.l_lo;
+    const float m = half ? st.m_hi : st.m_lo;
+    // A row that sees keys in this piece has l >= 1 when any of their scaled scores is finite (the
+    // largest contributes 2^0), and l NaN when one is NaN. l == 0 means every one was -inf, or the
+    // max was +inf (a non-finite q, or a scale that overflows): NaN, as in the reference, never
+    // "no visible key". A row without keys here (length 0, causal rows before their first key,
+    // split pieces past the row's keys) keeps l == 0: out 0, lse +inf (-inf in the accumulator).
+    const bool sees_keys = pc.n_pages > 0 && (half ? limit.hi : limit.lo) > pc.key_begin;
+    if (sees_keys && l == 0.f) l = NAN;
     const bool empty = l == 0.f;
     const float inv = empty ? 0.f : 1.f / l;
     const float lse = empty ? (final_out ? INFINITY : -INFINITY) : (m + log2f(l)) * 0.6931471805599453f;
@@ -65,7 +76,7 @@ __device__ __forceinline__ void store_piece(const DecodeParams& p, const float* 
 template <typename Elem, typename StartNext>
 __device__ __forceinline__ void finish_piece(const DecodeParams& p, const float* o, float (*row_sum)[kRowsPerTile],
                                              const PieceCoord& pc, const ThreadCoord& t, RowState st,
-                                             StartNext start_next) {
+                                             RowLimits limit, StartNext start_next) {
 #pragma unroll
   for (int d = 1; d <= 2; d <<= 1) {
     st.l_lo += __shfl_xor_sync(0xffffffff, st.l_lo, d);
@@ -85,7 +96,7 @@ __device__ __forceinline__ void finish_piece(const DecodeParams& p, const float*
   const int64_t slot = accum_slot(p.num_splits, pc.req, pc.split);
   const bool final_out = total_splits == 1;
   if (!final_out && (slot < 0 || slot >= max_accum_slots(p.num_sm_parts))) return;  // stale plan
-  store_piece<Elem>(p, o, pc, t, st, final_out, slot);
+  store_piece<Elem>(p, o, pc, t, st, limit, final_out, slot);
 }
 
 }  // namespace sm90

@@ -276,8 +276,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (a < n_pages) ++uses[0];
     if (a + 1 < n_pages) ++uses[1];
 
-    const PieceCoord pc{req, piece.split, kv_head, row0};
-    finish_piece<Elem>(p, o, s.row_sum, pc, t, st, [&] {
+    const PieceCoord pc{req, piece.split, kv_head, row0, page_begin * kPageSize, n_pages};
+    finish_piece<Elem>(p, o, s.row_sum, pc, t, st, limit, [&] {
       if (req < last_req) start_piece(req + 1);
     });
   }
