@@ -186,9 +186,10 @@ def test_non_finite_q_gives_nan_rows(rng, value, num_sm_parts):
 @pytest.mark.parametrize("signs", ["mixed", "negative"])
 @pytest.mark.parametrize("num_sm_parts", [None, 5])
 def test_overflowing_scale_gives_nan_rows(rng, signs, num_sm_parts):
-    # softmax_scale = 1e38 takes the scores to +-inf ("negative": all to -inf). Rows with a visible
-    # key are NaN; rows without one (length 0, causal tokens before the first key) stay out 0, lse +inf.
-    problem = make_problem(rng, batch=3, seqlen_q=3, num_heads_q=2, num_heads_k=1, lengths=[600, 0, 1])
+    # softmax_scale = 1e38 takes the scaled scores past the float range ("mixed": each row's max to
+    # +inf, as every row sees over 100 keys; "negative": all to -inf). Rows with a visible key are
+    # NaN; rows without one (length 0) stay out 0, lse +inf.
+    problem = make_problem(rng, batch=3, seqlen_q=3, num_heads_q=2, num_heads_k=1, lengths=[600, 0, 130])
     if signs == "negative":
         problem.q[...] = -np.abs(problem.q)
         problem.k_cache[...] = np.abs(problem.k_cache)  # NaN slots stay NaN
