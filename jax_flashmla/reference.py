@@ -56,10 +56,14 @@ def reference_math(q, k_cache, block_table, cache_seqlens, head_dim_v: int, scal
 
     scores = jnp.where(visible, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    # Only a row without a visible key is empty (out 0, lse +inf): its max becomes 0 so that exp
+    # gives 0, not NaN. A row with keys keeps a NaN or infinite max (NaN or Inf in q, or a scale
+    # that overflows the scores), which makes its out and lse NaN, as in the kernels.
+    has_key = jnp.any(visible, axis=-1, keepdims=True)
+    row_max = jnp.where(has_key, row_max, 0.0)
     probs = jnp.where(visible, jnp.exp(scores - row_max), 0.0)
     row_sum = jnp.sum(probs, axis=-1, keepdims=True)
-    empty = row_sum == 0.0
+    empty = jnp.broadcast_to(~has_key, row_sum.shape)
 
     values = keys[..., :head_dim_v]
     out = jnp.einsum("bksgt,btkv->bskgv", probs, values, precision=jax.lax.Precision.HIGHEST)

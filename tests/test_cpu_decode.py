@@ -9,6 +9,7 @@ import pytest
 
 import jax_flashmla as jfm
 from conftest import assert_output_close, make_problem
+from jax_flashmla.reference import visible_key_limit
 
 
 @pytest.fixture(autouse=True)
@@ -140,3 +141,84 @@ def test_stale_metadata_is_an_error(rng):
     tile_md, num_splits = jfm.get_mla_metadata(jnp.array([10, 20], jnp.int32), 2, 1)
     with pytest.raises(Exception, match="metadata computed for these cache_seqlens"):
         jax.block_until_ready(jfm.flash_mla_with_kvcache(*problem.args, 512, tile_md, num_splits))
+
+
+# ---- non-finite input and bad lengths ----------------------------------------------------------
+
+def run_plan(problem, *, causal, softmax_scale=None, num_sm_parts=None):
+    """One call with an explicit plan; returns (out f32, lse, pieces per request) as NumPy arrays."""
+    h_q, h_kv = problem.q.shape[2], problem.k_cache.shape[2]
+    tile_md, num_splits = jfm.get_mla_metadata(jnp.asarray(problem.cache_seqlens), problem.q.shape[1] * h_q // h_kv,
+                                               h_kv, num_sm_parts=num_sm_parts)
+    out, lse = jfm.flash_mla_with_kvcache(*problem.args, 512, tile_md, num_splits, softmax_scale=softmax_scale,
+                                          causal=causal)
+    return np.asarray(out, np.float32), np.asarray(lse), np.diff(np.asarray(num_splits))
+
+
+def assert_nan_exactly_in(out, lse, nan_rows):
+    """out and lse are NaN in every element of the rows nan_rows ([b, s_q, h_q] bool) and nowhere else."""
+    lse_rows = lse.transpose(0, 2, 1)
+    assert np.isnan(out[nan_rows]).all() and np.isnan(lse_rows[nan_rows]).all()
+    assert not np.isnan(out[~nan_rows]).any() and not np.isnan(lse_rows[~nan_rows]).any()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("num_sm_parts", [None, 7])
+def test_non_finite_q_gives_nan_rows(rng, value, num_sm_parts):
+    # One channel of two query rows; with 7 parts request 0 is split, so the combine sees a NaN piece.
+    problem = make_problem(rng, batch=3, seqlen_q=2, num_heads_q=4, num_heads_k=2, lengths=[1000, 5, 700])
+    clean_out, clean_lse, _ = run_plan(problem, causal=True, num_sm_parts=num_sm_parts)
+    nan_rows = np.zeros(problem.q.shape[:3], bool)
+    for b, s, h in [(0, 1, 2), (2, 0, 0)]:
+        problem.q[b, s, h, 5] = value
+        nan_rows[b, s, h] = True
+    out, lse, pieces = run_plan(problem, causal=True, num_sm_parts=num_sm_parts)
+    if num_sm_parts == 7:
+        assert pieces[0] > 1
+    assert_nan_exactly_in(out, lse, nan_rows)
+    ref_out, ref_lse = jfm.mla_decode_reference(*problem.args, 512, causal=True)
+    assert_nan_exactly_in(np.asarray(ref_out, np.float32), np.asarray(ref_lse), nan_rows)
+    # The other rows are untouched: bit for bit the clean call's.
+    np.testing.assert_array_equal(out[~nan_rows], clean_out[~nan_rows])
+    np.testing.assert_array_equal(lse.transpose(0, 2, 1)[~nan_rows], clean_lse.transpose(0, 2, 1)[~nan_rows])
+
+
+@pytest.mark.parametrize("signs", ["mixed", "negative"])
+@pytest.mark.parametrize("num_sm_parts", [None, 5])
+def test_overflowing_scale_gives_nan_rows(rng, signs, num_sm_parts):
+    # softmax_scale = 1e38 takes the scaled scores past the float range ("mixed": each row's max to
+    # +inf, as every row sees over 100 keys; "negative": all to -inf). Rows with a visible key are
+    # NaN; rows without one (length 0) stay out 0, lse +inf.
+    problem = make_problem(rng, batch=3, seqlen_q=3, num_heads_q=2, num_heads_k=1, lengths=[600, 0, 130])
+    if signs == "negative":
+        problem.q[...] = -np.abs(problem.q)
+        problem.k_cache[...] = np.abs(problem.k_cache)  # NaN slots stay NaN
+    out, lse, pieces = run_plan(problem, causal=True, softmax_scale=1e38, num_sm_parts=num_sm_parts)
+    if num_sm_parts == 5:
+        assert pieces[0] > 1
+    has_key = np.asarray(visible_key_limit(jnp.asarray(problem.cache_seqlens), 3, True)) > 0  # [b, s_q]
+    nan_rows = np.broadcast_to(has_key[:, :, None], problem.q.shape[:3])
+    assert_nan_exactly_in(out, lse, nan_rows)
+    assert (out[~nan_rows] == 0).all() and np.isposinf(lse.transpose(0, 2, 1)[~nan_rows]).all()
+    ref_out, ref_lse = jfm.mla_decode_reference(*problem.args, 512, softmax_scale=1e38, causal=True)
+    assert_nan_exactly_in(np.asarray(ref_out, np.float32), np.asarray(ref_lse), nan_rows)
+
+
+def test_nan_past_the_length_is_harmless(rng):
+    problem = make_problem(rng, batch=2, seqlen_q=2, num_heads_q=3, num_heads_k=1, lengths=[70, 700])
+    last_page = problem.block_table[0, 1]
+    assert np.isnan(np.asarray(problem.k_cache[last_page, 70 - 64:], np.float32)).all()  # the poison is there
+    for num_sm_parts in (None, 3):
+        for causal in (False, True):
+            assert_matches_reference(problem, causal=causal, num_sm_parts=num_sm_parts)  # asserts no NaN
+
+
+def test_negative_length_is_an_error(rng):
+    problem = make_problem(rng, batch=2, seqlen_q=1, num_heads_q=2, num_heads_k=1, lengths=[10, 0])
+    seqlens = np.array([10, -3], np.int32)
+    with pytest.raises(Exception, match="request 1 has cache_seqlens -3"):
+        jax.block_until_ready(jfm.get_mla_metadata(jnp.asarray(seqlens), 2, 1))
+    tile_md, num_splits = jfm.get_mla_metadata(jnp.asarray(problem.cache_seqlens), 2, 1)
+    with pytest.raises(Exception, match="request 1 has cache_seqlens -3"):
+        jax.block_until_ready(jfm.flash_mla_with_kvcache(problem.q, problem.k_cache, problem.block_table, seqlens,
+                                                         512, tile_md, num_splits))

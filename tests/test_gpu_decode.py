@@ -481,3 +481,78 @@ def test_one_very_long_sequence(seqlen_q, num_heads_q):
     assert max_splits(md[1]) > 8
     out, lse = run_kernel(args, causal=True, metadata=md)
     check_against_reference(args, out, lse, causal=True)
+
+
+# ---- non-finite input and negative lengths -------------------------------------------------------
+
+def _nan_exactly_in(out, lse, nan_rows):
+    """out and lse are NaN in every element of the rows nan_rows ([b, s_q, h_q] bool) and nowhere else."""
+    lse_rows = lse.transpose(0, 2, 1)
+    assert np.isnan(out[nan_rows]).all() and np.isnan(lse_rows[nan_rows]).all()
+    assert not np.isnan(out[~nan_rows]).any() and not np.isnan(lse_rows[~nan_rows]).any()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("num_sm_parts", [None, 7])
+def test_non_finite_q_gives_nan_rows(value, num_sm_parts):
+    # Rows in both warpgroups' halves of a 64-row tile and in a second tile; with 7 parts request 0
+    # is split, so the combine kernel sees NaN pieces.
+    rng = _rng(f"non-finite-q-{value}-{num_sm_parts}")
+    problem = make_problem(rng, batch=3, seqlen_q=2, num_heads_q=64, num_heads_k=1, lengths=[3000, 5, 700])
+    clean = device_args(problem)
+    metadata = plan(clean, num_sm_parts)
+    if num_sm_parts == 7:
+        assert np.diff(np.asarray(metadata[1]))[0] > 1
+    clean_out, clean_lse = run_kernel(clean, causal=True, metadata=metadata)
+    nan_rows = np.zeros(problem.q.shape[:3], bool)
+    for b, s, h in [(0, 0, 3), (0, 1, 40), (2, 0, 63)]:
+        problem.q[b, s, h, 100] = value
+        nan_rows[b, s, h] = True
+    args = device_args(problem)
+    out, lse = run_kernel(args, causal=True, metadata=metadata)
+    out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+    _nan_exactly_in(out, lse, nan_rows)
+    ref_out, ref_lse = reference_f32(*args, softmax_scale=_contract.check_softmax_scale(None), causal=True)
+    _nan_exactly_in(np.asarray(ref_out), np.asarray(ref_lse), nan_rows)
+    # The other rows are untouched: bit for bit the clean call's.
+    clean_out, clean_lse = np.asarray(clean_out.astype(jnp.float32)), np.asarray(clean_lse)
+    np.testing.assert_array_equal(out[~nan_rows], clean_out[~nan_rows])
+    np.testing.assert_array_equal(lse.transpose(0, 2, 1)[~nan_rows], clean_lse.transpose(0, 2, 1)[~nan_rows])
+
+
+@pytest.mark.parametrize("signs", ["mixed", "negative"])
+@pytest.mark.parametrize("num_sm_parts", [None, 5])
+def test_overflowing_scale_gives_nan_rows(signs, num_sm_parts):
+    # softmax_scale = 1e38 takes the scaled scores past the float range ("mixed": each row's max to
+    # +inf, as every row sees over 100 keys; "negative": all to -inf). Rows with a visible key are
+    # NaN; rows without one (length 0) stay out 0, lse +inf.
+    rng = _rng(f"scale-overflow-{signs}-{num_sm_parts}")
+    problem = make_problem(rng, batch=3, seqlen_q=3, num_heads_q=16, num_heads_k=1, lengths=[2000, 0, 130])
+    if signs == "negative":
+        problem.q[...] = -np.abs(problem.q)
+        problem.k_cache[...] = np.abs(problem.k_cache)  # NaN slots stay NaN
+    args = device_args(problem)
+    metadata = plan(args, num_sm_parts)
+    if num_sm_parts == 5:
+        assert np.diff(np.asarray(metadata[1]))[0] > 1
+    out, lse = run_kernel(args, causal=True, metadata=metadata, softmax_scale=1e38)
+    out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+    has_key = np.asarray(_reference.visible_key_limit(args[3], 3, True)) > 0  # [b, s_q]
+    nan_rows = np.broadcast_to(has_key[:, :, None], problem.q.shape[:3])
+    _nan_exactly_in(out, lse, nan_rows)
+    assert (out[~nan_rows] == 0).all() and np.isposinf(lse.transpose(0, 2, 1)[~nan_rows]).all()
+    ref_out, ref_lse = reference_f32(*args, softmax_scale=1e38, causal=True)
+    _nan_exactly_in(np.asarray(ref_out), np.asarray(ref_lse), nan_rows)
+
+
+@pytest.mark.skipif(_ON_CPU, reason="the CPU path rejects negative lengths (test_cpu_decode.py)")
+def test_negative_length_counts_as_zero():
+    # The kernels cannot report an error: a negative length gives the rows of an empty request.
+    args = problem_args("negative-length", batch=3, seqlen_q=2, num_heads_q=16, num_heads_k=1, lengths=[0, 300, 0])
+    negative = args[:3] + (jnp.asarray([-5, 300, -2**31], jnp.int32),)
+    for num_sm_parts in (None, 2):
+        expected = run_kernel(args, causal=True, metadata=plan(args, num_sm_parts))
+        out, lse = run_kernel(negative, causal=True, metadata=plan(negative, num_sm_parts))
+        np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(expected[0].astype(jnp.float32)))
+        np.testing.assert_array_equal(np.asarray(lse), np.asarray(expected[1]))
+        check_against_reference(args, *expected, causal=True)

@@ -62,7 +62,7 @@ JFM_HOST_DEVICE inline int pages_of(int seqlen) { return seqlen > 0 ? (seqlen - 
 // ceil(total / num_parts), so every part gets the same cost. A request has one piece in each part
 // that holds some of its page units (an empty request: the part that holds its first unit), split
 // at the part boundaries. Every unit a part holds decides its plan alone, so the device computes the
-// plan with one thread per request (mla_metadata.cu) and the host with the loop of schedule_tiles;
+// plan with one thread per request (cuda/metadata/metadata.cu) and the host with the loop of schedule_tiles;
 // both call plan_request below, the one statement of the rule.
 
 // The units a request claims, [lo, hi]: its page units, or for an empty request its first unit.

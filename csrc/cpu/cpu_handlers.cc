@@ -8,7 +8,9 @@ namespace {
 ffi::Error metadata_cpu(ffi::Buffer<ffi::S32> seqlens, ffi::ResultBuffer<ffi::S32> tile_md,
                         ffi::ResultBuffer<ffi::S32> num_splits, int32_t num_sm_parts) {
   if (auto err = check_metadata_shapes(seqlens, tile_md, num_splits, num_sm_parts); err.failure()) return err;
-  schedule_tiles(seqlens.typed_data(), static_cast<int>(seqlens.dimensions()[0]), num_sm_parts,
+  const int batch = static_cast<int>(seqlens.dimensions()[0]);
+  if (std::string err = check_seqlens(seqlens.typed_data(), batch); !err.empty()) return invalid(err);
+  schedule_tiles(seqlens.typed_data(), batch, num_sm_parts,
                  tile_md->typed_data(), num_splits->typed_data());
   return ffi::Error::Success();
 }

@@ -60,7 +60,7 @@ void store_row(const DecodeParams& p, const float* src, int n, uint16_t* dst) {
 
 // Exclusive end of the keys query token `token` of request `req` sees.
 int key_limit(const DecodeParams& p, int req, int token) {
-  const int len = std::max(p.seqlens[req], 0);
+  const int len = p.seqlens[req];
   if (!p.causal) return len;
   return std::clamp(len - p.seqlen_q + token + 1, 0, len);
 }
@@ -69,24 +69,22 @@ int key_limit(const DecodeParams& p, int req, int token) {
 // `kv_head`. Writes the final out/lse when the request is not split, else its accumulator slot.
 void attend_piece(const DecodeParams& p, int req, int kv_head, int page_begin, int page_end, int split_idx) {
   const int rows = p.rows_per_head_k;
-  const int len = std::max(p.seqlens[req], 0);
   const int key_begin = page_begin * kPageSize;
-  const int key_end = std::min(page_end * kPageSize, len);
+  const int key_end = std::min(page_end * kPageSize, p.seqlens[req]);
   const int n_keys = std::max(key_end - key_begin, 0);
 
+  // A row sees a prefix of the piece's keys: the first visible[r].
   std::vector<float> queries(static_cast<size_t>(rows) * kHeadDim);
-  std::vector<int> limits(rows);
+  std::vector<int> visible(rows);
   for (int r = 0; r < rows; ++r) {
-    const int token = r / p.q_heads_per_k;
-    const int head = kv_head * p.q_heads_per_k + r % p.q_heads_per_k;
-    const auto* src = static_cast<const uint16_t*>(p.q) +
-                      ((static_cast<size_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDim;
+    const QueryRow qr = query_row(p, kv_head, r);
+    const auto* src = static_cast<const uint16_t*>(p.q) + qo_row_index(p, req, qr) * kHeadDim;
     load_row(p, src, kHeadDim, &queries[static_cast<size_t>(r) * kHeadDim]);
-    limits[r] = key_limit(p, req, token);
+    visible[r] = std::clamp(key_limit(p, req, qr.token) - key_begin, 0, n_keys);
   }
 
-  // Scores of every (row, key) of the piece, then a plain softmax per row.
-  std::vector<float> scores(static_cast<size_t>(rows) * std::max(n_keys, 1), -kInf);
+  // Scores of every visible (row, key) of the piece, then a plain softmax per row.
+  std::vector<float> scores(static_cast<size_t>(rows) * std::max(n_keys, 1));
   std::vector<float> keys(static_cast<size_t>(std::max(n_keys, 1)) * kHeadDim);
   for (int i = 0; i < n_keys; ++i) {
     const int t = key_begin + i;
@@ -96,7 +94,7 @@ void attend_piece(const DecodeParams& p, int req, int kv_head, int page_begin, i
     float* key = &keys[static_cast<size_t>(i) * kHeadDim];
     load_row(p, src, kHeadDim, key);
     for (int r = 0; r < rows; ++r) {
-      if (t >= limits[r]) continue;
+      if (i >= visible[r]) continue;
       const float* qr = &queries[static_cast<size_t>(r) * kHeadDim];
       float dot = 0.f;
       for (int c = 0; c < kHeadDim; ++c) dot += qr[c] * key[c];
@@ -108,34 +106,30 @@ void attend_piece(const DecodeParams& p, int req, int kv_head, int page_begin, i
   std::vector<float> acc(kHeadDimV);
   for (int r = 0; r < rows; ++r) {
     const float* s = &scores[static_cast<size_t>(r) * n_keys];
+    // std::max skips NaN scores, but they reach the sum below as exp(NaN); so does a row whose
+    // visible scores are all -inf or one of them +inf (exp(-inf + inf)): NaN, never "no key".
     float row_max = -kInf;
-    for (int i = 0; i < n_keys; ++i) row_max = std::max(row_max, s[i]);
+    for (int i = 0; i < visible[r]; ++i) row_max = std::max(row_max, s[i]);
     std::fill(acc.begin(), acc.end(), 0.f);
     float row_sum = 0.f;
-    if (row_max != -kInf) {
-      for (int i = 0; i < n_keys; ++i) {
-        if (s[i] == -kInf) continue;  // invisible key: its V (maybe NaN) is never read
-        const float w = std::exp(s[i] - row_max);
-        row_sum += w;
-        const float* v = &keys[static_cast<size_t>(i) * kHeadDim];
-        for (int c = 0; c < kHeadDimV; ++c) acc[c] += w * v[c];
-      }
+    for (int i = 0; i < visible[r]; ++i) {
+      const float w = std::exp(s[i] - row_max);
+      row_sum += w;
+      const float* v = &keys[static_cast<size_t>(i) * kHeadDim];
+      for (int c = 0; c < kHeadDimV; ++c) acc[c] += w * v[c];
     }
-    const bool empty = row_sum == 0.f;
+    const bool empty = visible[r] == 0;  // no key: out 0, lse +inf (-inf for a split piece)
     const float inv = empty ? 0.f : 1.f / row_sum;
     for (int c = 0; c < kHeadDimV; ++c) acc[c] *= inv;
     const float piece_lse = empty ? -kInf : std::log(row_sum) + row_max;
 
-    const int token = r / p.q_heads_per_k;
-    const int head = kv_head * p.q_heads_per_k + r % p.q_heads_per_k;
+    const QueryRow qr = query_row(p, kv_head, r);
     if (total_splits == 1) {
-      auto* dst = static_cast<uint16_t*>(p.out) +
-                  ((static_cast<size_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDimV;
+      auto* dst = static_cast<uint16_t*>(p.out) + qo_row_index(p, req, qr) * kHeadDimV;
       store_row(p, acc.data(), kHeadDimV, dst);
-      p.lse[(static_cast<size_t>(req) * p.num_heads_q + head) * p.seqlen_q + token] = empty ? kInf : piece_lse;
+      p.lse[lse_index(p, req, qr)] = empty ? kInf : piece_lse;
     } else {
-      const size_t slot = static_cast<size_t>(accum_slot(p.num_splits, req, split_idx));
-      const size_t row_index = (slot * p.num_heads_k + kv_head) * rows + r;
+      const int64_t row_index = accum_row_index(p, accum_slot(p.num_splits, req, split_idx), kv_head, r);
       std::copy(acc.begin(), acc.end(), p.o_accum + row_index * kHeadDimV);
       p.lse_accum[row_index] = piece_lse;
     }
@@ -153,17 +147,21 @@ void run_part(const DecodeParams& p, int part, int kv_head) {
   }
 }
 
-// Merges the split pieces of request `req` into out and lse.
+// Merges the split pieces of request `req` into out and lse. An empty piece has lse -inf and adds
+// nothing; a NaN piece makes the row NaN (std::max would skip it).
 void combine_request(const DecodeParams& p, int req) {
-  const size_t first = static_cast<size_t>(accum_slot(p.num_splits, req, 0));
+  const int64_t first = accum_slot(p.num_splits, req, 0);
   const int n = p.num_splits[req + 1] - p.num_splits[req];
-  const int rows = p.rows_per_head_k;
   std::vector<float> acc(kHeadDimV);
   for (int kv_head = 0; kv_head < p.num_heads_k; ++kv_head) {
-    for (int r = 0; r < rows; ++r) {
-      auto row_index = [&](int s) { return (static_cast<size_t>(first + s) * p.num_heads_k + kv_head) * rows + r; };
+    for (int r = 0; r < p.rows_per_head_k; ++r) {
+      auto row_index = [&](int s) { return accum_row_index(p, first + s, kv_head, r); };
       float max_lse = -kInf;
-      for (int s = 0; s < n; ++s) max_lse = std::max(max_lse, p.lse_accum[row_index(s)]);
+      bool nan = false;
+      for (int s = 0; s < n; ++s) {
+        max_lse = std::max(max_lse, p.lse_accum[row_index(s)]);
+        nan |= std::isnan(p.lse_accum[row_index(s)]);
+      }
       std::fill(acc.begin(), acc.end(), 0.f);
       float total = 0.f;
       if (max_lse != -kInf) {
@@ -175,15 +173,12 @@ void combine_request(const DecodeParams& p, int req) {
           for (int c = 0; c < kHeadDimV; ++c) acc[c] += w * o[c];
         }
       }
+      if (nan) total = std::numeric_limits<float>::quiet_NaN();
       const bool empty = total == 0.f;
       for (int c = 0; c < kHeadDimV; ++c) acc[c] = empty ? 0.f : acc[c] / total;
-      const int token = r / p.q_heads_per_k;
-      const int head = kv_head * p.q_heads_per_k + r % p.q_heads_per_k;
-      auto* dst = static_cast<uint16_t*>(p.out) +
-                  ((static_cast<size_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDimV;
-      store_row(p, acc.data(), kHeadDimV, dst);
-      p.lse[(static_cast<size_t>(req) * p.num_heads_q + head) * p.seqlen_q + token] =
-          empty ? kInf : std::log(total) + max_lse;
+      const QueryRow qr = query_row(p, kv_head, r);
+      store_row(p, acc.data(), kHeadDimV, static_cast<uint16_t*>(p.out) + qo_row_index(p, req, qr) * kHeadDimV);
+      p.lse[lse_index(p, req, qr)] = empty ? kInf : std::log(total) + max_lse;
     }
   }
 }
@@ -223,7 +218,18 @@ std::string validate_plan(const DecodeParams& p) {
   return "";
 }
 
+std::string check_seqlens(const int32_t* seqlens, int batch) {
+  for (int req = 0; req < batch; ++req) {
+    if (seqlens[req] < 0) {
+      return "request " + std::to_string(req) + " has cache_seqlens " + std::to_string(seqlens[req]) +
+             "; lengths must be >= 0";
+    }
+  }
+  return "";
+}
+
 std::string mla_decode_cpu(const DecodeParams& p) {
+  if (std::string err = check_seqlens(p.seqlens, p.batch); !err.empty()) return err;
   // Page ids inside a request's length must point into the pool; the rest are never read.
   for (int req = 0; req < p.batch; ++req) {
     const int pages = pages_of(p.seqlens[req]);

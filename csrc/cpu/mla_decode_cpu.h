@@ -3,11 +3,16 @@
 // and a combine pass merges them, so CI checks the scheduler and the split/combine arithmetic.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "common/mla_params.h"
 
 namespace jax_flashmla {
+
+// Returns an error naming the first request with a negative length, else an empty string. (The GPU
+// kernels, which cannot report one, take a negative length as 0.)
+std::string check_seqlens(const int32_t* seqlens, int batch);
 
 // Checks that tile_md/num_splits are a plan for p.seqlens (same coverage the scheduler promises).
 // Returns an empty string when they are, else what is wrong.

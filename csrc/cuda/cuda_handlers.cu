@@ -36,7 +36,7 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // k_cache [num_blocks, 64, h_kv, 576] as a 3-D tensor (channel, kv head, token row) whose boxes are
 // 64 channels x 1 head x 64 tokens with 128-byte swizzle: one swizzled 64x64 tile per TMA copy.
 // L2 promotion is 128 bytes, one box row: 256 bytes was up to 9% slower on the memory-bound cases
-// (H200, L2 flushed by a read; docs/performance.md, twelfth session).
+// (H200, L2 flushed by a read).
 ffi::Error make_kcache_tensor_map(const DecodeParams& p, CUtensorMap& map) {
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return ffi::Error(ffi::ErrorCode::kInternal, "jax_flashmla: cuTensorMapEncodeTiled unavailable");

@@ -15,11 +15,11 @@ namespace jax_flashmla {
 cudaError_t launch_metadata(const int32_t* seqlens, int batch, int num_sm_parts, int32_t* tile_md,
                             int32_t* num_splits, cudaStream_t stream);
 
-// Split-KV decode of every (part, kv head, 64-row tile) (mla_decode_sm90.cu), then the combine of
+// Split-KV decode of every (part, kv head, 64-row tile) (decode/), then the combine of
 // split requests. `k_map` is the TMA descriptor of k_cache made by make_kcache_tensor_map().
 cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& k_map, cudaStream_t stream);
 
-// The combine kernel alone (mla_combine.cu); launch_decode runs it after the decode kernel.
+// The combine kernel alone (combine/combine.cu); launch_decode runs it after the decode kernel.
 cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream);
 
 }  // namespace jax_flashmla

@@ -1,6 +1,10 @@
 // The combine kernel: merges the fp32 partial outputs of a request that the decode kernel split
 // over several parts, weighting each by its lse, and writes the request's out and lse.
-#include "cuda/decode_common.cuh"
+#include <cmath>
+
+#include "common/mla_contract.h"
+#include "common/mla_params.h"
+#include "cuda/decode/traits.h"
 #include "cuda/mla_kernels.h"
 
 namespace jax_flashmla {
@@ -32,11 +36,12 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kCombineMinCtasPerSm) comb
   if (last_split < 1 || last_split != n - 1 || row >= p.rows_per_head_k) return;
   const long long first = accum_slot(p.num_splits, req, 0);
   if (first < 0 || first + n > max_accum_slots(p.num_sm_parts)) return;  // stale metadata
-  auto acc_row = [&](int s) { return ((first + s) * p.num_heads_k + kv_head) * p.rows_per_head_k + row; };
+  auto acc_row = [&](int s) { return accum_row_index(p, first + s, kv_head, row); };
 
   // Online over groups of kSplitsPerLoad partials (usually one group): each group's lse and values
   // are loaded together, then the sums move to the group's max.
   float max_lse = -INFINITY, total = 0.f;
+  bool nan = false;  // a NaN partial (fmaxf skips it) makes the row NaN, never empty
   float4 sum[4] = {};
   for (int s0 = 0; s0 < n; s0 += kSplitsPerLoad) {
     float lse[kSplitsPerLoad];
@@ -51,7 +56,10 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kCombineMinCtasPerSm) comb
     }
     float new_max = max_lse;
 #pragma unroll
-    for (int i = 0; i < kSplitsPerLoad; ++i) new_max = fmaxf(new_max, lse[i]);
+    for (int i = 0; i < kSplitsPerLoad; ++i) {
+      new_max = fmaxf(new_max, lse[i]);
+      nan |= isnan(lse[i]);
+    }
     if (new_max == -INFINITY) continue;  // only empty pieces so far
     const float f = expf(max_lse - new_max);  // 0 while max_lse is -inf
     total *= f;
@@ -71,11 +79,11 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kCombineMinCtasPerSm) comb
     }
     max_lse = new_max;
   }
+  if (nan) total = NAN;
   const bool empty = total == 0.f;
   const float inv = empty ? 0.f : 1.f / total;
-  const int token = row / p.q_heads_per_k;
-  const int head = kv_head * p.q_heads_per_k + row % p.q_heads_per_k;
-  Elem* out = static_cast<Elem*>(p.out) + ((static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head) * kHeadDimV;
+  const QueryRow qr = query_row(p, kv_head, row);
+  Elem* out = static_cast<Elem*>(p.out) + qo_row_index(p, req, qr) * kHeadDimV;
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     uint2 packed;
@@ -84,8 +92,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kCombineMinCtasPerSm) comb
     *reinterpret_cast<uint2*>(out + (c * 32 + lane) * 4) = packed;
   }
   if (lane == 0) {
-    p.lse[(static_cast<int64_t>(req) * p.num_heads_q + head) * p.seqlen_q + token] =
-        empty ? INFINITY : logf(total) + max_lse;
+    p.lse[lse_index(p, req, qr)] = empty ? INFINITY : logf(total) + max_lse;
   }
 }
 

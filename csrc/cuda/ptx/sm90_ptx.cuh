@@ -1,5 +1,5 @@
 // Thin wrappers over the SM90 PTX the decode kernel uses: mbarriers, TMA tensor loads, wgmma
-// descriptors and fences. Each wrapper is one instruction; the kernel file holds the logic.
+// descriptors and fences. Each wrapper is one instruction; the kernels (decode/) hold the logic.
 #pragma once
 
 #include <cuda.h>
@@ -145,6 +145,11 @@ template <int kCount>
 __device__ __forceinline__ void pin_registers(float* r) {
 #pragma unroll
   for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int kCount>
+__device__ __forceinline__ void pin_words(uint32_t* r) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
 // Makes this thread's generic-proxy shared-memory writes visible to the async proxy (wgmma, TMA).
