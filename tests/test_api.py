@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import jax_flashmla as jfm
-from jax_flashmla import _contract, _extension
-from jax_flashmla._primitives import mla_metadata_p
+from jax_flashmla import _contract, _ffi
+from jax_flashmla.ops.metadata import mla_metadata_p
 
 B, S_Q, H_Q, H_KV, BLOCKS, MAX_BLOCKS = 3, 2, 8, 2, 10, 4
 
@@ -25,13 +25,6 @@ def specs(**changes):
     )
     args.update(changes)
     return args
-
-
-def test_constants_match_the_cpp_contract():
-    cpp = _extension._ext.contract_constants()
-    assert cpp == {"HEAD_DIM": _contract.HEAD_DIM, "HEAD_DIM_V": _contract.HEAD_DIM_V,
-                   "PAGE_SIZE": _contract.PAGE_SIZE, "ROWS_PER_TILE": _contract.ROWS_PER_TILE,
-                   "TILE_METADATA_SIZE": _contract.TILE_METADATA_SIZE, "MAX_SM_PARTS": _contract.MAX_SM_PARTS}
 
 
 def test_eval_shape_of_decode_and_metadata():
@@ -53,7 +46,7 @@ def test_num_sm_parts_rule(rows, h_kv, expected):
 def test_scheduler_covers_every_page_once(parts):
     rng = np.random.default_rng(parts)
     seqlens = np.concatenate([rng.integers(0, 5000, 20), [0, 1, 64, 65]]).astype(np.int32)
-    tile_md, num_splits = _extension.schedule_tiles_host(seqlens, parts)
+    tile_md, num_splits = _ffi.schedule_tiles_host(seqlens, parts)
     assert tile_md.shape == (parts, 8) and num_splits.shape == (len(seqlens) + 1,)
     pages = -(-seqlens // 64)
     covered = np.zeros(len(seqlens), int)
@@ -79,7 +72,7 @@ def test_split_slots_are_disjoint_and_fit_the_workspace(parts, batch):
     rng = np.random.default_rng([parts, batch])
     for trial in range(20):
         seqlens = rng.integers(0, 3000 if trial % 2 else 200, batch).astype(np.int32)
-        _, num_splits = _extension.schedule_tiles_host(seqlens, parts)
+        _, num_splits = _ffi.schedule_tiles_host(seqlens, parts)
         used = np.zeros(_contract.max_accum_slots(parts), int)
         for r in range(batch):
             n = num_splits[r + 1] - num_splits[r]
@@ -112,7 +105,7 @@ def test_each_split_request_is_combined_by_exactly_one_part(parts, batch):
     rng = np.random.default_rng([parts, batch, 1])
     for trial in range(20):
         seqlens = rng.integers(0, 9000 if trial % 2 else 300, batch).astype(np.int32)
-        tile_md, num_splits = _extension.schedule_tiles_host(seqlens, parts)
+        tile_md, num_splits = _ffi.schedule_tiles_host(seqlens, parts)
         claims = combining_parts(tile_md, num_splits)
         split = [r for r in range(batch) if num_splits[r + 1] - num_splits[r] > 1]
         assert sorted(claims) == split
@@ -121,7 +114,7 @@ def test_each_split_request_is_combined_by_exactly_one_part(parts, batch):
 
 def test_scheduler_balances_long_requests():
     seqlens = np.full(4, 64 * 1000, np.int32)
-    tile_md, _ = _extension.schedule_tiles_host(seqlens, 16)
+    tile_md, _ = _ffi.schedule_tiles_host(seqlens, 16)
     work = []
     for begin_req, begin_page, end_req, end_page, *_ in tile_md:
         work.append(sum((end_page if r == end_req else 1000) - (begin_page if r == begin_req else 0)
@@ -152,7 +145,7 @@ def test_largest_part_count_is_accepted_on_cpu():
 
 def test_metadata_values_on_cpu():
     tile_md, num_splits = jfm.get_mla_metadata(jnp.array([64, 0, 640], jnp.int32), 16, 1, num_sm_parts=2)
-    host_md, host_splits = _extension.schedule_tiles_host(np.array([64, 0, 640], np.int32), 2)
+    host_md, host_splits = _ffi.schedule_tiles_host(np.array([64, 0, 640], np.int32), 2)
     np.testing.assert_array_equal(np.asarray(tile_md), host_md)
     np.testing.assert_array_equal(np.asarray(num_splits), host_splits)
 
@@ -229,3 +222,4 @@ def test_bad_scalars():
 
 def test_kernel_path_on_cpu():
     assert jfm.kernel_path("cpu") == "cpu-ffi"
+
