@@ -223,3 +223,85 @@ def test_bad_scalars():
 def test_kernel_path_on_cpu():
     assert jfm.kernel_path("cpu") == "cpu-ffi"
 
+
+# ---- array arguments given as lists or numpy arrays --------------------------------------------------
+
+def test_lists_and_numpy_arrays_give_the_same_result_as_arrays():
+    from mla_cases import make_case
+
+    q, k, bt, sl = make_case(40, batch=3, seqlen_q=2, heads_q=4)
+    want = jfm.flash_mla_with_kvcache(q, k, bt, sl, causal=True)
+    # numpy arrays of every argument, and the int32 ones as plain lists (JAX's default int is int32)
+    got = jfm.flash_mla_with_kvcache(np.asarray(q), np.asarray(k), np.asarray(bt).tolist(), np.asarray(sl).tolist(),
+                                     causal=True)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    plan = jfm.get_mla_metadata(np.asarray(sl).tolist(), 2 * 4, 1, num_sm_parts=3)
+    for g, w in zip(plan, jfm.get_mla_metadata(sl, 2 * 4, 1, num_sm_parts=3)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_a_list_keeps_the_dtype_rules():
+    # A list of floats converts to float32, which the kernel does not take: the error names q.
+    q = np.zeros((B, S_Q, H_Q, 576), np.float32).tolist()
+    with pytest.raises(jfm.ContractError, match=re.escape("q: expected dtype bfloat16 or float16, got dtype float32")):
+        jfm.flash_mla_with_kvcache(q, jnp.zeros((BLOCKS, 64, H_KV, 576), jnp.bfloat16),
+                                   jnp.zeros((B, MAX_BLOCKS), jnp.int32), jnp.zeros((B,), jnp.int32))
+
+
+@pytest.mark.parametrize("bad", ["abc", [[1, 2], [3]], None, object()], ids=["string", "ragged", "none", "object"])
+@pytest.mark.parametrize("name", ["q", "k_cache", "block_table", "cache_seqlens"])
+def test_unconvertible_array_argument_is_named(name, bad):
+    args = dict(q=jnp.zeros((B, S_Q, H_Q, 576), jnp.bfloat16), k_cache=jnp.zeros((BLOCKS, 64, H_KV, 576), jnp.bfloat16),
+                block_table=jnp.zeros((B, MAX_BLOCKS), jnp.int32), cache_seqlens=jnp.zeros((B,), jnp.int32))
+    args[name] = bad
+    with pytest.raises(jfm.ContractError, match=re.escape(f"{name}: expected an array")):
+        jfm.flash_mla_with_kvcache(**args)
+
+
+@pytest.mark.parametrize("bad", ["abc", [[1, 2], [3]]], ids=["string", "ragged"])
+def test_unconvertible_plan_and_metadata_arguments_are_named(bad):
+    args = specs()
+    with pytest.raises(jfm.ContractError, match=re.escape("tile_md: expected an array")):
+        jax.eval_shape(lambda a, n: jfm.flash_mla_with_kvcache(**a, tile_md=bad, num_splits=n), args,
+                       jax.ShapeDtypeStruct((B + 1,), jnp.int32))
+    with pytest.raises(jfm.ContractError, match=re.escape("num_splits: expected an array")):
+        jax.eval_shape(lambda a, t: jfm.flash_mla_with_kvcache(**a, tile_md=t, num_splits=bad), args,
+                       jax.ShapeDtypeStruct((4, 8), jnp.int32))
+    with pytest.raises(jfm.ContractError, match=re.escape("cache_seqlens: expected an array")):
+        jfm.get_mla_metadata(bad, 16, 1)
+
+
+# ---- static arguments given as traced values ------------------------------------------------------------
+
+def _static_error(name):
+    message = (re.escape(f"{name}: expected a static Python value, got a traced value ") + ".*"
+               + re.escape(f"(mark it static: jax.jit(..., static_argnames=('{name}',)))"))
+    return pytest.raises(jfm.ContractError, match=message)
+
+
+@pytest.mark.parametrize("name,value", [("softmax_scale", 0.1), ("causal", True), ("head_dim_v", 512)])
+def test_traced_static_decode_argument_is_refused_with_a_hint(name, value):
+    args = specs()
+    with _static_error(name):
+        jax.eval_shape(lambda a, v: jfm.flash_mla_with_kvcache(**a, **{name: v}), args, value)
+
+
+def test_static_decode_arguments_work_when_marked_static():
+    from mla_cases import make_case
+
+    q, k, bt, sl = make_case(41, batch=2)
+    fn = jax.jit(jfm.flash_mla_with_kvcache, static_argnames=("softmax_scale", "causal", "head_dim_v"))
+    got = fn(q, k, bt, sl, head_dim_v=512, softmax_scale=0.05, causal=True)
+    want = jfm.flash_mla_with_kvcache(q, k, bt, sl, head_dim_v=512, softmax_scale=0.05, causal=True)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("name", ["num_q_tokens_per_head_k", "num_heads_k", "num_sm_parts"])
+def test_traced_static_metadata_argument_is_refused_with_a_hint(name):
+    kwargs = dict(num_q_tokens_per_head_k=16, num_heads_k=1, num_sm_parts=4)
+    with _static_error(name):
+        jax.jit(lambda s, v: jfm.get_mla_metadata(s, **{**kwargs, name: v}))(jnp.array([64, 0, 640], jnp.int32),
+                                                                              kwargs[name])
