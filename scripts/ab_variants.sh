@@ -231,7 +231,7 @@ for n in "${OK[@]}"; do
   st "$n" build "ok ${reused:+(reused) }${secs} s"
   # Which package does python import with this PYTHONPATH?
   info=$(pyrun "$n" python3 -c "
-import jax_flashmla as j, jax_flashmla._extension as e
+import jax_flashmla as j, jax_flashmla._ffi as e
 print(j.__file__, e.HAS_CUDA_KERNELS, j.kernel_path())" 2>"$W/logs/import_$n.err" | tail -n 1)
   log "$n: import: $info"
   read -r file cuda kpath <<<"$info"

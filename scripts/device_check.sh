@@ -73,7 +73,7 @@ SECONDS=0
 } | tee "$OUT/env.txt"
 
 installed_ok() {  # the installed package (not the source folder) imports and carries the CUDA kernels
-  (cd /tmp && python3 -c "import jax_flashmla._extension as e, sys; sys.exit(0 if e.HAS_CUDA_KERNELS else 1)") >/dev/null 2>&1
+  (cd /tmp && python3 -c "import jax_flashmla._ffi as e, sys; sys.exit(0 if e.HAS_CUDA_KERNELS else 1)") >/dev/null 2>&1
 }
 
 # ---- build -----------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ do_build() {
     grep -nE "error|Error|FAILED" "$OUT/build.log" | head -20
     tail -n 30 "$OUT/build.log"
   fi
-  (cd /tmp && python3 -c "import jax_flashmla as j, jax_flashmla._extension as e; print('installed:', j.__file__, '| CUDA kernels:', e.HAS_CUDA_KERNELS, '| kernel_path:', j.kernel_path())") 2>&1 | tail -n 3
+  (cd /tmp && python3 -c "import jax_flashmla as j, jax_flashmla._ffi as e; print('installed:', j.__file__, '| CUDA kernels:', e.HAS_CUDA_KERNELS, '| kernel_path:', j.kernel_path())") 2>&1 | tail -n 3
   dur[build]=$((SECONDS - t0))
 }
 
