@@ -21,10 +21,10 @@ class BazelExtensionTest(unittest.TestCase):
         self.assertTrue(path.endswith("/jax_flashmla/_ext.so"), path)
 
     def test_cuda_kernels_as_configured(self):
-        from jax_flashmla import _ext, _extension
+        from jax_flashmla import _ext, _ffi
 
         self.assertEqual(bool(_ext.built_with_cuda()), EXPECT_CUDA)
-        self.assertEqual(_extension.HAS_CUDA_KERNELS, EXPECT_CUDA)
+        self.assertEqual(_ffi.HAS_CUDA_KERNELS, EXPECT_CUDA)
         targets = {"jax_flashmla_metadata", "jax_flashmla_decode"}
         self.assertEqual(set(_ext.cpu_targets()), targets)
         self.assertEqual(set(_ext.cuda_targets()), targets if EXPECT_CUDA else set())

@@ -83,4 +83,21 @@ NB_MODULE(_ext, m) {
     c["MAX_SM_PARTS"] = jax_flashmla::kMaxSmParts;
     return c;
   });
+
+  // The contract's sizing rules, so Python plans and sizes the workspace exactly as the handlers check.
+  m.def(
+      "num_sm_parts",
+      [](int sm_count, int rows_per_head_k, int num_heads_k) {
+        if (sm_count < 1 || rows_per_head_k < 1 || num_heads_k < 1) throw nb::value_error("arguments must be >= 1");
+        return jax_flashmla::num_sm_parts_for(sm_count, rows_per_head_k, num_heads_k);
+      },
+      nb::arg("sm_count"), nb::arg("rows_per_head_k"), nb::arg("num_heads_k"),
+      "Persistent CTAs per (kv head, row tile): num_sm_parts_for() of mla_contract.h.");
+  m.def(
+      "max_accum_slots",
+      [](int num_sm_parts) {
+        if (num_sm_parts < 1) throw nb::value_error("num_sm_parts must be >= 1");
+        return jax_flashmla::max_accum_slots(num_sm_parts);
+      },
+      nb::arg("num_sm_parts"), "Split-accumulator slots of the workspace: max_accum_slots() of mla_contract.h.");
 }

@@ -1,7 +1,7 @@
 """jax_flashmla: FlashMLA-style multi-head latent attention decode for JAX, as an XLA custom call."""
 
 from ._contract import ContractError, HEAD_DIM, HEAD_DIM_V, PAGE_SIZE
-from ._primitives import kernel_path
+from ._platform import kernel_path
 from .api import flash_mla_with_kvcache, get_mla_metadata
 from .reference import mla_decode_reference
 

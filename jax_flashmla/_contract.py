@@ -1,8 +1,9 @@
-"""The decode contract: fixed sizes, shape and dtype rules, and their validation.
+"""The decode contract: fixed sizes, shape and dtype rules, their validation and the output avals.
 
-This module is the one source of truth for shapes and dtypes. The public API, the primitives'
-abstract evaluation and the reference all call into it, and its constants mirror
-``csrc/common/mla_contract.h`` (a test checks that the two agree).
+This module is the one source of truth on the Python side for shapes and dtypes. Its numbers and
+sizing rules come from ``csrc/common/mla_contract.h`` through the extension, so the C++ handlers,
+the kernels and Python cannot disagree. The public API validates each call here once; the
+primitives only build avals (``output_avals``).
 """
 
 from __future__ import annotations
@@ -10,20 +11,22 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-HEAD_DIM = 576  # 512 latent + 64 RoPE channels per token
-HEAD_DIM_V = 512  # V is the first HEAD_DIM_V channels of K
-PAGE_SIZE = 64  # tokens per KV-cache page
-ROWS_PER_TILE = 64  # query rows handled by one kernel work tile
-TILE_METADATA_SIZE = 8  # int32 fields per tile_md row
-MAX_SM_PARTS = 65535  # the decode grid's z dimension (CUDA's limit) holds the parts; kMaxSmParts
-DEFAULT_SM_COUNT = 132  # SMs of an H100 SXM: the plan shape used where no GPU decides it
+from . import _ext  # built by CMake (csrc/ffi_module.cc)
 
-def _supported_dtypes():
-    import jax.numpy as jnp
+_CPP = _ext.contract_constants()
+HEAD_DIM: int = _CPP["HEAD_DIM"]  # 512 latent + 64 RoPE channels per token
+HEAD_DIM_V: int = _CPP["HEAD_DIM_V"]  # V is the first HEAD_DIM_V channels of K
+PAGE_SIZE: int = _CPP["PAGE_SIZE"]  # tokens per KV-cache page
+ROWS_PER_TILE: int = _CPP["ROWS_PER_TILE"]  # query rows handled by one kernel work tile
+TILE_METADATA_SIZE: int = _CPP["TILE_METADATA_SIZE"]  # int32 fields per tile_md row
+MAX_SM_PARTS: int = _CPP["MAX_SM_PARTS"]  # the decode grid's z dimension (CUDA's limit) holds the parts
+_INT32_MAX = 2 ** 31 - 1
 
-    return (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+SUPPORTED_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
 
 class ContractError(ValueError):
@@ -60,15 +63,65 @@ class DecodeShapes:
 
 
 def num_sm_parts(sm_count: int, rows_per_head_k: int, num_heads_k: int) -> int:
-    """Persistent CTAs per kv head and row tile (FlashMLA's rule); mirrors num_sm_parts_for()."""
-    parts = sm_count // num_heads_k // math.ceil(rows_per_head_k / ROWS_PER_TILE)
-    return max(parts, 1)
+    """Persistent CTAs per kv head and row tile (FlashMLA's rule, num_sm_parts_for in C++)."""
+    # Past int32 the rule gives 1 part anyway; clamping keeps the C++ call in range.
+    clamp = lambda n: min(int(n), _INT32_MAX)
+    return int(_ext.num_sm_parts(clamp(sm_count), clamp(rows_per_head_k), clamp(num_heads_k)))
 
 
 def max_accum_slots(parts: int) -> int:
-    """Split-accumulator slots of the workspace; mirrors max_accum_slots() in mla_contract.h (only
-    split requests' pieces use slots, and there are fewer than 2 * parts of them)."""
-    return 2 * (parts - 1) if parts > 1 else 1
+    """Split-accumulator slots of the workspace (max_accum_slots in C++, which says why)."""
+    return int(_ext.max_accum_slots(int(parts)))
+
+
+def output_avals(q, k_cache, num_sm_parts: int | None = None, head_dim_v: int = HEAD_DIM_V):
+    """Avals of a decode's results for operand avals q and k_cache: (out, lse), followed by the
+    split-KV workspace (o_accum, lse_accum) when the plan's part count is given."""
+    b, s_q, h_q, _ = q.shape
+    h_kv = k_cache.shape[2]
+    outs = (jax.core.ShapedArray((b, s_q, h_q, head_dim_v), q.dtype),
+            jax.core.ShapedArray((b, h_q, s_q), jnp.float32))
+    if num_sm_parts is None:
+        return outs
+    rows = s_q * (h_q // h_kv)
+    slots = max_accum_slots(num_sm_parts)
+    return outs + (jax.core.ShapedArray((slots, h_kv, rows, head_dim_v), jnp.float32),
+                   jax.core.ShapedArray((slots, h_kv, rows), jnp.float32))
+
+
+# ---- argument conversion and validation -----------------------------------------------------------
+
+def as_array(name: str, x):
+    """x as an array: arrays (jax, numpy, tracers) pass unchanged, so their dtype is checked as given;
+    Python lists and scalars convert with jnp.asarray (JAX's default dtypes)."""
+    if x is None:
+        _fail(name, "an array", "None")
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return x
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError):  # not numbers, or a ragged list
+        summary = repr(x) if len(repr(x)) <= 60 else repr(x)[:57] + "..."
+        raise ContractError(f"{name}: expected an array (jax.Array, numpy array or nested list of numbers), "
+                            f"got {type(x).__name__} {summary}") from None
+
+
+def _check_static(name: str, value) -> None:
+    if isinstance(value, jax.core.Tracer):
+        raise ContractError(f"{name}: expected a static Python value, got a traced value {value.aval.str_short()} "
+                            f"(mark it static: jax.jit(..., static_argnames=('{name}',)))")
+
+
+def _check_positive_int(name: str, value, upper: int | None = None) -> None:
+    _check_static(name, value)
+    if (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1
+            or (upper is not None and value > upper)):
+        _fail(name, "a positive Python int" if upper is None else f"a Python int in [1, {upper}] or None", repr(value))
+
+
+def check_num_sm_parts(value) -> int:
+    _check_positive_int("num_sm_parts", value, MAX_SM_PARTS)
+    return int(value)
 
 
 def check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k) -> None:
@@ -76,9 +129,8 @@ def check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k) -> 
         _fail("cache_seqlens", "rank 1 [batch]", f"shape {_shape(cache_seqlens)}")
     if np.dtype(cache_seqlens.dtype) != np.int32:
         _fail("cache_seqlens", "dtype int32", f"dtype {cache_seqlens.dtype}")
-    for name, value in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k), ("num_heads_k", num_heads_k)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            _fail(name, "a positive Python int", repr(value))
+    _check_positive_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k)
+    _check_positive_int("num_heads_k", num_heads_k)
 
 
 def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_md=None, num_splits=None) -> DecodeShapes:
@@ -89,8 +141,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
         _fail("k_cache", f"rank 4 [num_blocks, {PAGE_SIZE}, num_heads_k, {HEAD_DIM}]", f"shape {_shape(k_cache)}")
     b, s_q, h_q, d = _shape(q)
     num_blocks, page, h_kv, d_k = _shape(k_cache)
-    supported = _supported_dtypes()
-    if np.dtype(q.dtype) not in supported:
+    if np.dtype(q.dtype) not in SUPPORTED_DTYPES:
         _fail("q", "dtype bfloat16 or float16", f"dtype {q.dtype}")
     if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
         _fail("k_cache", f"the dtype of q ({q.dtype})", f"dtype {k_cache.dtype}")
@@ -106,6 +157,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
         _fail("k_cache", "num_blocks and num_heads_k >= 1", f"shape {_shape(k_cache)}")
     if h_q % h_kv != 0:
         _fail("q", f"num_heads_q divisible by num_heads_k = {h_kv}", f"num_heads_q = {h_q}")
+    _check_static("head_dim_v", head_dim_v)
     if not isinstance(head_dim_v, (int, np.integer)) or isinstance(head_dim_v, bool) or head_dim_v != HEAD_DIM_V:
         _fail("head_dim_v", str(HEAD_DIM_V), repr(head_dim_v))
     if len(block_table.shape) != 2 or _shape(block_table)[0] != b or _shape(block_table)[1] < 1:
@@ -135,9 +187,17 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
 def check_softmax_scale(softmax_scale) -> float:
     if softmax_scale is None:
         return HEAD_DIM ** -0.5
+    _check_static("softmax_scale", softmax_scale)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, np.floating, np.integer)):
         _fail("softmax_scale", "a Python float or None", repr(softmax_scale))
     value = float(softmax_scale)
     if not math.isfinite(value) or value <= 0:
         _fail("softmax_scale", "a finite positive float", repr(softmax_scale))
     return value
+
+
+def check_causal(causal) -> bool:
+    _check_static("causal", causal)
+    if not isinstance(causal, bool):
+        _fail("causal", "a Python bool", repr(causal))
+    return causal

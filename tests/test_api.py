@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import jax_flashmla as jfm
-from jax_flashmla import _contract, _extension
-from jax_flashmla._primitives import mla_metadata_p
+from jax_flashmla import _contract, _ffi
+from jax_flashmla.ops.metadata import mla_metadata_p
 
 B, S_Q, H_Q, H_KV, BLOCKS, MAX_BLOCKS = 3, 2, 8, 2, 10, 4
 
@@ -25,13 +25,6 @@ def specs(**changes):
     )
     args.update(changes)
     return args
-
-
-def test_constants_match_the_cpp_contract():
-    cpp = _extension._ext.contract_constants()
-    assert cpp == {"HEAD_DIM": _contract.HEAD_DIM, "HEAD_DIM_V": _contract.HEAD_DIM_V,
-                   "PAGE_SIZE": _contract.PAGE_SIZE, "ROWS_PER_TILE": _contract.ROWS_PER_TILE,
-                   "TILE_METADATA_SIZE": _contract.TILE_METADATA_SIZE, "MAX_SM_PARTS": _contract.MAX_SM_PARTS}
 
 
 def test_eval_shape_of_decode_and_metadata():
@@ -53,7 +46,7 @@ def test_num_sm_parts_rule(rows, h_kv, expected):
 def test_scheduler_covers_every_page_once(parts):
     rng = np.random.default_rng(parts)
     seqlens = np.concatenate([rng.integers(0, 5000, 20), [0, 1, 64, 65]]).astype(np.int32)
-    tile_md, num_splits = _extension.schedule_tiles_host(seqlens, parts)
+    tile_md, num_splits = _ffi.schedule_tiles_host(seqlens, parts)
     assert tile_md.shape == (parts, 8) and num_splits.shape == (len(seqlens) + 1,)
     pages = -(-seqlens // 64)
     covered = np.zeros(len(seqlens), int)
@@ -79,7 +72,7 @@ def test_split_slots_are_disjoint_and_fit_the_workspace(parts, batch):
     rng = np.random.default_rng([parts, batch])
     for trial in range(20):
         seqlens = rng.integers(0, 3000 if trial % 2 else 200, batch).astype(np.int32)
-        _, num_splits = _extension.schedule_tiles_host(seqlens, parts)
+        _, num_splits = _ffi.schedule_tiles_host(seqlens, parts)
         used = np.zeros(_contract.max_accum_slots(parts), int)
         for r in range(batch):
             n = num_splits[r + 1] - num_splits[r]
@@ -112,7 +105,7 @@ def test_each_split_request_is_combined_by_exactly_one_part(parts, batch):
     rng = np.random.default_rng([parts, batch, 1])
     for trial in range(20):
         seqlens = rng.integers(0, 9000 if trial % 2 else 300, batch).astype(np.int32)
-        tile_md, num_splits = _extension.schedule_tiles_host(seqlens, parts)
+        tile_md, num_splits = _ffi.schedule_tiles_host(seqlens, parts)
         claims = combining_parts(tile_md, num_splits)
         split = [r for r in range(batch) if num_splits[r + 1] - num_splits[r] > 1]
         assert sorted(claims) == split
@@ -121,7 +114,7 @@ def test_each_split_request_is_combined_by_exactly_one_part(parts, batch):
 
 def test_scheduler_balances_long_requests():
     seqlens = np.full(4, 64 * 1000, np.int32)
-    tile_md, _ = _extension.schedule_tiles_host(seqlens, 16)
+    tile_md, _ = _ffi.schedule_tiles_host(seqlens, 16)
     work = []
     for begin_req, begin_page, end_req, end_page, *_ in tile_md:
         work.append(sum((end_page if r == end_req else 1000) - (begin_page if r == begin_req else 0)
@@ -152,7 +145,7 @@ def test_largest_part_count_is_accepted_on_cpu():
 
 def test_metadata_values_on_cpu():
     tile_md, num_splits = jfm.get_mla_metadata(jnp.array([64, 0, 640], jnp.int32), 16, 1, num_sm_parts=2)
-    host_md, host_splits = _extension.schedule_tiles_host(np.array([64, 0, 640], np.int32), 2)
+    host_md, host_splits = _ffi.schedule_tiles_host(np.array([64, 0, 640], np.int32), 2)
     np.testing.assert_array_equal(np.asarray(tile_md), host_md)
     np.testing.assert_array_equal(np.asarray(num_splits), host_splits)
 
@@ -229,3 +222,86 @@ def test_bad_scalars():
 
 def test_kernel_path_on_cpu():
     assert jfm.kernel_path("cpu") == "cpu-ffi"
+
+
+# ---- array arguments given as lists or numpy arrays --------------------------------------------------
+
+def test_lists_and_numpy_arrays_give_the_same_result_as_arrays():
+    from mla_cases import make_case
+
+    q, k, bt, sl = make_case(40, batch=3, seqlen_q=2, heads_q=4)
+    want = jfm.flash_mla_with_kvcache(q, k, bt, sl, causal=True)
+    # numpy arrays of every argument, and the int32 ones as plain lists (JAX's default int is int32)
+    got = jfm.flash_mla_with_kvcache(np.asarray(q), np.asarray(k), np.asarray(bt).tolist(), np.asarray(sl).tolist(),
+                                     causal=True)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    plan = jfm.get_mla_metadata(np.asarray(sl).tolist(), 2 * 4, 1, num_sm_parts=3)
+    for g, w in zip(plan, jfm.get_mla_metadata(sl, 2 * 4, 1, num_sm_parts=3)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_a_list_keeps_the_dtype_rules():
+    # A list of floats converts to float32, which the kernel does not take: the error names q.
+    q = np.zeros((B, S_Q, H_Q, 576), np.float32).tolist()
+    with pytest.raises(jfm.ContractError, match=re.escape("q: expected dtype bfloat16 or float16, got dtype float32")):
+        jfm.flash_mla_with_kvcache(q, jnp.zeros((BLOCKS, 64, H_KV, 576), jnp.bfloat16),
+                                   jnp.zeros((B, MAX_BLOCKS), jnp.int32), jnp.zeros((B,), jnp.int32))
+
+
+@pytest.mark.parametrize("bad", ["abc", [[1, 2], [3]], None, object()], ids=["string", "ragged", "none", "object"])
+@pytest.mark.parametrize("name", ["q", "k_cache", "block_table", "cache_seqlens"])
+def test_unconvertible_array_argument_is_named(name, bad):
+    args = dict(q=jnp.zeros((B, S_Q, H_Q, 576), jnp.bfloat16), k_cache=jnp.zeros((BLOCKS, 64, H_KV, 576), jnp.bfloat16),
+                block_table=jnp.zeros((B, MAX_BLOCKS), jnp.int32), cache_seqlens=jnp.zeros((B,), jnp.int32))
+    args[name] = bad
+    with pytest.raises(jfm.ContractError, match=re.escape(f"{name}: expected an array")):
+        jfm.flash_mla_with_kvcache(**args)
+
+
+@pytest.mark.parametrize("bad", ["abc", [[1, 2], [3]]], ids=["string", "ragged"])
+def test_unconvertible_plan_and_metadata_arguments_are_named(bad):
+    args = specs()
+    with pytest.raises(jfm.ContractError, match=re.escape("tile_md: expected an array")):
+        jax.eval_shape(lambda a, n: jfm.flash_mla_with_kvcache(**a, tile_md=bad, num_splits=n), args,
+                       jax.ShapeDtypeStruct((B + 1,), jnp.int32))
+    with pytest.raises(jfm.ContractError, match=re.escape("num_splits: expected an array")):
+        jax.eval_shape(lambda a, t: jfm.flash_mla_with_kvcache(**a, tile_md=t, num_splits=bad), args,
+                       jax.ShapeDtypeStruct((4, 8), jnp.int32))
+    with pytest.raises(jfm.ContractError, match=re.escape("cache_seqlens: expected an array")):
+        jfm.get_mla_metadata(bad, 16, 1)
+
+
+# ---- static arguments given as traced values ------------------------------------------------------------
+
+def _static_error(name):
+    message = (re.escape(f"{name}: expected a static Python value, got a traced value ") + ".*"
+               + re.escape(f"(mark it static: jax.jit(..., static_argnames=('{name}',)))"))
+    return pytest.raises(jfm.ContractError, match=message)
+
+
+@pytest.mark.parametrize("name,value", [("softmax_scale", 0.1), ("causal", True), ("head_dim_v", 512)])
+def test_traced_static_decode_argument_is_refused_with_a_hint(name, value):
+    args = specs()
+    with _static_error(name):
+        jax.eval_shape(lambda a, v: jfm.flash_mla_with_kvcache(**a, **{name: v}), args, value)
+
+
+def test_static_decode_arguments_work_when_marked_static():
+    from mla_cases import make_case
+
+    q, k, bt, sl = make_case(41, batch=2)
+    fn = jax.jit(jfm.flash_mla_with_kvcache, static_argnames=("softmax_scale", "causal", "head_dim_v"))
+    got = fn(q, k, bt, sl, head_dim_v=512, softmax_scale=0.05, causal=True)
+    want = jfm.flash_mla_with_kvcache(q, k, bt, sl, head_dim_v=512, softmax_scale=0.05, causal=True)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("name", ["num_q_tokens_per_head_k", "num_heads_k", "num_sm_parts"])
+def test_traced_static_metadata_argument_is_refused_with_a_hint(name):
+    kwargs = dict(num_q_tokens_per_head_k=16, num_heads_k=1, num_sm_parts=4)
+    with _static_error(name):
+        jax.jit(lambda s, v: jfm.get_mla_metadata(s, **{**kwargs, name: v}))(jnp.array([64, 0, 640], jnp.int32),
+                                                                              kwargs[name])

@@ -105,7 +105,7 @@ def test_train_data_parallel_reaches_threshold_with_the_decode_partitioned():
 
     # The step's decode runs on each device's half of the batch, not on a gathered batch.
     from flax import nnx
-    from jax_flashmla import _extension
+    from jax_flashmla import _ffi
 
     attn = nn.MLAConfig(dim=32, num_heads=2, qk_nope_head_dim=8, v_head_dim=8)
     cfg = nn.DecoderConfig(vocab_size=16, num_layers=1, mlp_dim=32, attention=attn)
@@ -114,7 +114,7 @@ def test_train_data_parallel_reaches_threshold_with_the_decode_partitioned():
     tokens = jax.device_put(jnp.zeros((4, 70), jnp.int32), batch_sharding)
     loss = lambda p, t: jnp.sum(nnx.merge(graphdef, p).causal_paged(t))
     hlo = jax.jit(jax.grad(loss)).lower(jax.device_put(params, replicated), tokens).compile().as_text()
-    calls = [line for line in hlo.splitlines() if f'custom_call_target="{_extension.DECODE_TARGET}"' in line]
+    calls = [line for line in hlo.splitlines() if f'custom_call_target="{_ffi.DECODE_TARGET}"' in line]
     assert calls and all("bf16[2,70,2,512]" in line for line in calls), calls
     # Its backward is partitioned too: no all-gather of the page pool (nor of anything else).
     assert "all-gather" not in hlo, [line for line in hlo.splitlines() if "all-gather" in line][:3]

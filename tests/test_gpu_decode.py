@@ -381,7 +381,7 @@ def test_device_plan_is_the_host_plan(batch):
     # The metadata kernel (one thread per run of requests, two block scans) and the host loop both
     # apply mla_contract.h's rule; they must agree bit for bit, across thread-run boundaries (batches
     # over 512), with empty requests, single pages and lengths near the int32 limit.
-    from jax_flashmla import _extension
+    from jax_flashmla import _ffi
     rng = np.random.default_rng(batch)
     kinds = rng.integers(0, 5, batch)
     seqlens = np.select([kinds == 0, kinds == 1, kinds == 2, kinds == 3],
@@ -390,7 +390,7 @@ def test_device_plan_is_the_host_plan(batch):
     seqlens[0] = 2**31 - 1 if batch == 7 else seqlens[0]
     for parts in (1, 3, 66, 132, 264):
         tile_md, num_splits = jfm.get_mla_metadata(jnp.asarray(seqlens), 16, 1, num_sm_parts=parts)
-        host_md, host_splits = _extension.schedule_tiles_host(seqlens, parts)
+        host_md, host_splits = _ffi.schedule_tiles_host(seqlens, parts)
         np.testing.assert_array_equal(np.asarray(tile_md), host_md, err_msg=f"tile_md, parts={parts}")
         np.testing.assert_array_equal(np.asarray(num_splits), host_splits, err_msg=f"num_splits, parts={parts}")
 

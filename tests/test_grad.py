@@ -9,7 +9,8 @@ import pytest
 from jax.test_util import check_grads
 
 import jax_flashmla as fm
-from jax_flashmla import _autodiff, reference
+from jax_flashmla import reference
+from jax_flashmla.ops import decode_bwd
 from mla_cases import assert_within_eps, make_case
 
 SCALE = fm.HEAD_DIM ** -0.5
@@ -29,7 +30,7 @@ def _f32_decode(block_table, cache_seqlens, causal, pages_per_step):
 
     def bwd(res, ct):
         q, k, out, lse = res
-        return _autodiff.mla_decode_bwd(q, k, block_table, cache_seqlens, out, lse, ct[0], ct[1],
+        return decode_bwd.mla_decode_bwd(q, k, block_table, cache_seqlens, out, lse, ct[0], ct[1],
                                         softmax_scale=SCALE, causal=causal, pages_per_step=pages_per_step)
 
     decode.defvjp(fwd, bwd)
@@ -162,10 +163,10 @@ def test_backward_never_holds_a_whole_sequence():
     q, k, bt, sl = make_case(7, batch=2, heads_q=4, max_blocks=max_blocks)
     grad = jax.grad(lambda q, k: jnp.sum(fm.flash_mla_with_kvcache(q, k, bt, sl)[0].astype(jnp.float32)), (0, 1))
     # The gradient runs the backward as one op (partitioned under shardings) whose body is
-    # _autodiff.mla_decode_bwd: probe that body's intermediates.
+    # decode_bwd.mla_decode_bwd: probe that body's intermediates.
     assert "jax_flashmla_attention_bwd" in str(jax.make_jaxpr(grad)(q, k))
     out, lse = fm.flash_mla_with_kvcache(q, k, bt, sl)
-    bwd = functools.partial(_autodiff.mla_decode_bwd, softmax_scale=SCALE, causal=False)
+    bwd = functools.partial(decode_bwd.mla_decode_bwd, softmax_scale=SCALE, causal=False)
     sizes = [a.shape for a in _avals(jax.make_jaxpr(bwd)(q, k, bt, sl, out, lse, out, lse).jaxpr)
              if hasattr(a, "shape")]
     assert sizes, "no intermediates found"

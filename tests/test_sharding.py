@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flashmla as fm
-from jax_flashmla import _extension
+from jax_flashmla import _ffi
 from mla_cases import assert_within_eps, devices_or_skip, make_case
 
 
@@ -51,7 +51,7 @@ def check(fn, mesh, case, specs, causal, *, gathers_allowed=True):
 
 def local_out_shapes(hlo):
     """Shapes of `out` of every decode custom call in the compiled module: what one device computes."""
-    calls = [line for line in hlo.splitlines() if f'custom_call_target="{_extension.DECODE_TARGET}"' in line]
+    calls = [line for line in hlo.splitlines() if f'custom_call_target="{_ffi.DECODE_TARGET}"' in line]
     assert calls, "no decode custom call in the compiled module"
     return [tuple(int(d) for d in re.search(r"= \((?:bf16|f16)\[([\d,]+)\]", line).group(1).split(","))
             for line in calls]

@@ -9,8 +9,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jax_flashmla as fm
-from jax_flashmla import _extension
-from jax_flashmla._primitives import mla_decode_p, mla_metadata_p
+from jax_flashmla import _ffi
 from mla_cases import devices_or_skip, make_case
 
 
@@ -70,18 +69,6 @@ def test_vmap_with_mapped_metadata_replans_the_folded_batch():
     assert_matches(got, [jnp.stack(w) for w in zip(*want)])
 
 
-def test_vmap_of_decode_primitive_directly():
-    # The per-device primitive has its own rule: a mapped plan is replaced by a plan of the folded
-    # batch (the CPU kernel rejects a plan that does not belong to its cache_seqlens).
-    qs, ks, bts, sls = _members(14, 2, batch=2, heads_q=2)
-    mds, nss = jax.vmap(lambda s: mla_metadata_p.bind(s, num_sm_parts=4))(sls)
-    scale = fm.HEAD_DIM ** -0.5
-    out, lse, _, _ = jax.vmap(lambda *a: mla_decode_p.bind(*a, softmax_scale=scale, causal=False))(
-        qs, ks, bts, sls, mds, nss)
-    want = [fm.mla_decode_reference(qs[m], ks[m], bts[m], sls[m]) for m in range(2)]
-    assert_matches((out, lse), [jnp.stack(w) for w in zip(*want)])
-
-
 def test_nested_vmap():
     q, k, bt, sl = make_case(15, batch=2, heads_q=2)
     qs = jnp.stack([jnp.stack([q, -q]), jnp.stack([0.5 * q, q])])
@@ -99,7 +86,7 @@ def test_pmap_lowers_per_device(n):
     out, lse = fn(q[:, None], bt[:, None], sl[:, None])
     assert_matches((out[:, 0], lse[:, 0]), fm.mla_decode_reference(q, k, bt, sl, causal=True))
     hlo = fn.lower(q[:, None], bt[:, None], sl[:, None]).compile().as_text()
-    assert _extension.DECODE_TARGET in hlo
+    assert _ffi.DECODE_TARGET in hlo
 
 
 def test_grad_inside_pmap():
@@ -138,7 +125,7 @@ def test_shard_map_data_parallel_with_local_pools(n):
     fn = jax.jit(_shard_map(local, mesh, (P("x"),) * 4, (P("x"), P("x"))))
     assert_matches(fn(q, k, bt, sl), fm.mla_decode_reference(q, k, bt, sl, causal=True))
     hlo = fn.lower(q, k, bt, sl).compile().as_text()
-    assert "all-gather" not in hlo and _extension.DECODE_TARGET in hlo
+    assert "all-gather" not in hlo and _ffi.DECODE_TARGET in hlo
 
 
 def test_shard_map_head_parallel():

@@ -1,8 +1,12 @@
-"""Loads the compiled extension and registers its XLA FFI targets with JAX."""
+"""The compiled extension: loads it, registers its XLA FFI targets with JAX, names them, and makes
+the primitives that stand for them."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
+from jax.extend.core import Primitive
 
 from . import _ext  # built by CMake (csrc/ffi_module.cc)
 
@@ -24,3 +28,17 @@ def _register() -> None:
 _register()
 
 schedule_tiles_host = _ext.schedule_tiles  # the C++ scheduler on NumPy arrays (tests, fallback path)
+
+
+def primitive(name: str) -> Primitive:
+    """A multiple-results primitive whose eager calls run its lowering under jit, with one cached
+    compilation per parameter set."""
+    prim = Primitive(name)
+    prim.multiple_results = True
+
+    @functools.lru_cache(maxsize=None)
+    def compiled(params):
+        return jax.jit(functools.partial(prim.bind, **dict(params)))
+
+    prim.def_impl(lambda *args, **params: compiled(tuple(sorted(params.items())))(*args))
+    return prim

@@ -1,0 +1,10 @@
+"""The library's ops, one module each, every rule of an op side by side: its primitives' abstract
+evaluation, lowering per platform, batching, differentiation and partitioning.
+
+- metadata: the split plan of the tile scheduler (get_mla_metadata).
+- decode: the dense MLA decode (flash_mla_with_kvcache) and its custom VJP.
+- decode_bwd: the decode's memory-bounded pure-JAX backward, as a partitioned op.
+
+They share the contract (_contract), the extension (_ffi), the per-platform choice (_platform) and
+the partitioning pieces (_partition). The public functions are in jax_flashmla.api.
+"""
