@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds jax_flashmla with Bazel and runs its CPU test suite against the Bazel-built extension.
 # Works from a fresh machine of the project's kind: installs Debian's bazel-bootstrap (Bazel 4.2.3)
-# when `bazel` is missing, then builds offline (docs/bazel.md). Everything goes to stdout.
+# when `bazel` is missing and the Python packages pyproject.toml names when one is missing, then
+# builds offline (docs/bazel.md) for python3 on PATH (a virtual environment's when one is active).
+# Everything goes to stdout.
 #
 #   BAZEL_JOBS=2          parallel actions and CPU budget (default 2: CI and dev machines have 2 cores)
 #   BAZEL=bazel           the bazel binary to use
