@@ -12,9 +12,12 @@ into the repository. Environment variables (all optional) override what it finds
 _ENV_VARS = ["PYTHON_BIN_PATH", "JFM_PYTHON_INCLUDE_DIR", "JFM_NANOBIND_DIR", "JFM_XLA_FFI_INCLUDE_DIR"]
 
 # Prints key=value lines. Missing packages print an empty value, so the error can name the override.
+# The executable is kept as the interpreter reports it, symlinks unresolved: a virtual environment's
+# bin/python is a link to the base interpreter, and only through the link does Python find the
+# environment's pyvenv.cfg and site-packages (resolving it would run the tests without jax).
 _QUERY = """
 import os, sys, sysconfig
-print("executable=" + os.path.realpath(sys.executable))
+print("executable=" + os.path.abspath(sys.executable))
 print("version=%d.%d" % sys.version_info[:2])
 print("include=" + sysconfig.get_paths()["include"])
 try:

@@ -17,12 +17,13 @@ import jax_flashmla as jfm
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4, help="requests (b)")
     parser.add_argument("--seqlen", type=int, default=1000, help="mean cache length")
     parser.add_argument("--heads", type=int, default=16, help="h_q (h_kv = 1)")
-    parser.add_argument("--seqlen-q", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--seqlen-q", type=int, default=1, help="query tokens per request (s_q)")
+    parser.add_argument("--iters", type=int, default=5, help="timed calls after the warm-up")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)

@@ -42,25 +42,26 @@ from jax_flashmla import nn
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2, help="decoder layers")
     p.add_argument("--batch", type=int, default=4, help="batch slots (concurrent requests)")
     p.add_argument("--requests", type=int, default=8, help="requests served in total")
     p.add_argument("--prompt-len", type=int, default=96, help="longest prompt; prompts are 1/4..1 of it")
     p.add_argument("--new-tokens", type=int, default=16, help="most tokens generated per request (1/2..1 of it)")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=256, help="model width")
+    p.add_argument("--heads", type=int, default=8, help="attention heads (h_q)")
     p.add_argument("--q-lora-rank", type=int, default=128, help="0: no query compression")
     p.add_argument("--nope-dim", type=int, default=64, help="qk_nope_head_dim")
     p.add_argument("--v-dim", type=int, default=64, help="v_head_dim")
-    p.add_argument("--mlp-dim", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--mlp-dim", type=int, default=512, help="hidden width of each layer's MLP")
+    p.add_argument("--vocab", type=int, default=1024, help="vocabulary size")
     p.add_argument("--prefill-batch", type=int, default=0,
                    help="prompts per prefill call (naive attention holds [rows, heads, len, len] scores); 0: --batch")
     p.add_argument("--pages", type=int, default=0, help="page pool size per layer; 0: enough for a full batch")
     p.add_argument("--check-every", type=int, default=4, help="check decode logits every N steps (0: never)")
     p.add_argument("--check-rows", type=int, default=4, help="requests checked per check step")
-    p.add_argument("--tolerance-factor", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance-factor", type=float, default=2.0,
+                   help="decode logits may differ from the float32 naive path by this times the bfloat16 naive path's error")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and lengths")
     return p.parse_args(argv)
 
 

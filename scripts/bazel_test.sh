@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds jax_flashmla with Bazel and runs its CPU test suite against the Bazel-built extension.
 # Works from a fresh machine of the project's kind: installs Debian's bazel-bootstrap (Bazel 4.2.3)
-# when `bazel` is missing, then builds offline (docs/bazel.md). Everything goes to stdout.
+# when `bazel` is missing and the Python packages pyproject.toml names when one is missing, then
+# builds offline (docs/bazel.md) for python3 on PATH (a virtual environment's when one is active).
+# Everything goes to stdout.
 #
 #   BAZEL_JOBS=2          parallel actions and CPU budget (default 2: CI and dev machines have 2 cores)
 #   BAZEL=bazel           the bazel binary to use
@@ -27,11 +29,35 @@ if ! command -v "$bazel" >/dev/null 2>&1; then
 fi
 stamp "$("$bazel" --version 2>/dev/null || echo bazel) from $(command -v "$bazel")"
 
-# The repository rules ask this Python for headers and packages; tests run on it too.
+# The repository rules ask this Python for headers and packages; tests run on it too. Exported so
+# Bazel asks the interpreter checked here (a virtual environment's, when one is active).
 python="${PYTHON_BIN_PATH:-$(command -v python3)}"
-if ! "$python" -c "import jax, nanobind, numpy, pytest" >/dev/null 2>&1; then
-  stamp "installing the Python packages the build and tests need"
-  "$python" -m pip install -q "jax>=0.6" "nanobind>=2.4" numpy pytest
+export PYTHON_BIN_PATH="$python"
+
+# What the build and the suite need, read from pyproject.toml: the build requirements but
+# scikit-build-core (Bazel builds here), the dependencies and the [test] extra. pip runs only when one
+# is missing, so an externally managed interpreter that already has them is left alone.
+missing="$("$python" - <<'PY'
+import importlib.metadata, re
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pip's vendored copy of the same parser
+    from pip._vendor import tomli as tomllib
+with open("pyproject.toml", "rb") as f:
+    meta = tomllib.load(f)
+reqs = [r for r in meta["build-system"]["requires"] if not r.startswith("scikit-build-core")]
+reqs += meta["project"]["dependencies"] + meta["project"]["optional-dependencies"]["test"]
+for req in dict.fromkeys(reqs):
+    try:
+        importlib.metadata.distribution(re.split(r"[<>=!~;\[ ]", req, 1)[0])
+    except importlib.metadata.PackageNotFoundError:
+        print(req)
+PY
+)"
+if [ -n "$missing" ]; then
+  stamp "installing the Python packages the build and tests need:" $missing
+  mapfile -t reqs <<<"$missing"
+  "$python" -m pip install -q "${reqs[@]}"
 fi
 
 if [ "${BAZEL_KEEP_SERVER:-0}" != 1 ]; then
