@@ -85,8 +85,8 @@ def test_split_slots_are_disjoint_and_fit_the_workspace(parts, batch):
 
 
 def combining_parts(tile_md, num_splits):
-    """The combine kernel's rule (mla_combine.cu): part j combines request r when j begins with r's
-    last piece of two or more. -> {request: [parts]}"""
+    """The combine kernel's rule (csrc/cuda/combine/combine.cu): part j combines request r when j
+    begins with r's last piece of two or more. -> {request: [parts]}"""
     claims = {}
     for j, (begin_req, _, end_req, _, begin_split, *_) in enumerate(tile_md):
         if not 0 <= begin_req < len(num_splits) - 1 or begin_req > end_req:
