@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/kv_formats.h"
 #include "common/mla_contract.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -81,8 +82,49 @@ NB_MODULE(_ext, m) {
     c["ROWS_PER_TILE"] = jax_flashmla::kRowsPerTile;
     c["TILE_METADATA_SIZE"] = jax_flashmla::kTileMetadataSize;
     c["MAX_SM_PARTS"] = jax_flashmla::kMaxSmParts;
+    // The FP8 KV-cache formats (kv_formats.h), by name, in KvFormat's order.
+    nb::list formats;
+    for (int f = 0; f < jax_flashmla::kNumKvFormats; ++f) {
+      const auto format = static_cast<jax_flashmla::KvFormat>(f);
+      const jax_flashmla::KvFormatLayout l = jax_flashmla::kv_format_layout(format);
+      nb::dict d;
+      d["name"] = format == jax_flashmla::KvFormat::kV32 ? "v32" : "model1";
+      d["d_qk"] = l.d_qk;
+      d["d_nope"] = l.d_nope;
+      d["d_rope"] = l.d_rope;
+      d["head_dim_v"] = l.head_dim_v;
+      d["group_size"] = l.group_size;
+      d["num_groups"] = l.num_groups;
+      d["scale_bytes"] = l.scale_bytes;
+      d["record_bytes"] = l.record_bytes;
+      d["scale_record_bytes"] = l.scale_record_bytes;
+      d["page_align"] = l.page_align;
+      d["token_bytes"] = jax_flashmla::kv_token_bytes(format);
+      formats.append(d);
+    }
+    c["KV_FORMATS"] = formats;
+    c["FP8_E4M3_MAX"] = jax_flashmla::kFp8E4m3Max;
+    c["FP8_MIN_SCALE"] = jax_flashmla::kFp8MinScale;
     return c;
   });
+
+  // Where a token's bytes sit in a page of an FP8 pool: the offsets of kv_formats.h.
+  m.def(
+      "kv_offsets",
+      [](int format, int page_size, int token) {
+        if (format < 0 || format >= jax_flashmla::kNumKvFormats) throw nb::value_error("unknown KV-cache format");
+        if (page_size < 1 || token < 0 || token >= page_size) throw nb::value_error("need 0 <= token < page_size");
+        const auto f = static_cast<jax_flashmla::KvFormat>(format);
+        nb::dict d;
+        d["page_bytes"] = jax_flashmla::kv_page_bytes(f, page_size);
+        d["record"] = jax_flashmla::kv_record_offset(f, token);
+        d["scale"] = jax_flashmla::kv_scale_offset(f, page_size, token);
+        d["rope"] = jax_flashmla::kv_rope_offset(f, token);
+        return d;
+      },
+      nb::arg("format"), nb::arg("page_size"), nb::arg("token"),
+      "Byte offsets in a page of an FP8 KV-cache pool (kv_formats.h): page_bytes, and the token's record, first "
+      "scale and first RoPE value.");
 
   // The contract's sizing rules, so Python plans and sizes the workspace exactly as the handlers check.
   m.def(
