@@ -5,7 +5,7 @@ from ._platform import kernel_path
 from .api import flash_mla_with_kvcache, get_mla_metadata
 from .kv_formats import (KV_FORMAT_MODEL1, KV_FORMAT_V32, KVCacheFormat, dequantize_kv_cache, kv_cache_format,
                          kv_cache_format_of, quantize_kv_cache, write_tokens)
-from .reference import mla_decode_reference
+from .reference import mla_decode_reference, sparse_decode_reference
 
 __all__ = [
     "ContractError",
@@ -23,6 +23,7 @@ __all__ = [
     "kv_cache_format_of",
     "mla_decode_reference",
     "quantize_kv_cache",
+    "sparse_decode_reference",
     "write_tokens",
 ]
 __version__ = "0.1.0"

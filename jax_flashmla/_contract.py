@@ -184,9 +184,101 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
     return DecodeShapes(b, s_q, h_q, h_kv, num_blocks, _shape(block_table)[1], int(head_dim_v))
 
 
-def check_softmax_scale(softmax_scale) -> float:
+# ---- sparse decode (indices into a token pool) -------------------------------------------------------
+
+SPARSE_HEAD_DIMS = (576, 512)  # DeepSeek-V3.2 (512 latent + 64 RoPE) and DeepSeek-V4 (448 + 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseShapes:
+    """Static sizes of one sparse decode call."""
+
+    batch: int
+    seqlen_q: int
+    num_heads_q: int
+    head_dim: int
+    head_dim_v: int
+    topk: int
+    num_slots: int  # num_blocks * page_size of k_cache: slot ids run over [0, num_slots)
+    extra_topk: int  # 0 without an extra cache
+    extra_num_slots: int
+
+
+def _check_pool(name: str, pool, head_dim: int) -> int:
+    """A token pool [num_blocks, page_size, 1, head_dim] of floats (a dequantised cache); returns its
+    slot count."""
+    if len(pool.shape) != 4:
+        _fail(name, f"rank 4 [num_blocks, page_size, 1, {head_dim}]", f"shape {_shape(pool)}")
+    num_blocks, page, h_kv, d = _shape(pool)
+    if not jnp.issubdtype(pool.dtype, jnp.floating):
+        _fail(name, "a floating dtype (a dequantised cache)", f"dtype {pool.dtype}")
+    if num_blocks < 1 or page < 1:
+        _fail(name, "num_blocks and page_size >= 1", f"shape {_shape(pool)}")
+    if h_kv != 1:
+        _fail(name, "num_heads_k (axis 2) 1 in sparse mode", h_kv)
+    if d != head_dim:
+        _fail(name, f"head dim (last axis) {head_dim}, q's", d)
+    return num_blocks * page
+
+
+def _check_indices(name: str, indices, b: int, s_q: int) -> int:
+    if len(indices.shape) != 3 or _shape(indices)[:2] != (b, s_q) or _shape(indices)[2] < 1:
+        _fail(name, f"shape [{b}, {s_q}, topk >= 1]", f"shape {_shape(indices)}")
+    if np.dtype(indices.dtype) != np.int32:
+        _fail(name, "dtype int32", f"dtype {indices.dtype}")
+    return _shape(indices)[2]
+
+
+def _check_lengths(name: str, lengths, b: int) -> None:
+    if _shape(lengths) != (b,):
+        _fail(name, f"shape [{b}]", f"shape {_shape(lengths)}")
+    if np.dtype(lengths.dtype) != np.int32:
+        _fail(name, "dtype int32", f"dtype {lengths.dtype}")
+
+
+def check_sparse_args(q, k_cache, indices, head_dim_v, topk_length=None, attn_sink=None, extra_k_cache=None,
+                      extra_indices=None, extra_topk_length=None) -> SparseShapes:
+    """Validates shapes and dtypes of a sparse decode over float pools; returns its static sizes."""
+    if len(q.shape) != 4:
+        _fail("q", "rank 4 [batch, seqlen_q, num_heads_q, 576 or 512]", f"shape {_shape(q)}")
+    b, s_q, h_q, d = _shape(q)
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        _fail("q", "a floating dtype", f"dtype {q.dtype}")
+    if d not in SPARSE_HEAD_DIMS:
+        _fail("q", "head dim (last axis) 576 or 512", d)
+    if b < 1 or s_q < 1 or h_q < 1:
+        _fail("q", "batch, seqlen_q and num_heads_q >= 1", f"shape {_shape(q)}")
+    _check_static("head_dim_v", head_dim_v)
+    if not isinstance(head_dim_v, (int, np.integer)) or isinstance(head_dim_v, bool) or head_dim_v != HEAD_DIM_V:
+        _fail("head_dim_v", str(HEAD_DIM_V), repr(head_dim_v))
+    num_slots = _check_pool("k_cache", k_cache, d)
+    topk = _check_indices("indices", indices, b, s_q)
+    if topk_length is not None:
+        _check_lengths("topk_length", topk_length, b)
+    if attn_sink is not None:
+        if _shape(attn_sink) != (h_q,):
+            _fail("attn_sink", f"shape [{h_q}] (num_heads_q)", f"shape {_shape(attn_sink)}")
+        if np.dtype(attn_sink.dtype) != np.float32:
+            _fail("attn_sink", "dtype float32", f"dtype {attn_sink.dtype}")
+    if extra_k_cache is None:
+        if extra_indices is not None:
+            _fail("extra_indices_in_kvcache", "None when extra_k_cache is None", "an array")
+        if extra_topk_length is not None:
+            _fail("extra_topk_length", "None when extra_k_cache is None", "an array")
+        return SparseShapes(b, s_q, h_q, d, int(head_dim_v), topk, num_slots, 0, 0)
+    if extra_indices is None:
+        _fail("extra_indices_in_kvcache", "an array when extra_k_cache is given", "None")
+    extra_slots = _check_pool("extra_k_cache", extra_k_cache, d)
+    extra_topk = _check_indices("extra_indices_in_kvcache", extra_indices, b, s_q)
+    if extra_topk_length is not None:
+        _check_lengths("extra_topk_length", extra_topk_length, b)
+    return SparseShapes(b, s_q, h_q, d, int(head_dim_v), topk, num_slots, extra_topk, extra_slots)
+
+
+def check_softmax_scale(softmax_scale, head_dim: int = HEAD_DIM) -> float:
+    """The scale of the scores: softmax_scale, or head_dim ** -0.5 (q's last axis) when None."""
     if softmax_scale is None:
-        return HEAD_DIM ** -0.5
+        return head_dim ** -0.5
     _check_static("softmax_scale", softmax_scale)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, np.floating, np.integer)):
         _fail("softmax_scale", "a Python float or None", repr(softmax_scale))
