@@ -11,6 +11,7 @@
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmMetadataCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmDecodeCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparseDecodeCpu);
 #ifdef JFM_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmMetadataCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmDecodeCuda);
@@ -39,6 +40,7 @@ NB_MODULE(_ext, m) {
     nb::dict targets;
     targets["jax_flashmla_metadata"] = handler_capsule(JfmMetadataCpu);
     targets["jax_flashmla_decode"] = handler_capsule(JfmDecodeCpu);
+    targets["jax_flashmla_sparse_decode"] = handler_capsule(JfmSparseDecodeCpu);
     return targets;
   });
 
