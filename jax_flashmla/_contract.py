@@ -275,6 +275,76 @@ def check_sparse_args(q, k_cache, indices, head_dim_v, topk_length=None, attn_si
     return SparseShapes(b, s_q, h_q, d, int(head_dim_v), topk, num_slots, extra_topk, extra_slots)
 
 
+def check_sparse_fp8_args(q, k_cache, indices, head_dim_v, topk_length=None, attn_sink=None, extra_k_cache=None,
+                          extra_indices=None, extra_topk_length=None):
+    """Validates a sparse decode over FP8 pools (flash_mla_with_kvcache with indices); returns its
+    static sizes and the pools' format (kv_formats.KVCacheFormat), chosen by q's head dim as FlashMLA
+    does: 576 "v32", 512 "model1"."""
+    from . import kv_formats  # it imports this module
+
+    if len(q.shape) != 4:
+        _fail("q", "rank 4 [batch, seqlen_q, num_heads_q, 576 or 512]", f"shape {_shape(q)}")
+    b, s_q, h_q, d = _shape(q)
+    if np.dtype(q.dtype) != np.dtype(jnp.bfloat16):
+        _fail("q", "dtype bfloat16 (sparse decode over an FP8 pool)", f"dtype {q.dtype}")
+    if d not in SPARSE_HEAD_DIMS:
+        _fail("q", "head dim (last axis) 576 (v32 pool) or 512 (model1 pool) in sparse mode", d)
+    if b < 1 or s_q < 1 or h_q < 1:
+        _fail("q", "batch, seqlen_q and num_heads_q >= 1", f"shape {_shape(q)}")
+    _check_static("head_dim_v", head_dim_v)
+    if not isinstance(head_dim_v, (int, np.integer)) or isinstance(head_dim_v, bool) or head_dim_v != HEAD_DIM_V:
+        _fail("head_dim_v", str(HEAD_DIM_V), repr(head_dim_v))
+    fmt = kv_formats.KV_FORMAT_V32 if d == kv_formats.KV_FORMAT_V32.d_qk else kv_formats.KV_FORMAT_MODEL1
+    num_blocks, page_size = kv_formats._check_pool("k_cache", k_cache, fmt)
+    topk = _check_indices("indices", indices, b, s_q)
+    if topk_length is not None:
+        _check_lengths("topk_length", topk_length, b)
+    if attn_sink is not None:
+        if _shape(attn_sink) != (h_q,):
+            _fail("attn_sink", f"shape [{h_q}] (num_heads_q)", f"shape {_shape(attn_sink)}")
+        if np.dtype(attn_sink.dtype) != np.float32:
+            _fail("attn_sink", "dtype float32", f"dtype {attn_sink.dtype}")
+    shapes = SparseShapes(b, s_q, h_q, d, int(head_dim_v), topk, num_blocks * page_size, 0, 0)
+    if extra_k_cache is None:
+        if extra_indices is not None:
+            _fail("extra_indices_in_kvcache", "None when extra_k_cache is None", "an array")
+        if extra_topk_length is not None:
+            _fail("extra_topk_length", "None when extra_k_cache is None", "an array")
+        return shapes, fmt
+    if extra_indices is None:
+        _fail("extra_indices_in_kvcache", "an array when extra_k_cache is given", "None")
+    if len(extra_k_cache.shape) == 4 and _shape(extra_k_cache)[3] != fmt.record_bytes:
+        _fail("extra_k_cache", f"k_cache's format {fmt.name} ({fmt.record_bytes}-byte rows)",
+              f"{_shape(extra_k_cache)[3]}-byte rows")
+    extra_blocks, extra_page_size = kv_formats._check_pool("extra_k_cache", extra_k_cache, fmt)
+    extra_topk = _check_indices("extra_indices_in_kvcache", extra_indices, b, s_q)
+    if extra_topk_length is not None:
+        _check_lengths("extra_topk_length", extra_topk_length, b)
+    return dataclasses.replace(shapes, extra_topk=extra_topk, extra_num_slots=extra_blocks * extra_page_size), fmt
+
+
+def check_sparse_mode(sparse: bool, is_fp8_kvcache, causal: bool, **sparse_only) -> bool:
+    """The mode flags of flash_mla_with_kvcache: sparse (indices given) needs is_fp8_kvcache and not
+    causal; the dense mode takes none of the sparse-only arguments and no FP8 pool (not supported
+    yet). Returns is_fp8_kvcache."""
+    _check_static("is_fp8_kvcache", is_fp8_kvcache)
+    if not isinstance(is_fp8_kvcache, bool):
+        _fail("is_fp8_kvcache", "a Python bool", repr(is_fp8_kvcache))
+    if sparse:
+        if check_causal(causal):
+            _fail("causal", "False with indices (sparse attention has no causal mask)", "True")
+        if not is_fp8_kvcache:
+            _fail("is_fp8_kvcache", "True with indices (sparse decode reads an FP8 pool)", "False")
+        return is_fp8_kvcache
+    for name, value in sparse_only.items():
+        if value is not None:
+            _fail(name, "None without indices (it belongs to sparse decode)", "an argument")
+    if is_fp8_kvcache:
+        raise ContractError("is_fp8_kvcache: dense decode over an FP8 pool (is_fp8_kvcache=True without indices) "
+                            "is not supported yet; pass indices for sparse decode, or a bf16/fp16 cache")
+    return is_fp8_kvcache
+
+
 def check_softmax_scale(softmax_scale, head_dim: int = HEAD_DIM) -> float:
     """The scale of the scores: softmax_scale, or head_dim ** -0.5 (q's last axis) when None."""
     if softmax_scale is None:

@@ -7,7 +7,7 @@ avals and lower.
 from __future__ import annotations
 
 from . import _contract, _partition
-from .ops import decode, metadata
+from .ops import decode, metadata, sparse_decode
 from ._platform import default_sm_count
 
 
@@ -35,8 +35,11 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: i
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int = _contract.HEAD_DIM_V,
-                           tile_md=None, num_splits=None, softmax_scale: float | None = None, causal: bool = False):
-    """Multi-head latent attention decode over a paged KV cache.
+                           tile_md=None, num_splits=None, softmax_scale: float | None = None, causal: bool = False,
+                           is_fp8_kvcache: bool = False, indices=None, attn_sink=None, extra_k_cache=None,
+                           extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None):
+    """Multi-head latent attention decode over a paged KV cache: dense (every token of each request's
+    pages), or sparse (the tokens `indices` names, from an FP8 pool) when indices is given.
 
     Args:
       q: [batch, s_q, h_q, 576], bfloat16 or float16.
@@ -49,6 +52,28 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         shard) and the given plan goes unused.
       softmax_scale: default 576 ** -0.5.
       causal: with s_q > 1, query token j of request i sees keys 0 .. len_i - s_q + j.
+
+    Sparse mode (indices given; FlashMLA's FP8 sparse decode of DeepSeek-V3.2 and V4):
+      q: [batch, s_q, h_q, d_qk] bfloat16; d_qk 576 reads a "v32" pool, 512 a "model1" pool
+        (jax_flashmla.kv_formats, quantize_kv_cache).
+      k_cache: the FP8 pool, [num_blocks, rows_per_page, 1, 656 (v32) or 576 (model1)], uint8 or
+        float8_e4m3fn; any page size.
+      indices: int32 [batch, s_q, topk], global slot ids page * page_size + offset; -1 marks an
+        unused entry. On the CPU any other id outside the pool is an error naming the request,
+        query token and position.
+      is_fp8_kvcache: must be True. causal must be False. block_table, cache_seqlens, tile_md and
+        num_splits are unused (None allowed).
+      topk_length: int32 [batch] or None; request i reads only the first topk_length[i] entries.
+      attn_sink: float32 [h_q] or None; out is scaled by exp(lse) / (exp(lse) + exp(attn_sink)),
+        lse unchanged (+inf gives out 0).
+      extra_k_cache, extra_indices_in_kvcache ([batch, s_q, extra_topk]), extra_topk_length: a
+        second pool of the same format (its own page size) whose named tokens join the softmax.
+      softmax_scale: default d_qk ** -0.5.
+      Returns out bfloat16 [batch, s_q, h_q, 512] and lse float32 [batch, h_q, s_q]; a query with
+      no valid entry gets out 0 and lse +inf. Runs the CPU handler on the CPU and the pure-JAX
+      reference over the dequantised pools elsewhere (no GPU kernel yet). Vmappable (pools may be
+      mapped) and differentiable in q only. is_fp8_kvcache=True without indices (dense decode over
+      an FP8 pool) is not supported yet.
 
     Array arguments may be jax or numpy arrays, or nested lists (converted with jnp.asarray, so with
     JAX's default dtypes). head_dim_v, softmax_scale and causal are static Python values: under
@@ -63,6 +88,13 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     vmappable, and partitioned under jit with named shardings (head- and data-parallel); see
     docs/transformations.md.
     """
+    optional = {name: None if x is None else _contract.as_array(name, x) for name, x in (
+        ("attn_sink", attn_sink), ("extra_k_cache", extra_k_cache),
+        ("extra_indices_in_kvcache", extra_indices_in_kvcache), ("topk_length", topk_length),
+        ("extra_topk_length", extra_topk_length))}
+    _contract.check_sparse_mode(indices is not None, is_fp8_kvcache, causal, **optional)
+    if indices is not None:
+        return _sparse(q, k_cache, indices, head_dim_v, softmax_scale, **optional)
     q, k_cache, block_table, cache_seqlens = (
         _contract.as_array(name, x) for name, x in
         (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)))
@@ -74,3 +106,14 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     q, k_cache, block_table, cache_seqlens, tile_md, num_splits = _partition.vary_alike(
         q, k_cache, block_table, cache_seqlens, tile_md, num_splits)
     return decode.decode(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, scale, causal)
+
+
+def _sparse(q, k_cache, indices, head_dim_v, softmax_scale, *, attn_sink, extra_k_cache, extra_indices_in_kvcache,
+            topk_length, extra_topk_length):
+    q, k_cache, indices = (_contract.as_array(name, x) for name, x in
+                           (("q", q), ("k_cache", k_cache), ("indices", indices)))
+    shapes, _ = _contract.check_sparse_fp8_args(q, k_cache, indices, head_dim_v, topk_length, attn_sink,
+                                                extra_k_cache, extra_indices_in_kvcache, extra_topk_length)
+    scale = _contract.check_softmax_scale(softmax_scale, shapes.head_dim)
+    return sparse_decode.sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                                       extra_indices_in_kvcache, extra_topk_length, scale)
