@@ -1,0 +1,340 @@
+"""Sparse decode over FP8 pools (flash_mla_with_kvcache with indices): the CPU handler against the
+pure-JAX reference over the dequantised pools, with FlashMLA's tolerances, over page sizes, topk,
+batch, query tokens, head counts, both pool formats, the extra pool, topk_length, the attention sink,
+empty rows and NaN in unread slots; its errors (an index outside the pool, argument conflicts); jit,
+vmap over q and over pools, and the gradient in q."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flashmla as fm
+from jax_flashmla import _ext, kv_formats
+from test_sparse_reference import assert_close, make_indices, make_lengths, make_sink
+
+# FlashMLA's checks of its sparse decode kernels (tests/test-sparse-decode.py): out within abs 1e-3 or
+# rel 2.01/128 with a cosine difference under 5e-6; lse within abs 1e-6 or rel 8.01/65536.
+OUT_TOL = dict(atol=1e-3, rtol=2.01 / 128, cos_tol=5e-6)
+LSE_TOL = dict(atol=1e-6, rtol=8.01 / 65536)
+D_QK = {"v32": 576, "model1": 512}
+
+
+# ---- problems ------------------------------------------------------------------------------------------
+
+def used_mask(num_slots, ids, lengths):
+    limit = ids.shape[2] if lengths is None else np.asarray(lengths)[:, None, None]
+    ok = (ids >= 0) & (ids < num_slots) & (np.arange(ids.shape[2])[None, None, :] < limit)
+    used = np.zeros(num_slots, bool)
+    used[ids[ok]] = True
+    return used
+
+
+def poison(pool, fmt, page_size, used):
+    """The pool with every byte of each slot outside `used` set to 0xFF: NaN latent values, NaN
+    scales and NaN RoPE values, so a read of an unused slot shows in the result."""
+    raw = np.array(jax.lax.bitcast_convert_type(pool, jnp.uint8) if pool.dtype != jnp.uint8 else pool)
+    pages = raw.reshape(raw.shape[0], -1)
+    for slot in np.flatnonzero(~used):
+        page, token = divmod(int(slot), page_size)
+        at = _ext.kv_offsets(fmt.index, page_size, token)
+        pages[page, at["record"]:at["record"] + fmt.record_bytes] = 0xFF
+        if fmt.scale_record_bytes:
+            pages[page, at["scale"]:at["scale"] + fmt.scale_record_bytes] = 0xFF
+    out = jnp.asarray(pages.reshape(raw.shape))
+    return out if pool.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(out, pool.dtype)
+
+
+def make_pool(rng, fmt, *, batch, seqlen_q, page, topk, lengths, invalid, empty_rows, num_blocks=None,
+              dtype=jnp.float8_e4m3fn):
+    """(FP8 pool with NaN in unread slots, ids, topk_length or None)."""
+    if num_blocks is None:
+        num_blocks = max(-(-topk // page) + 2, 3)
+    lens = make_lengths(rng, batch, topk) if lengths else None
+    ids = make_indices(rng, batch=batch, seqlen_q=seqlen_q, topk=topk, num_slots=num_blocks * page,
+                       invalid=invalid, empty_rows=empty_rows, topk_length=lens)
+    # Past topk_length make_indices leaves garbage, out-of-pool ids included: never read.
+    kv = np.clip(rng.standard_normal((num_blocks, page, 1, fmt.d_qk)) / 10, -1, 1)
+    pool = kv_formats.quantize_kv_cache(jnp.asarray(kv, jnp.bfloat16), fmt, dtype)
+    pool = poison(pool, fmt, page, used_mask(num_blocks * page, ids, lens))
+    return pool, jnp.asarray(ids), None if lens is None else jnp.asarray(lens)
+
+
+def make_case(rng, fmt_name, *, batch, seqlen_q, heads, page, topk, lengths=False, sink=False, extra=None,
+              invalid=0.2, empty_rows=0, dtype=jnp.float8_e4m3fn):
+    """kwargs of flash_mla_with_kvcache in sparse mode. extra: (page, topk, lengths) of a second pool."""
+    fmt = kv_formats.kv_cache_format(fmt_name)
+    q = jnp.asarray(np.clip(rng.standard_normal((batch, seqlen_q, heads, fmt.d_qk)), -1, 1), jnp.bfloat16)
+    pool, ids, lens = make_pool(rng, fmt, batch=batch, seqlen_q=seqlen_q, page=page, topk=topk, lengths=lengths,
+                                invalid=invalid, empty_rows=empty_rows, dtype=dtype)
+    kwargs = dict(q=q, k_cache=pool, indices=ids, topk_length=lens,
+                  attn_sink=jnp.asarray(make_sink(rng, heads)) if sink else None)
+    if extra is not None:
+        e_page, e_topk, e_lengths = extra
+        e_pool, e_ids, e_lens = make_pool(rng, fmt, batch=batch, seqlen_q=seqlen_q, page=e_page, topk=e_topk,
+                                          lengths=e_lengths, invalid=invalid, empty_rows=empty_rows, dtype=dtype)
+        kwargs.update(extra_k_cache=e_pool, extra_indices_in_kvcache=e_ids, extra_topk_length=e_lens)
+    return kwargs
+
+
+def run(kwargs, softmax_scale=None):
+    kwargs = dict(kwargs)
+    return fm.flash_mla_with_kvcache(kwargs.pop("q"), kwargs.pop("k_cache"), None, None, softmax_scale=softmax_scale,
+                                     is_fp8_kvcache=True, **kwargs)
+
+
+def reference(kwargs, softmax_scale=None):
+    """The reference over the pools dequantised to bfloat16 (the values the handler computes with)."""
+    kwargs = dict(kwargs)
+    fmt = kv_formats.kv_cache_format_of(kwargs["k_cache"])
+    kwargs["k_cache"] = kv_formats.dequantize_kv_cache(kwargs["k_cache"], fmt)
+    if kwargs.get("extra_k_cache") is not None:
+        kwargs["extra_k_cache"] = kv_formats.dequantize_kv_cache(kwargs["extra_k_cache"], fmt)
+    return fm.sparse_decode_reference(**kwargs, softmax_scale=softmax_scale)
+
+
+def check(kwargs, softmax_scale=None):
+    out, lse = run(kwargs, softmax_scale)
+    b, s_q, h_q, _ = kwargs["q"].shape
+    assert out.shape == (b, s_q, h_q, 512) and out.dtype == jnp.bfloat16
+    assert lse.shape == (b, h_q, s_q) and lse.dtype == jnp.float32
+    want_out, want_lse = reference(kwargs, softmax_scale)
+    assert_close("lse", lse, want_lse, **LSE_TOL)
+    assert_close("out", out, want_out, **OUT_TOL)
+    return out, lse
+
+
+# ---- the handler against the reference -----------------------------------------------------------------
+
+CASES = [
+    # format, batch, s_q, heads, page, topk, topk_length, sink, extra (page, topk, lengths), empty rows
+    ("v32", 1, 1, 1, 2, 64, False, False, None, 0),
+    ("v32", 4, 3, 8, 61, 64, True, True, None, 2),
+    ("v32", 1, 3, 16, 64, 576, False, True, (69, 64, True), 0),
+    ("v32", 4, 1, 64, 69, 576, True, False, None, 1),
+    ("v32", 4, 3, 128, 64, 64, False, False, (2, 64, False), 0),
+    ("v32", 1, 1, 8, 64, 2048, True, True, None, 0),
+    ("model1", 1, 1, 1, 2, 64, False, True, None, 0),
+    ("model1", 4, 3, 8, 61, 64, True, False, (2, 64, False), 2),
+    ("model1", 1, 3, 16, 64, 576, False, False, None, 0),
+    ("model1", 4, 1, 64, 69, 576, True, True, (61, 576, True), 1),
+    ("model1", 1, 3, 128, 64, 64, False, True, (64, 64, True), 0),
+]
+
+
+@pytest.mark.parametrize("fmt,batch,seqlen_q,heads,page,topk,lengths,sink,extra,empty_rows", CASES)
+def test_matches_reference(rng, fmt, batch, seqlen_q, heads, page, topk, lengths, sink, extra, empty_rows):
+    check(make_case(rng, fmt, batch=batch, seqlen_q=seqlen_q, heads=heads, page=page, topk=topk, lengths=lengths,
+                    sink=sink, extra=extra, empty_rows=empty_rows))
+
+
+@pytest.mark.parametrize("fmt", ["v32", "model1"])
+def test_uint8_pool_and_scale(rng, fmt):
+    """A uint8 pool (the same bytes) and an explicit softmax_scale give the same result."""
+    kwargs = make_case(rng, fmt, batch=2, seqlen_q=2, heads=8, page=64, topk=64, dtype=jnp.uint8)
+    check(kwargs, softmax_scale=0.3)
+    as_fp8 = dict(kwargs, k_cache=jax.lax.bitcast_convert_type(kwargs["k_cache"], jnp.float8_e4m3fn))
+    for a, b in zip(run(kwargs, 0.3), run(as_fp8, 0.3)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_deepseek_v32_shape(rng):
+    """DeepSeek-V3.2's decode: 128 heads, d_qk 576, 2 query tokens, topk 2048."""
+    check(make_case(rng, "v32", batch=2, seqlen_q=2, heads=128, page=64, topk=2048, invalid=0.05))
+
+
+def test_deepseek_v4_shape(rng):
+    """DeepSeek-V4's decode: d_qk 512, topk 128 over pages of 256 plus 512 extra tokens over pages of 64,
+    with topk lengths and a sink."""
+    check(make_case(rng, "model1", batch=2, seqlen_q=1, heads=64, page=256, topk=128, lengths=True, sink=True,
+                    extra=(64, 512, True), invalid=0.05))
+
+
+# ---- conventions ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["v32", "model1"])
+def test_empty_rows(rng, fmt):
+    """Rows without a valid entry (all -1, or topk_length 0) give out 0 and lse +inf, sink or not."""
+    kwargs = make_case(rng, fmt, batch=3, seqlen_q=2, heads=8, page=61, topk=64, sink=True)
+    ids = np.array(kwargs["indices"])
+    ids[0] = -1
+    kwargs.update(indices=jnp.asarray(ids), topk_length=jnp.asarray([64, 0, 64], jnp.int32),
+                  attn_sink=jnp.asarray([np.inf, -np.inf, 0, 1, 2, np.inf, -3, 0], jnp.float32))
+    out, lse = check(kwargs)
+    assert np.all(np.asarray(out[:2], np.float32) == 0) and np.all(np.asarray(lse[:2]) == np.inf)
+    assert np.all(np.isfinite(np.asarray(lse[2])))
+    # +inf sink zeroes the head, -inf leaves it as without a sink.
+    no_sink_out, _ = run(dict(kwargs, attn_sink=None))
+    assert np.all(np.asarray(out[2, :, 0], np.float32) == 0)
+    np.testing.assert_array_equal(np.asarray(out[2, :, 1], np.float32), np.asarray(no_sink_out[2, :, 1], np.float32))
+
+
+def test_nan_in_q_propagates(rng):
+    kwargs = make_case(rng, "v32", batch=2, seqlen_q=1, heads=4, page=64, topk=64, invalid=0.0)
+    q = np.array(kwargs["q"].astype(jnp.float32))
+    q[1, 0, 2, 7] = np.nan
+    kwargs["q"] = jnp.asarray(q, jnp.bfloat16)
+    out, lse = run(kwargs)
+    assert np.all(np.isnan(np.asarray(out[1, 0, 2], np.float32))) and np.isnan(lse[1, 2, 0])
+    assert np.all(np.isfinite(np.asarray(out, np.float32)[0])) and np.all(np.isfinite(np.asarray(lse[0])))
+    check(kwargs)
+
+
+def run_now(kwargs):
+    return jax.block_until_ready(run(kwargs))
+
+
+def test_out_of_pool_index_is_an_error(rng):
+    kwargs = make_case(rng, "model1", batch=2, seqlen_q=3, heads=8, page=61, topk=64, invalid=0.0,
+                       extra=(2, 64, False))
+    num_slots = kwargs["k_cache"].shape[0] * 61
+    ids = np.array(kwargs["indices"])
+    ids[1, 2, 5] = num_slots
+    with pytest.raises(Exception, match=rf"indices: request 1, query token 2, position 5 holds slot {num_slots}, "
+                                        rf"outside the {num_slots} slots of k_cache"):
+        run_now(dict(kwargs, indices=jnp.asarray(ids)))
+    ids[1, 2, 5] = -2
+    with pytest.raises(Exception, match="request 1, query token 2, position 5 holds slot -2"):
+        run_now(dict(kwargs, indices=jnp.asarray(ids)))
+    # Past topk_length an entry is never read, whatever it holds.
+    run_now(dict(kwargs, indices=jnp.asarray(ids), topk_length=jnp.asarray([64, 5], jnp.int32)))
+    extra_ids = np.array(kwargs["extra_indices_in_kvcache"])
+    extra_ids[0, 1, 63] = 2 ** 31 - 1
+    with pytest.raises(Exception, match="extra_indices_in_kvcache: request 0, query token 1, position 63 .* "
+                                        "slots of extra_k_cache"):
+        run_now(dict(kwargs, extra_indices_in_kvcache=jnp.asarray(extra_ids)))
+
+
+# ---- argument errors -----------------------------------------------------------------------------------
+
+def _error_cases(rng):
+    base = make_case(rng, "v32", batch=2, seqlen_q=1, heads=4, page=64, topk=64, extra=(64, 64, False))
+    model1 = make_case(rng, "model1", batch=2, seqlen_q=1, heads=4, page=64, topk=64)
+    q, pool = base["q"], base["k_cache"]
+    call = lambda **kw: fm.flash_mla_with_kvcache(**{**dict(q=q, k_cache=pool, block_table=None, cache_seqlens=None,
+                                                            is_fp8_kvcache=True, indices=base["indices"]), **kw})
+    return [
+        ("causal", lambda: call(causal=True)),
+        ("is_fp8_kvcache: expected True", lambda: call(is_fp8_kvcache=False)),
+        ("is_fp8_kvcache: expected a Python bool", lambda: call(is_fp8_kvcache=1)),
+        ("q: expected dtype bfloat16", lambda: call(q=q.astype(jnp.float16))),
+        ("q: expected head dim", lambda: call(q=q[..., :448])),
+        ("k_cache: expected 656 bytes a row", lambda: call(k_cache=model1["k_cache"])),
+        ("k_cache: expected dtype", lambda: call(k_cache=pool.astype(jnp.float32))),
+        ("k_cache: expected rows per page", lambda: call(k_cache=jnp.zeros((3, 74, 1, 576), jnp.uint8),
+                                                          q=model1["q"], indices=model1["indices"])),
+        ("indices: expected shape", lambda: call(indices=base["indices"][:, :, None, :])),
+        ("indices: expected dtype int32", lambda: call(indices=base["indices"].astype(jnp.int16))),
+        ("topk_length: expected shape", lambda: call(topk_length=jnp.zeros((3,), jnp.int32))),
+        ("topk_length: expected dtype", lambda: call(topk_length=jnp.zeros((2,), jnp.float32))),
+        ("attn_sink: expected shape", lambda: call(attn_sink=jnp.zeros((8,), jnp.float32))),
+        ("attn_sink: expected dtype float32", lambda: call(attn_sink=jnp.zeros((4,), jnp.bfloat16))),
+        ("extra_k_cache: expected k_cache's format v32", lambda: call(extra_k_cache=model1["k_cache"],
+                                                                      extra_indices_in_kvcache=base["indices"])),
+        ("extra_indices_in_kvcache: expected an array", lambda: call(extra_k_cache=base["extra_k_cache"])),
+        ("extra_indices_in_kvcache: expected None", lambda: call(extra_indices_in_kvcache=base["indices"])),
+        ("extra_topk_length: expected shape", lambda: call(extra_k_cache=base["extra_k_cache"],
+                                                           extra_indices_in_kvcache=base["extra_indices_in_kvcache"],
+                                                           extra_topk_length=jnp.zeros((2, 1), jnp.int32))),
+        ("head_dim_v", lambda: call(head_dim_v=576)),
+        ("softmax_scale", lambda: call(softmax_scale=-1.0)),
+        # Dense mode: an FP8 pool is not supported yet, and the sparse-only arguments are refused.
+        ("not supported yet", lambda: call(indices=None, block_table=jnp.zeros((2, 1), jnp.int32),
+                                           cache_seqlens=jnp.ones((2,), jnp.int32))),
+        ("attn_sink: expected None without indices", lambda: call(indices=None, is_fp8_kvcache=False,
+                                                                  attn_sink=jnp.zeros((4,), jnp.float32))),
+        ("topk_length: expected None without indices", lambda: call(indices=None, is_fp8_kvcache=False,
+                                                                    topk_length=jnp.zeros((2,), jnp.int32))),
+    ]
+
+
+def test_argument_errors(rng):
+    for message, call in _error_cases(rng):
+        with pytest.raises(fm.ContractError, match=message):
+            call()
+
+
+# ---- transformations -----------------------------------------------------------------------------------
+
+def test_jit(rng):
+    kwargs = make_case(rng, "v32", batch=2, seqlen_q=2, heads=8, page=61, topk=64, lengths=True, sink=True,
+                       extra=(2, 64, True))
+    f = jax.jit(lambda kw: run(kw, 0.1))
+    for a, b in zip(f(kwargs), run(kwargs, 0.1)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def _stack(cases, key):
+    return None if cases[0].get(key) is None else jnp.stack([c[key] for c in cases])
+
+
+def test_vmap_over_q(rng):
+    kwargs = make_case(rng, "model1", batch=2, seqlen_q=1, heads=8, page=61, topk=64, lengths=True, sink=True)
+    qs = jnp.stack([kwargs["q"], -kwargs["q"], kwargs["q"] * 0.5])
+    out, lse = jax.vmap(lambda q: run(dict(kwargs, q=q)))(qs)
+    for m in range(3):
+        want_out, want_lse = run(dict(kwargs, q=qs[m]))
+        np.testing.assert_array_equal(np.asarray(out[m], np.float32), np.asarray(want_out, np.float32))
+        np.testing.assert_array_equal(np.asarray(lse[m]), np.asarray(want_lse))
+
+
+@pytest.mark.parametrize("fmt", ["v32", "model1"])
+def test_vmap_over_pools(rng, fmt):
+    """Mapped pools (main and extra), indices, lengths and sinks: each member as its own call."""
+    cases = [make_case(rng, fmt, batch=2, seqlen_q=2, heads=4, page=61, topk=64, lengths=True, sink=True,
+                       extra=(2, 64, True)) for _ in range(3)]
+    keys = ("q", "k_cache", "indices", "topk_length", "attn_sink", "extra_k_cache", "extra_indices_in_kvcache",
+            "extra_topk_length")
+    stacked = {k: _stack(cases, k) for k in keys}
+    out, lse = jax.vmap(run)(stacked)
+    for m, case in enumerate(cases):
+        want_out, want_lse = run(case)
+        np.testing.assert_array_equal(np.asarray(lse[m]), np.asarray(want_lse))
+        # A mapped sink is applied outside the call, after out's bfloat16 rounding: one more rounding.
+        assert_close("out", out[m], want_out, atol=1e-6, rtol=2.0 ** -7)
+    # Mapped pools, shared q: ids stay within their member's pool.
+    shared = {**stacked, "q": cases[0]["q"], "attn_sink": cases[0]["attn_sink"]}
+    out, lse = jax.vmap(run, in_axes=({**{k: 0 for k in keys}, "q": None, "attn_sink": None},))(shared)
+    for m, case in enumerate(cases):
+        want_out, want_lse = run({**case, "q": cases[0]["q"], "attn_sink": cases[0]["attn_sink"]})
+        np.testing.assert_array_equal(np.asarray(out[m], np.float32), np.asarray(want_out, np.float32))
+        np.testing.assert_array_equal(np.asarray(lse[m]), np.asarray(want_lse))
+
+
+def test_vmap_keeps_out_of_pool_errors(rng):
+    cases = [make_case(rng, "v32", batch=1, seqlen_q=1, heads=4, page=64, topk=64, invalid=0.0) for _ in range(2)]
+    ids = np.array(cases[0]["indices"])
+    ids[0, 0, 3] = 3 * 64  # the first slot of member 1's pool once folded: must still be an error
+    cases[0]["indices"] = jnp.asarray(ids)
+    stacked = {k: jnp.stack([c[k] for c in cases]) for k in ("q", "k_cache", "indices")}
+    with pytest.raises(Exception, match="outside the 384 slots of k_cache"):
+        jax.block_until_ready(jax.vmap(run)(stacked))
+
+
+@pytest.mark.parametrize("fmt", ["v32", "model1"])
+def test_grad_in_q(rng, fmt):
+    kwargs = make_case(rng, fmt, batch=2, seqlen_q=2, heads=4, page=61, topk=64, lengths=True, sink=True,
+                       extra=(2, 64, False), empty_rows=1)
+    weights = jnp.asarray(rng.standard_normal((2, 2, 4, 512)), jnp.float32)
+
+    def loss(f, q):
+        out, lse = f(dict(kwargs, q=q))
+        return jnp.sum(out.astype(jnp.float32) * weights) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+    q = kwargs["q"]
+    got = jax.grad(functools.partial(loss, run))(q)
+    want = jax.grad(functools.partial(loss, reference))(q)
+    assert got.dtype == jnp.bfloat16
+    assert_close("dq", got, want, atol=1e-3, rtol=2.01 / 128, cos_tol=5e-6)
+    assert np.abs(np.asarray(got, np.float32)).max() > 0
+
+
+def test_no_grad_in_pool(rng):
+    kwargs = make_case(rng, "v32", batch=1, seqlen_q=1, heads=4, page=64, topk=64)
+    loss = lambda pool: jnp.sum(run(dict(kwargs, k_cache=pool))[1])
+    with pytest.raises(Exception, match="k_cache: an FP8 KV-cache pool is not differentiable"):
+        jax.grad(loss)(kwargs["k_cache"])
