@@ -338,3 +338,29 @@ def test_no_grad_in_pool(rng):
     loss = lambda pool: jnp.sum(run(dict(kwargs, k_cache=pool))[1])
     with pytest.raises(Exception, match="k_cache: an FP8 KV-cache pool is not differentiable"):
         jax.grad(loss)(kwargs["k_cache"])
+
+
+# ---- the op's pure-JAX path and the README -------------------------------------------------------------
+
+def test_fallback_matches_handler(rng):
+    """What GPUs and other platforms run (the reference over the dequantised pools) against the CPU handler."""
+    from jax_flashmla.ops import sparse_decode
+
+    kwargs = make_case(rng, "model1", batch=2, seqlen_q=2, heads=8, page=69, topk=64, lengths=True, sink=True,
+                       extra=(2, 64, True))
+    out, lse = run(kwargs)
+    operands = (kwargs["q"], kwargs["k_cache"], kwargs["indices"], kwargs["topk_length"], kwargs["attn_sink"],
+                kwargs["extra_k_cache"], kwargs["extra_indices_in_kvcache"], kwargs["extra_topk_length"])
+    want_out, want_lse = jax.jit(functools.partial(sparse_decode.reference_over_pools,
+                                                   softmax_scale=512 ** -0.5))(*operands)
+    assert_close("lse", lse, want_lse, **LSE_TOL)
+    assert_close("out", out, want_out, **OUT_TOL)
+
+
+def test_readme_snippet_runs():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Sparse decode", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md (Sparse decode)", "exec"), {})

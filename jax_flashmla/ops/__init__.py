@@ -4,6 +4,7 @@ evaluation, lowering per platform, batching, differentiation and partitioning.
 - metadata: the split plan of the tile scheduler (get_mla_metadata).
 - decode: the dense MLA decode (flash_mla_with_kvcache) and its custom VJP.
 - decode_bwd: the decode's memory-bounded pure-JAX backward, as a partitioned op.
+- sparse_decode: the sparse MLA decode over an FP8 token pool (flash_mla_with_kvcache with indices).
 
 They share the contract (_contract), the extension (_ffi), the per-platform choice (_platform) and
 the partitioning pieces (_partition). The public functions are in jax_flashmla.api.
