@@ -295,6 +295,10 @@ def check_sparse_fp8_args(q, k_cache, indices, head_dim_v, topk_length=None, att
     if not isinstance(head_dim_v, (int, np.integer)) or isinstance(head_dim_v, bool) or head_dim_v != HEAD_DIM_V:
         _fail("head_dim_v", str(HEAD_DIM_V), repr(head_dim_v))
     fmt = kv_formats.KV_FORMAT_V32 if d == kv_formats.KV_FORMAT_V32.d_qk else kv_formats.KV_FORMAT_MODEL1
+    other = kv_formats.KV_FORMAT_MODEL1 if fmt is kv_formats.KV_FORMAT_V32 else kv_formats.KV_FORMAT_V32
+    if len(k_cache.shape) == 4 and _shape(k_cache)[3] == other.record_bytes:
+        _fail("k_cache", f"a {fmt.name} pool ({fmt.record_bytes}-byte rows) for q's head dim {d}",
+              f"{other.record_bytes}-byte rows (a {other.name} pool, for head dim {other.d_qk})")
     num_blocks, page_size = kv_formats._check_pool("k_cache", k_cache, fmt)
     topk = _check_indices("indices", indices, b, s_q)
     if topk_length is not None:

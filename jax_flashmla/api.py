@@ -72,8 +72,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       Returns out bfloat16 [batch, s_q, h_q, 512] and lse float32 [batch, h_q, s_q]; a query with
       no valid entry gets out 0 and lse +inf. Runs the CPU handler on the CPU and the pure-JAX
       reference over the dequantised pools elsewhere (no GPU kernel yet). Vmappable (pools may be
-      mapped) and differentiable in q only. is_fp8_kvcache=True without indices (dense decode over
-      an FP8 pool) is not supported yet.
+      mapped) and differentiable in q and attn_sink (not in the pools). is_fp8_kvcache=True
+      without indices (dense decode over an FP8 pool) is not supported yet.
 
     Array arguments may be jax or numpy arrays, or nested lists (converted with jnp.asarray, so with
     JAX's default dtypes). head_dim_v, softmax_scale and causal are static Python values: under

@@ -223,7 +223,9 @@ def _error_cases(rng):
         ("is_fp8_kvcache: expected a Python bool", lambda: call(is_fp8_kvcache=1)),
         ("q: expected dtype bfloat16", lambda: call(q=q.astype(jnp.float16))),
         ("q: expected head dim", lambda: call(q=q[..., :448])),
-        ("k_cache: expected 656 bytes a row", lambda: call(k_cache=model1["k_cache"])),
+        ("k_cache: expected a v32 pool .* for q's head dim 576, got 576-byte rows .a model1 pool",
+         lambda: call(k_cache=model1["k_cache"])),
+        ("k_cache: expected 656 bytes a row", lambda: call(k_cache=jnp.zeros((2, 64, 1, 600), jnp.uint8))),
         ("k_cache: expected dtype", lambda: call(k_cache=pool.astype(jnp.float32))),
         ("k_cache: expected rows per page", lambda: call(k_cache=jnp.zeros((3, 74, 1, 576), jnp.uint8),
                                                           q=model1["q"], indices=model1["indices"])),
@@ -331,6 +333,16 @@ def test_grad_in_q(rng, fmt):
     assert got.dtype == jnp.bfloat16
     assert_close("dq", got, want, atol=1e-3, rtol=2.01 / 128, cos_tol=5e-6)
     assert np.abs(np.asarray(got, np.float32)).max() > 0
+
+
+def test_grad_in_sink(rng):
+    kwargs = make_case(rng, "v32", batch=2, seqlen_q=1, heads=4, page=64, topk=64, empty_rows=1)
+    kwargs["attn_sink"] = jnp.asarray([0.5, -1.0, 2.0, -np.inf], jnp.float32)
+    loss = lambda f, sink: jnp.sum(f(dict(kwargs, attn_sink=sink))[0].astype(jnp.float32))
+    got = jax.grad(functools.partial(loss, run))(kwargs["attn_sink"])
+    want = jax.grad(functools.partial(loss, reference))(kwargs["attn_sink"])
+    assert_close("d_sink", got, want, atol=1e-5, rtol=1e-4)
+    assert np.all(np.asarray(got[:3]) != 0)
 
 
 def test_no_grad_in_pool(rng):

@@ -13,8 +13,9 @@ sparse_decode_p: (q, k_cache, indices, topk_length, attn_sink, extra_k_cache, ex
     pools are concatenated into one of B * num_blocks pages and member m's slot ids move up by
     m * num_slots (-1 stays -1; other ids outside the pool stay outside it). A mapped attn_sink is
     applied outside the call, from its lse.
-  - JVP: in q only, the tangents of the reference over the dequantised pools. The pool holds FP8 bytes
-    and is not differentiable: a tangent for it is an error.
+  - JVP: in q and attn_sink, the tangents of the reference over the dequantised pools (they materialise
+    its [b, s_q, topk + extra_topk, d_qk] tokens). The pools hold FP8 bytes and are not
+    differentiable: a tangent for one is an error.
 """
 
 from __future__ import annotations
@@ -152,12 +153,17 @@ def _jvp_rule(primals, tangents, *, softmax_scale):
     for name, tangent in zip(("k_cache", "extra_k_cache"), (tangents[1], tangents[5])):
         if not isinstance(tangent, ad.Zero):
             raise _contract.ContractError(
-                f"{name}: an FP8 KV-cache pool is not differentiable; take gradients with respect to q only")
+                f"{name}: an FP8 KV-cache pool is not differentiable; take gradients with respect to q "
+                "(or attn_sink) only")
     out, lse = sparse_decode_p.bind(*primals, softmax_scale=softmax_scale)
-    q = primals[0]
-    dq = ad.instantiate_zeros(tangents[0])
-    ref = lambda q: reference_over_pools(q, *primals[1:], softmax_scale=softmax_scale)
-    _, (d_out, d_lse) = jax.jvp(ref, (q,), (dq,))
+    q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices, extra_topk_length = primals
+    dq, d_sink = (ad.instantiate_zeros(t) for t in (tangents[0], tangents[4]))
+
+    def ref(q, attn_sink):
+        return reference_over_pools(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
+                                    extra_topk_length, softmax_scale=softmax_scale)
+
+    _, (d_out, d_lse) = jax.jvp(ref, (q, attn_sink), (dq, d_sink))
     return (out, lse), (d_out, d_lse)
 
 
