@@ -43,7 +43,9 @@ ffi::Error read_sparse_pool(ffi::AnyBuffer pool, const char* name, SparsePool& o
   if (pool.element_type() != ffi::DataType::U8 && pool.element_type() != ffi::DataType::F8E4M3FN) {
     return invalid(std::string(name) + " must be uint8 or float8_e4m3fn bytes");
   }
-  if (dims.size() != 4 || dims[2] != 1) return invalid(std::string(name) + " must be [num_blocks, rows_per_page, 1, 656 or 576]");
+  if (dims.size() != 4 || dims[2] != 1) {
+    return invalid(std::string(name) + " must be [num_blocks, rows_per_page, 1, 656 or 576]");
+  }
   if (dims[3] == kv_format_layout(KvFormat::kV32).record_bytes) {
     out.format = KvFormat::kV32;
   } else if (dims[3] == kv_format_layout(KvFormat::kModel1).record_bytes) {
@@ -53,7 +55,9 @@ ffi::Error read_sparse_pool(ffi::AnyBuffer pool, const char* name, SparsePool& o
   }
   out.page_size = sparse_page_size(out.format, dims[1]);
   if (out.page_size == 0) return invalid(std::string(name) + " has a row count per page that no page size gives");
-  if (dims[0] < 0 || dims[0] > std::numeric_limits<int32_t>::max()) return invalid(std::string(name) + " has too many pages");
+  if (dims[0] < 0 || dims[0] > std::numeric_limits<int32_t>::max()) {
+    return invalid(std::string(name) + " has too many pages");
+  }
   out.num_blocks = static_cast<int>(dims[0]);
   out.bytes = static_cast<const uint8_t*>(pool.untyped_data());
   return ffi::Error::Success();
@@ -88,13 +92,17 @@ ffi::Error sparse_decode_cpu_handler(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, f
                                      ffi::ResultBuffer<ffi::F32> lse, float softmax_scale) {
   SparseDecodeParams p;
   auto qd = q.dimensions();
-  if (q.element_type() != ffi::DataType::BF16 || qd.size() != 4) return invalid("q must be bfloat16 [b, s_q, h_q, d_qk]");
+  if (q.element_type() != ffi::DataType::BF16 || qd.size() != 4) {
+    return invalid("q must be bfloat16 [b, s_q, h_q, d_qk]");
+  }
   p.batch = static_cast<int>(qd[0]);
   p.seqlen_q = static_cast<int>(qd[1]);
   p.num_heads_q = static_cast<int>(qd[2]);
   p.head_dim = static_cast<int>(qd[3]);
   if (auto err = read_sparse_pool(k_cache, "k_cache", p.pool); err.failure()) return err;
-  if (p.head_dim != kv_format_layout(p.pool.format).d_qk) return invalid("q's head dim does not match k_cache's format");
+  if (p.head_dim != kv_format_layout(p.pool.format).d_qk) {
+    return invalid("q's head dim does not match k_cache's format");
+  }
   if (auto err = read_sparse_indices(indices, topk_length, "indices", p, p.pool); err.failure()) return err;
   if (auto err = read_sparse_indices(extra_indices, extra_topk_length, "extra_indices_in_kvcache", p, p.extra);
       err.failure()) {
@@ -105,7 +113,9 @@ ffi::Error sparse_decode_cpu_handler(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, f
     if (p.extra.format != p.pool.format) return invalid("extra_k_cache's format differs from k_cache's");
   }
   if (attn_sink.element_count() != 0) {
-    if (attn_sink.element_count() != p.num_heads_q) return invalid("attn_sink must be [h_q] or empty");
+    if (attn_sink.element_count() != static_cast<size_t>(p.num_heads_q)) {
+      return invalid("attn_sink must be [h_q] or empty");
+    }
     p.attn_sink = attn_sink.typed_data();
   }
   auto od = out->dimensions();
@@ -113,7 +123,7 @@ ffi::Error sparse_decode_cpu_handler(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, f
       od[2] != p.num_heads_q || od[3] != kHeadDimV) {
     return invalid("out must be bfloat16 [b, s_q, h_q, 512]");
   }
-  if (lse->element_count() != static_cast<int64_t>(p.batch) * p.num_heads_q * p.seqlen_q) {
+  if (lse->element_count() != static_cast<size_t>(p.batch) * p.num_heads_q * p.seqlen_q) {
     return invalid("lse must be [b, h_q, s_q]");
   }
   p.q = static_cast<const uint16_t*>(q.untyped_data());

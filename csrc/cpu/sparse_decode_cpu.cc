@@ -63,7 +63,8 @@ const int32_t* row_of(const SparsePool& pool, const SparseDecodeParams& p, int r
 }
 
 // Every entry a request reads (before its topk_length) is -1 or a slot of the pool.
-std::string check_indices(const SparseDecodeParams& p, const SparsePool& pool, const char* name, const char* pool_name) {
+std::string check_indices(const SparseDecodeParams& p, const SparsePool& pool, const char* name,
+                          const char* pool_name) {
   const int64_t num_slots = pool.num_slots();
   for (int req = 0; req < p.batch; ++req) {
     const int used = effective_length(pool, req);
