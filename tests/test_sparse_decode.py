@@ -173,6 +173,18 @@ def test_empty_rows(rng, fmt):
     np.testing.assert_array_equal(np.asarray(out[2, :, 1], np.float32), np.asarray(no_sink_out[2, :, 1], np.float32))
 
 
+def test_topk_length_out_of_range(rng):
+    """A negative topk_length reads nothing, one past topk reads every entry (as the reference)."""
+    kwargs = make_case(rng, "model1", batch=3, seqlen_q=1, heads=4, page=64, topk=64, extra=(64, 64, False))
+    odd = run(dict(kwargs, topk_length=jnp.asarray([-3, 100, 2 ** 31 - 1], jnp.int32),
+                   extra_topk_length=jnp.asarray([2 ** 31 - 1, -(2 ** 31), 64], jnp.int32)))
+    plain = run(dict(kwargs, topk_length=jnp.asarray([0, 64, 64], jnp.int32),
+                     extra_topk_length=jnp.asarray([64, 0, 64], jnp.int32)))
+    for a, b in zip(odd, plain):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    check(dict(kwargs, topk_length=jnp.asarray([-3, 100, 2 ** 31 - 1], jnp.int32)))
+
+
 def test_nan_in_q_propagates(rng):
     kwargs = make_case(rng, "v32", batch=2, seqlen_q=1, heads=4, page=64, topk=64, invalid=0.0)
     q = np.array(kwargs["q"].astype(jnp.float32))
