@@ -388,3 +388,20 @@ def test_readme_snippet_runs():
     section = readme.split("### Sparse decode", 1)[1].split("\n## ", 1)[0]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "README.md (Sparse decode)", "exec"), {})
+
+
+def test_named_shardings_run_replicated(rng):
+    """Under named shardings the call has no partitioning rule yet: XLA runs it replicated, with the
+    unsharded result."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices")
+    kwargs = make_case(rng, "v32", batch=4, seqlen_q=1, heads=8, page=64, topk=64, sink=True)
+    f = jax.jit(run)
+    want = f(kwargs)
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    sharded = dict(kwargs, q=jax.device_put(kwargs["q"], NamedSharding(mesh, P("data", None, "model"))),
+                   indices=jax.device_put(kwargs["indices"], NamedSharding(mesh, P("data"))))
+    for a, b in zip(f(sharded), want):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
