@@ -25,9 +25,9 @@ class BazelExtensionTest(unittest.TestCase):
 
         self.assertEqual(bool(_ext.built_with_cuda()), EXPECT_CUDA)
         self.assertEqual(_ffi.HAS_CUDA_KERNELS, EXPECT_CUDA)
-        targets = {"jax_flashmla_metadata", "jax_flashmla_decode"}
-        self.assertEqual(set(_ext.cpu_targets()), targets)
-        self.assertEqual(set(_ext.cuda_targets()), targets if EXPECT_CUDA else set())
+        gpu_ops = {_ffi.METADATA_TARGET, _ffi.DECODE_TARGET}
+        self.assertEqual(set(_ext.cpu_targets()), gpu_ops | {_ffi.SPARSE_DECODE_TARGET})
+        self.assertEqual(set(_ext.cuda_targets()), gpu_ops if EXPECT_CUDA else set())
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 
 import jax_flashmla as fm
 from jax_flashmla import _ext, kv_formats
-from test_sparse_reference import assert_close, make_indices, make_lengths, make_sink
+from sparse_cases import assert_close, make_indices, make_lengths, make_sink
 
 # FlashMLA's checks of its sparse decode kernels (tests/test-sparse-decode.py): out within abs 1e-3 or
 # rel 2.01/128 with a cosine difference under 5e-6; lse within abs 1e-6 or rel 8.01/65536.
