@@ -236,21 +236,31 @@ def _check_lengths(name: str, lengths, b: int) -> None:
         _fail(name, "dtype int32", f"dtype {lengths.dtype}")
 
 
-def check_sparse_args(q, k_cache, indices, head_dim_v, topk_length=None, attn_sink=None, extra_k_cache=None,
-                      extra_indices=None, extra_topk_length=None) -> SparseShapes:
-    """Validates shapes and dtypes of a sparse decode over float pools; returns its static sizes."""
+def _sparse_query_shape(q, head_dim_v, *, fp8_pool: bool) -> tuple[int, int, int, int]:
+    """Checks a sparse call's q and head_dim_v; returns (batch, s_q, h_q, d_qk). Over FP8 pools q must
+    be bfloat16 (the pools dequantise to it); the float-pool reference takes any floating q."""
     if len(q.shape) != 4:
         _fail("q", "rank 4 [batch, seqlen_q, num_heads_q, 576 or 512]", f"shape {_shape(q)}")
     b, s_q, h_q, d = _shape(q)
-    if not jnp.issubdtype(q.dtype, jnp.floating):
+    if fp8_pool and np.dtype(q.dtype) != np.dtype(jnp.bfloat16):
+        _fail("q", "dtype bfloat16 (sparse decode over an FP8 pool)", f"dtype {q.dtype}")
+    if not fp8_pool and not jnp.issubdtype(q.dtype, jnp.floating):
         _fail("q", "a floating dtype", f"dtype {q.dtype}")
     if d not in SPARSE_HEAD_DIMS:
-        _fail("q", "head dim (last axis) 576 or 512", d)
+        dims = "576 (v32 pool) or 512 (model1 pool) in sparse mode" if fp8_pool else "576 or 512"
+        _fail("q", f"head dim (last axis) {dims}", d)
     if b < 1 or s_q < 1 or h_q < 1:
         _fail("q", "batch, seqlen_q and num_heads_q >= 1", f"shape {_shape(q)}")
     _check_static("head_dim_v", head_dim_v)
     if not isinstance(head_dim_v, (int, np.integer)) or isinstance(head_dim_v, bool) or head_dim_v != HEAD_DIM_V:
         _fail("head_dim_v", str(HEAD_DIM_V), repr(head_dim_v))
+    return b, s_q, h_q, d
+
+
+def check_sparse_args(q, k_cache, indices, head_dim_v, topk_length=None, attn_sink=None, extra_k_cache=None,
+                      extra_indices=None, extra_topk_length=None) -> SparseShapes:
+    """Validates shapes and dtypes of a sparse decode over float pools; returns its static sizes."""
+    b, s_q, h_q, d = _sparse_query_shape(q, head_dim_v, fp8_pool=False)
     num_slots = _check_pool("k_cache", k_cache, d)
     topk = _check_indices("indices", indices, b, s_q)
     if topk_length is not None:
@@ -282,18 +292,7 @@ def check_sparse_fp8_args(q, k_cache, indices, head_dim_v, topk_length=None, att
     does: 576 "v32", 512 "model1"."""
     from . import kv_formats  # it imports this module
 
-    if len(q.shape) != 4:
-        _fail("q", "rank 4 [batch, seqlen_q, num_heads_q, 576 or 512]", f"shape {_shape(q)}")
-    b, s_q, h_q, d = _shape(q)
-    if np.dtype(q.dtype) != np.dtype(jnp.bfloat16):
-        _fail("q", "dtype bfloat16 (sparse decode over an FP8 pool)", f"dtype {q.dtype}")
-    if d not in SPARSE_HEAD_DIMS:
-        _fail("q", "head dim (last axis) 576 (v32 pool) or 512 (model1 pool) in sparse mode", d)
-    if b < 1 or s_q < 1 or h_q < 1:
-        _fail("q", "batch, seqlen_q and num_heads_q >= 1", f"shape {_shape(q)}")
-    _check_static("head_dim_v", head_dim_v)
-    if not isinstance(head_dim_v, (int, np.integer)) or isinstance(head_dim_v, bool) or head_dim_v != HEAD_DIM_V:
-        _fail("head_dim_v", str(HEAD_DIM_V), repr(head_dim_v))
+    b, s_q, h_q, d = _sparse_query_shape(q, head_dim_v, fp8_pool=True)
     fmt = kv_formats.KV_FORMAT_V32 if d == kv_formats.KV_FORMAT_V32.d_qk else kv_formats.KV_FORMAT_MODEL1
     other = kv_formats.KV_FORMAT_MODEL1 if fmt is kv_formats.KV_FORMAT_V32 else kv_formats.KV_FORMAT_V32
     if len(k_cache.shape) == 4 and _shape(k_cache)[3] == other.record_bytes:
