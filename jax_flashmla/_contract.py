@@ -257,11 +257,12 @@ def _sparse_query_shape(q, head_dim_v, *, fp8_pool: bool) -> tuple[int, int, int
     return b, s_q, h_q, d
 
 
-def check_sparse_args(q, k_cache, indices, head_dim_v, topk_length=None, attn_sink=None, extra_k_cache=None,
-                      extra_indices=None, extra_topk_length=None) -> SparseShapes:
-    """Validates shapes and dtypes of a sparse decode over float pools; returns its static sizes."""
-    b, s_q, h_q, d = _sparse_query_shape(q, head_dim_v, fp8_pool=False)
-    num_slots = _check_pool("k_cache", k_cache, d)
+def _check_sparse_operands(q, k_cache, indices, head_dim_v, topk_length, attn_sink, extra_k_cache, extra_indices,
+                           extra_topk_length, *, fp8_pool: bool, check_pool) -> SparseShapes:
+    """The checks every sparse call shares; `check_pool(name, pool, d_qk)` validates one pool (float or
+    FP8) and returns its slot count."""
+    b, s_q, h_q, d = _sparse_query_shape(q, head_dim_v, fp8_pool=fp8_pool)
+    num_slots = check_pool("k_cache", k_cache, d)
     topk = _check_indices("indices", indices, b, s_q)
     if topk_length is not None:
         _check_lengths("topk_length", topk_length, b)
@@ -278,11 +279,18 @@ def check_sparse_args(q, k_cache, indices, head_dim_v, topk_length=None, attn_si
         return SparseShapes(b, s_q, h_q, d, int(head_dim_v), topk, num_slots, 0, 0)
     if extra_indices is None:
         _fail("extra_indices_in_kvcache", "an array when extra_k_cache is given", "None")
-    extra_slots = _check_pool("extra_k_cache", extra_k_cache, d)
+    extra_slots = check_pool("extra_k_cache", extra_k_cache, d)
     extra_topk = _check_indices("extra_indices_in_kvcache", extra_indices, b, s_q)
     if extra_topk_length is not None:
         _check_lengths("extra_topk_length", extra_topk_length, b)
     return SparseShapes(b, s_q, h_q, d, int(head_dim_v), topk, num_slots, extra_topk, extra_slots)
+
+
+def check_sparse_args(q, k_cache, indices, head_dim_v, topk_length=None, attn_sink=None, extra_k_cache=None,
+                      extra_indices=None, extra_topk_length=None) -> SparseShapes:
+    """Validates shapes and dtypes of a sparse decode over float pools; returns its static sizes."""
+    return _check_sparse_operands(q, k_cache, indices, head_dim_v, topk_length, attn_sink, extra_k_cache,
+                                  extra_indices, extra_topk_length, fp8_pool=False, check_pool=_check_pool)
 
 
 def check_sparse_fp8_args(q, k_cache, indices, head_dim_v, topk_length=None, attn_sink=None, extra_k_cache=None,
@@ -292,38 +300,25 @@ def check_sparse_fp8_args(q, k_cache, indices, head_dim_v, topk_length=None, att
     does: 576 "v32", 512 "model1"."""
     from . import kv_formats  # it imports this module
 
-    b, s_q, h_q, d = _sparse_query_shape(q, head_dim_v, fp8_pool=True)
-    fmt = kv_formats.KV_FORMAT_V32 if d == kv_formats.KV_FORMAT_V32.d_qk else kv_formats.KV_FORMAT_MODEL1
-    other = kv_formats.KV_FORMAT_MODEL1 if fmt is kv_formats.KV_FORMAT_V32 else kv_formats.KV_FORMAT_V32
-    if len(k_cache.shape) == 4 and _shape(k_cache)[3] == other.record_bytes:
-        _fail("k_cache", f"a {fmt.name} pool ({fmt.record_bytes}-byte rows) for q's head dim {d}",
-              f"{other.record_bytes}-byte rows (a {other.name} pool, for head dim {other.d_qk})")
-    num_blocks, page_size = kv_formats._check_pool("k_cache", k_cache, fmt)
-    topk = _check_indices("indices", indices, b, s_q)
-    if topk_length is not None:
-        _check_lengths("topk_length", topk_length, b)
-    if attn_sink is not None:
-        if _shape(attn_sink) != (h_q,):
-            _fail("attn_sink", f"shape [{h_q}] (num_heads_q)", f"shape {_shape(attn_sink)}")
-        if np.dtype(attn_sink.dtype) != np.float32:
-            _fail("attn_sink", "dtype float32", f"dtype {attn_sink.dtype}")
-    shapes = SparseShapes(b, s_q, h_q, d, int(head_dim_v), topk, num_blocks * page_size, 0, 0)
-    if extra_k_cache is None:
-        if extra_indices is not None:
-            _fail("extra_indices_in_kvcache", "None when extra_k_cache is None", "an array")
-        if extra_topk_length is not None:
-            _fail("extra_topk_length", "None when extra_k_cache is None", "an array")
-        return shapes, fmt
-    if extra_indices is None:
-        _fail("extra_indices_in_kvcache", "an array when extra_k_cache is given", "None")
-    if len(extra_k_cache.shape) == 4 and _shape(extra_k_cache)[3] != fmt.record_bytes:
-        _fail("extra_k_cache", f"k_cache's format {fmt.name} ({fmt.record_bytes}-byte rows)",
-              f"{_shape(extra_k_cache)[3]}-byte rows")
-    extra_blocks, extra_page_size = kv_formats._check_pool("extra_k_cache", extra_k_cache, fmt)
-    extra_topk = _check_indices("extra_indices_in_kvcache", extra_indices, b, s_q)
-    if extra_topk_length is not None:
-        _check_lengths("extra_topk_length", extra_topk_length, b)
-    return dataclasses.replace(shapes, extra_topk=extra_topk, extra_num_slots=extra_blocks * extra_page_size), fmt
+    def format_for(d):
+        return kv_formats.KV_FORMAT_V32 if d == kv_formats.KV_FORMAT_V32.d_qk else kv_formats.KV_FORMAT_MODEL1
+
+    def check_fp8_pool(name, pool, d):
+        fmt = format_for(d)
+        rows = _shape(pool)[3] if len(pool.shape) == 4 else None
+        if name == "k_cache":
+            other = kv_formats.KV_FORMAT_MODEL1 if fmt is kv_formats.KV_FORMAT_V32 else kv_formats.KV_FORMAT_V32
+            if rows == other.record_bytes:
+                _fail(name, f"a {fmt.name} pool ({fmt.record_bytes}-byte rows) for q's head dim {d}",
+                      f"{other.record_bytes}-byte rows (a {other.name} pool, for head dim {other.d_qk})")
+        elif rows is not None and rows != fmt.record_bytes:
+            _fail(name, f"k_cache's format {fmt.name} ({fmt.record_bytes}-byte rows)", f"{rows}-byte rows")
+        num_blocks, page_size = kv_formats._check_pool(name, pool, fmt)
+        return num_blocks * page_size
+
+    shapes = _check_sparse_operands(q, k_cache, indices, head_dim_v, topk_length, attn_sink, extra_k_cache,
+                                    extra_indices, extra_topk_length, fp8_pool=True, check_pool=check_fp8_pool)
+    return shapes, format_for(shapes.head_dim)
 
 
 def check_sparse_mode(sparse: bool, is_fp8_kvcache, causal: bool, **sparse_only) -> bool:
