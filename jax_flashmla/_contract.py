@@ -236,18 +236,20 @@ def _check_lengths(name: str, lengths, b: int) -> None:
         _fail(name, "dtype int32", f"dtype {lengths.dtype}")
 
 
-def _sparse_query_shape(q, head_dim_v, *, fp8_pool: bool) -> tuple[int, int, int, int]:
-    """Checks a sparse call's q and head_dim_v; returns (batch, s_q, h_q, d_qk). Over FP8 pools q must
-    be bfloat16 (the pools dequantise to it); the float-pool reference takes any floating q."""
+def _sparse_query_shape(q, head_dim_v, *, fp8_pool: bool, mode: str = "sparse") -> tuple[int, int, int, int]:
+    """Checks the q and head_dim_v of a call that reads a token pool (sparse, or dense over an FP8
+    pool: `mode` "sparse" or "dense", for the messages); returns (batch, s_q, h_q, d_qk). Over FP8
+    pools q must be bfloat16 (the pools dequantise to it); the float-pool reference takes any
+    floating q."""
     if len(q.shape) != 4:
         _fail("q", "rank 4 [batch, seqlen_q, num_heads_q, 576 or 512]", f"shape {_shape(q)}")
     b, s_q, h_q, d = _shape(q)
     if fp8_pool and np.dtype(q.dtype) != np.dtype(jnp.bfloat16):
-        _fail("q", "dtype bfloat16 (sparse decode over an FP8 pool)", f"dtype {q.dtype}")
+        _fail("q", f"dtype bfloat16 ({mode} decode over an FP8 pool)", f"dtype {q.dtype}")
     if not fp8_pool and not jnp.issubdtype(q.dtype, jnp.floating):
         _fail("q", "a floating dtype", f"dtype {q.dtype}")
     if d not in SPARSE_HEAD_DIMS:
-        dims = "576 (v32 pool) or 512 (model1 pool) in sparse mode" if fp8_pool else "576 or 512"
+        dims = f"576 (v32 pool) or 512 (model1 pool) in {mode} mode" if fp8_pool else "576 or 512"
         _fail("q", f"head dim (last axis) {dims}", d)
     if b < 1 or s_q < 1 or h_q < 1:
         _fail("q", "batch, seqlen_q and num_heads_q >= 1", f"shape {_shape(q)}")
@@ -298,33 +300,86 @@ def check_sparse_fp8_args(q, k_cache, indices, head_dim_v, topk_length=None, att
     """Validates a sparse decode over FP8 pools (flash_mla_with_kvcache with indices); returns its
     static sizes and the pools' format (kv_formats.KVCacheFormat), chosen by q's head dim as FlashMLA
     does: 576 "v32", 512 "model1"."""
-    from . import kv_formats  # it imports this module
-
-    def format_for(d):
-        return kv_formats.KV_FORMAT_V32 if d == kv_formats.KV_FORMAT_V32.d_qk else kv_formats.KV_FORMAT_MODEL1
-
-    def check_fp8_pool(name, pool, d):
-        fmt = format_for(d)
-        rows = _shape(pool)[3] if len(pool.shape) == 4 else None
-        if name == "k_cache":
-            other = kv_formats.KV_FORMAT_MODEL1 if fmt is kv_formats.KV_FORMAT_V32 else kv_formats.KV_FORMAT_V32
-            if rows == other.record_bytes:
-                _fail(name, f"a {fmt.name} pool ({fmt.record_bytes}-byte rows) for q's head dim {d}",
-                      f"{other.record_bytes}-byte rows (a {other.name} pool, for head dim {other.d_qk})")
-        elif rows is not None and rows != fmt.record_bytes:
-            _fail(name, f"k_cache's format {fmt.name} ({fmt.record_bytes}-byte rows)", f"{rows}-byte rows")
-        num_blocks, page_size = kv_formats._check_pool(name, pool, fmt)
+    def check_pool(name, pool, d):
+        num_blocks, page_size = _check_fp8_pool(name, pool, d)
         return num_blocks * page_size
 
     shapes = _check_sparse_operands(q, k_cache, indices, head_dim_v, topk_length, attn_sink, extra_k_cache,
-                                    extra_indices, extra_topk_length, fp8_pool=True, check_pool=check_fp8_pool)
-    return shapes, format_for(shapes.head_dim)
+                                    extra_indices, extra_topk_length, fp8_pool=True, check_pool=check_pool)
+    return shapes, _fp8_format_for(shapes.head_dim)
+
+
+def _fp8_format_for(d: int):
+    """The FP8 pool format q's head dim d_qk reads, as FlashMLA chooses it: 576 "v32", 512 "model1"."""
+    from . import kv_formats  # it imports this module
+
+    return kv_formats.KV_FORMAT_V32 if d == kv_formats.KV_FORMAT_V32.d_qk else kv_formats.KV_FORMAT_MODEL1
+
+
+def _check_fp8_pool(name: str, pool, d: int) -> tuple[int, int]:
+    """An FP8 pool of the format q's head dim d reads; returns (num_blocks, page_size). k_cache in the
+    other format is named as such; an extra pool must share k_cache's format."""
+    from . import kv_formats
+
+    fmt = _fp8_format_for(d)
+    rows = _shape(pool)[3] if len(pool.shape) == 4 else None
+    if name == "k_cache":
+        other = kv_formats.KV_FORMAT_MODEL1 if fmt is kv_formats.KV_FORMAT_V32 else kv_formats.KV_FORMAT_V32
+        if rows == other.record_bytes:
+            _fail(name, f"a {fmt.name} pool ({fmt.record_bytes}-byte rows) for q's head dim {d}",
+                  f"{other.record_bytes}-byte rows (a {other.name} pool, for head dim {other.d_qk})")
+    elif rows is not None and rows != fmt.record_bytes:
+        _fail(name, f"k_cache's format {fmt.name} ({fmt.record_bytes}-byte rows)", f"{rows}-byte rows")
+    return kv_formats._check_pool(name, pool, fmt)
+
+
+# ---- dense decode over an FP8 pool -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DenseFP8Shapes:
+    """Static sizes of a dense decode over an FP8 pool (is_fp8_kvcache=True without indices)."""
+
+    batch: int
+    seqlen_q: int
+    num_heads_q: int
+    head_dim: int  # 576 reads a v32 pool, 512 a model1 pool
+    num_blocks: int
+    page_size: int  # tokens a page, from the pool's rows and format
+    max_blocks_per_seq: int
+
+    @property
+    def capacity(self) -> int:
+        """Token positions the block table can address: max_blocks_per_seq * page_size."""
+        return self.max_blocks_per_seq * self.page_size
+
+
+def check_dense_fp8_args(q, k_cache, block_table, cache_seqlens, head_dim_v):
+    """Validates a dense decode over an FP8 pool; returns its static sizes (DenseFP8Shapes) and the
+    pool's format (kv_formats.KVCacheFormat), chosen by q's head dim: 576 "v32", 512 "model1"."""
+    b, s_q, h_q, d = _sparse_query_shape(q, head_dim_v, fp8_pool=True, mode="dense")
+    num_blocks, page_size = _check_fp8_pool("k_cache", k_cache, d)
+    if len(block_table.shape) != 2 or _shape(block_table)[0] != b or _shape(block_table)[1] < 1:
+        _fail("block_table", f"shape [{b}, max_blocks_per_seq >= 1]", f"shape {_shape(block_table)}")
+    if np.dtype(block_table.dtype) != np.int32:
+        _fail("block_table", "dtype int32", f"dtype {block_table.dtype}")
+    max_blocks = _shape(block_table)[1]
+    # Token positions and the slot ids made from them are int32: the table's last position, one past
+    # it (where a length past the table is reported) included.
+    if max_blocks * page_size >= _INT32_MAX:
+        _fail("block_table", f"at most {(_INT32_MAX - 1) // page_size} pages a request (max_blocks_per_seq "
+              f"* page_size {page_size} below 2^31 - 1)", f"shape {_shape(block_table)}")
+    if _shape(cache_seqlens) != (b,):
+        _fail("cache_seqlens", f"shape [{b}]", f"shape {_shape(cache_seqlens)}")
+    if np.dtype(cache_seqlens.dtype) != np.int32:
+        _fail("cache_seqlens", "dtype int32", f"dtype {cache_seqlens.dtype}")
+    shapes = DenseFP8Shapes(b, s_q, h_q, d, num_blocks, page_size, max_blocks)
+    return shapes, _fp8_format_for(d)
 
 
 def check_sparse_mode(sparse: bool, is_fp8_kvcache, causal: bool, **sparse_only) -> bool:
     """The mode flags of flash_mla_with_kvcache: sparse (indices given) needs is_fp8_kvcache and not
-    causal; the dense mode takes none of the sparse-only arguments and no FP8 pool (not supported
-    yet). Returns is_fp8_kvcache."""
+    causal; the dense mode (over a bf16/fp16 cache, or an FP8 pool with is_fp8_kvcache) takes none of
+    the sparse-only arguments. Returns is_fp8_kvcache."""
     _check_static("is_fp8_kvcache", is_fp8_kvcache)
     if not isinstance(is_fp8_kvcache, bool):
         _fail("is_fp8_kvcache", "a Python bool", repr(is_fp8_kvcache))
@@ -337,9 +392,6 @@ def check_sparse_mode(sparse: bool, is_fp8_kvcache, causal: bool, **sparse_only)
     for name, value in sparse_only.items():
         if value is not None:
             _fail(name, "None without indices (it belongs to sparse decode)", "an argument")
-    if is_fp8_kvcache:
-        raise ContractError("is_fp8_kvcache: dense decode over an FP8 pool (is_fp8_kvcache=True without indices) "
-                            "is not supported yet; pass indices for sparse decode, or a bf16/fp16 cache")
     return is_fp8_kvcache
 
 

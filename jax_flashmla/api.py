@@ -7,7 +7,7 @@ avals and lower.
 from __future__ import annotations
 
 from . import _contract, _partition
-from .ops import decode, metadata, sparse_decode
+from .ops import decode, dense_fp8_decode, metadata, sparse_decode
 from ._platform import default_sm_count
 
 
@@ -39,7 +39,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
                            is_fp8_kvcache: bool = False, indices=None, attn_sink=None, extra_k_cache=None,
                            extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None):
     """Multi-head latent attention decode over a paged KV cache: dense (every token of each request's
-    pages), or sparse (the tokens `indices` names, from an FP8 pool) when indices is given.
+    pages, from a bf16/fp16 cache or, with is_fp8_kvcache, an FP8 pool), or sparse (the tokens
+    `indices` names, from an FP8 pool) when indices is given.
 
     Args:
       q: [batch, s_q, h_q, 576], bfloat16 or float16.
@@ -72,8 +73,20 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       Returns out bfloat16 [batch, s_q, h_q, 512] and lse float32 [batch, h_q, s_q]; a query with
       no valid entry gets out 0 and lse +inf. Runs the CPU handler on the CPU and the pure-JAX
       reference over the dequantised pools elsewhere (no GPU kernel yet). Vmappable (pools may be
-      mapped) and differentiable in q and attn_sink (not in the pools). is_fp8_kvcache=True
-      without indices (dense decode over an FP8 pool) is not supported yet.
+      mapped) and differentiable in q and attn_sink (not in the pools).
+
+    Dense mode over an FP8 pool (is_fp8_kvcache=True, no indices):
+      q: [batch, s_q, h_q, d_qk] bfloat16; d_qk 576 reads a "v32" pool, 512 a "model1" pool.
+      k_cache: that FP8 pool, uint8 or float8_e4m3fn, any page size; block_table and cache_seqlens
+        as in the dense mode, in the pool's pages. causal as in the dense mode; tile_md and num_splits
+        are unused; the sparse-only arguments must be None. softmax_scale: default d_qk ** -0.5.
+      Every token of each request's pages up to its length (causal: up to the query token's visible
+      length), dequantised to bfloat16 as kv_formats.dequantize_kv_cache does; it runs as the sparse
+      op over slot ids made from block_table and cache_seqlens (ops/dense_fp8_decode.py), with its
+      platforms and transformations. On the CPU, a page id inside a length outside the pool, or a
+      length that is negative or past max_blocks_per_seq * page_size, fails the call with the sparse
+      handler's error naming the request, query token and token position. Returns out bfloat16
+      [batch, s_q, h_q, 512] and lse float32 [batch, h_q, s_q]; differentiable in q only.
 
     Array arguments may be jax or numpy arrays, or nested lists (converted with jnp.asarray, so with
     JAX's default dtypes). head_dim_v, softmax_scale and causal are static Python values: under
@@ -92,9 +105,11 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         ("attn_sink", attn_sink), ("extra_k_cache", extra_k_cache),
         ("extra_indices_in_kvcache", extra_indices_in_kvcache), ("topk_length", topk_length),
         ("extra_topk_length", extra_topk_length))}
-    _contract.check_sparse_mode(indices is not None, is_fp8_kvcache, causal, **optional)
+    is_fp8_kvcache = _contract.check_sparse_mode(indices is not None, is_fp8_kvcache, causal, **optional)
     if indices is not None:
         return _sparse(q, k_cache, indices, head_dim_v, softmax_scale, **optional)
+    if is_fp8_kvcache:
+        return _dense_fp8(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
     q, k_cache, block_table, cache_seqlens = (
         _contract.as_array(name, x) for name, x in
         (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)))
@@ -117,3 +132,14 @@ def _sparse(q, k_cache, indices, head_dim_v, softmax_scale, *, attn_sink, extra_
     scale = _contract.check_softmax_scale(softmax_scale, shapes.head_dim)
     return sparse_decode.sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
                                        extra_indices_in_kvcache, extra_topk_length, scale)
+
+
+def _dense_fp8(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+    q, k_cache, block_table, cache_seqlens = (
+        _contract.as_array(name, x) for name, x in
+        (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)))
+    shapes, _ = _contract.check_dense_fp8_args(q, k_cache, block_table, cache_seqlens, head_dim_v)
+    scale = _contract.check_softmax_scale(softmax_scale, shapes.head_dim)
+    return dense_fp8_decode.dense_fp8_decode(q, k_cache, block_table, cache_seqlens, page_size=shapes.page_size,
+                                             num_blocks=shapes.num_blocks, causal=_contract.check_causal(causal),
+                                             softmax_scale=scale)

@@ -256,9 +256,10 @@ def _error_cases(rng):
                                                            extra_topk_length=jnp.zeros((2, 1), jnp.int32))),
         ("head_dim_v", lambda: call(head_dim_v=576)),
         ("softmax_scale", lambda: call(softmax_scale=-1.0)),
-        # Dense mode: an FP8 pool is not supported yet, and the sparse-only arguments are refused.
-        ("not supported yet", lambda: call(indices=None, block_table=jnp.zeros((2, 1), jnp.int32),
-                                           cache_seqlens=jnp.ones((2,), jnp.int32))),
+        # Dense mode (over an FP8 pool too) refuses the sparse-only arguments.
+        ("attn_sink: expected None without indices",
+         lambda: call(indices=None, block_table=jnp.zeros((2, 1), jnp.int32), cache_seqlens=jnp.ones((2,), jnp.int32),
+                      attn_sink=jnp.zeros((4,), jnp.float32))),
         ("attn_sink: expected None without indices", lambda: call(indices=None, is_fp8_kvcache=False,
                                                                   attn_sink=jnp.zeros((4,), jnp.float32))),
         ("topk_length: expected None without indices", lambda: call(indices=None, is_fp8_kvcache=False,
