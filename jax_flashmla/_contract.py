@@ -167,6 +167,16 @@ def check_no_metadata_args(**given) -> None:
                   "returns a plan made inside the call)", "None")
 
 
+def alias(name: str, value, flashmla_name: str, flashmla_value):
+    """An argument that FlashMLA names otherwise (flashmla_name, accepted as a keyword so its code
+    ports unchanged): returns the one given; both given is an error."""
+    if flashmla_value is None:
+        return value
+    if value is not None:
+        _fail(flashmla_name, f"None when {name} is given (it is FlashMLA's name for {name})", "an argument")
+    return flashmla_value
+
+
 def check_no_sm_parts(num_sm_parts) -> None:
     if num_sm_parts is not None:
         _fail("num_sm_parts", "None with is_fp8_kvcache=True or topk (those calls plan themselves)", repr(num_sm_parts))

@@ -13,7 +13,7 @@ from ._platform import default_sm_count
 
 def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = None, num_heads_k: int | None = None,
                      num_heads_q: int | None = None, is_fp8_kvcache: bool = False, topk: int | None = None, *,
-                     num_sm_parts: int | None = None):
+                     num_sm_parts: int | None = None, num_heads_per_head_k: int | None = None):
     """Plans a decode step, in each of FlashMLA's three forms (README, "Plans"):
 
     - get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k): the split-KV schedule
@@ -34,7 +34,8 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = N
     Args:
       cache_seqlens: int32 [batch], tokens in each request's cache (an array or a list of ints);
         only its length is used by the sparse and FP8 forms.
-      num_q_tokens_per_head_k: s_q * h_q // h_kv, query rows per kv head (a static Python int).
+      num_q_tokens_per_head_k: s_q * h_q // h_kv, query rows per kv head (a static Python int);
+        num_heads_per_head_k, its name in FlashMLA before 2025-09, is accepted as a keyword.
       num_heads_k: h_kv (a static Python int).
       num_heads_q: h_q (a static Python int, or None).
       is_fp8_kvcache: whether the call reads an FP8 pool (a Python bool).
@@ -47,6 +48,8 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = N
       (tile_md int32 [num_sm_parts, 8], num_splits int32 [batch + 1]), or (FlashMLASchedMeta, None).
       Reuse them for every layer of a decode step that has the same cache_seqlens and head layout.
     """
+    num_q_tokens_per_head_k = _contract.alias("num_q_tokens_per_head_k", num_q_tokens_per_head_k,
+                                              "num_heads_per_head_k", num_heads_per_head_k)
     if cache_seqlens is None:
         _contract.check_no_metadata_args(num_q_tokens_per_head_k=num_q_tokens_per_head_k, num_heads_k=num_heads_k,
                                          num_heads_q=num_heads_q, is_fp8_kvcache=is_fp8_kvcache, topk=topk,
@@ -71,7 +74,8 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = N
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int = _contract.HEAD_DIM_V,
                            tile_md=None, num_splits=None, softmax_scale: float | None = None, causal: bool = False,
                            is_fp8_kvcache: bool = False, indices=None, attn_sink=None, extra_k_cache=None,
-                           extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None):
+                           extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None, *,
+                           tile_scheduler_metadata=None):
     """Multi-head latent attention decode over a paged KV cache: dense (every token of each request's
     pages), or sparse (the tokens `indices` names, from an FP8 pool) when indices is given.
 
@@ -86,7 +90,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         and None, or both None; the last two plan inside the call. A FlashMLASchedMeta made for
         another layout (batch, heads, cache kind, topk) is an error naming tile_md. Under vmap,
         or when the batch is sharded, the call plans its own (per folded batch / per shard) and
-        given arrays go unused.
+        given arrays go unused. tile_scheduler_metadata, FlashMLA's name for tile_md, is accepted
+        as a keyword.
       softmax_scale: default 576 ** -0.5.
       causal: with s_q > 1, query token j of request i sees keys 0 .. len_i - s_q + j.
 
@@ -131,6 +136,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         ("extra_indices_in_kvcache", extra_indices_in_kvcache), ("topk_length", topk_length),
         ("extra_topk_length", extra_topk_length))}
     _contract.check_sparse_mode(indices is not None, is_fp8_kvcache, causal, **optional)
+    tile_md = _contract.alias("tile_md", tile_md, "tile_scheduler_metadata", tile_scheduler_metadata)
     sched_meta, tile_md, num_splits = _contract.split_plan(tile_md, num_splits, metadata.FlashMLASchedMeta)
     if indices is not None:
         _contract.refuse_plan_arrays(tile_md, num_splits, "sparse decode")

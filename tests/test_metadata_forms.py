@@ -103,6 +103,22 @@ def test_sparse_form_reads_only_the_length_of_cache_seqlens():
     assert meta == jfm.get_mla_metadata(np.zeros(B, np.int32), ROWS, 1, H_Q, True, TOPK)[0]
 
 
+def test_flashmla_keyword_names():
+    case = dense_case(18)
+    q, k, bt, sl = case
+    want = jfm.get_mla_metadata(sl, ROWS, H_KV)
+    plan = jfm.get_mla_metadata(cache_seqlens=sl, num_heads_per_head_k=ROWS, num_heads_k=H_KV)  # before 2025-09
+    for got, w in zip(plan, want):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+    got = jfm.flash_mla_with_kvcache(q, k, bt, sl, 512, tile_scheduler_metadata=plan[0], num_splits=plan[1],
+                                     causal=True)
+    assert_equal(got, dense_call(case))
+    with _error("tile_scheduler_metadata: expected None when tile_md is given (it is FlashMLA's name for tile_md)"):
+        jfm.flash_mla_with_kvcache(q, k, bt, sl, 512, *plan, tile_scheduler_metadata=plan[0])
+    with _error("num_heads_per_head_k: expected None when num_q_tokens_per_head_k is given"):
+        jfm.get_mla_metadata(sl, ROWS, H_KV, num_heads_per_head_k=ROWS)
+
+
 # ---- jit, vmap, named shardings -------------------------------------------------------------------------------
 
 def test_plan_object_as_a_jit_argument_compiles_once():
