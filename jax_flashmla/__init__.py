@@ -5,10 +5,12 @@ from ._platform import kernel_path
 from .api import flash_mla_with_kvcache, get_mla_metadata
 from .kv_formats import (KV_FORMAT_MODEL1, KV_FORMAT_V32, KVCacheFormat, dequantize_kv_cache, kv_cache_format,
                          kv_cache_format_of, quantize_kv_cache, write_tokens)
+from .ops.metadata import FlashMLASchedMeta
 from .reference import mla_decode_reference, sparse_decode_reference
 
 __all__ = [
     "ContractError",
+    "FlashMLASchedMeta",
     "HEAD_DIM",
     "HEAD_DIM_V",
     "KVCacheFormat",

@@ -124,13 +124,116 @@ def check_num_sm_parts(value) -> int:
     return int(value)
 
 
-def check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k) -> None:
+def check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None,
+                        is_fp8_kvcache=False, topk=None) -> None:
+    """get_mla_metadata's arguments, in FlashMLA's meaning: num_heads_q (optional for dense decode)
+    must divide into whole query tokens per request, and topk (sparse decode) needs num_heads_q,
+    is_fp8_kvcache=True and one KV head."""
     if len(cache_seqlens.shape) != 1:
         _fail("cache_seqlens", "rank 1 [batch]", f"shape {_shape(cache_seqlens)}")
     if np.dtype(cache_seqlens.dtype) != np.int32:
         _fail("cache_seqlens", "dtype int32", f"dtype {cache_seqlens.dtype}")
     _check_positive_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k)
     _check_positive_int("num_heads_k", num_heads_k)
+    _check_static("is_fp8_kvcache", is_fp8_kvcache)
+    if not isinstance(is_fp8_kvcache, bool):
+        _fail("is_fp8_kvcache", "a Python bool", repr(is_fp8_kvcache))
+    if topk is not None:
+        _check_positive_int("topk", topk)
+    if num_heads_q is None:
+        if topk is not None:
+            _fail("num_heads_q", "a positive Python int with topk (sparse decode)", "None")
+        return
+    _check_positive_int("num_heads_q", num_heads_q)
+    if num_heads_q % num_heads_k:
+        _fail("num_heads_q", f"a multiple of num_heads_k = {num_heads_k}", num_heads_q)
+    group = num_heads_q // num_heads_k
+    if num_q_tokens_per_head_k % group:
+        _fail("num_q_tokens_per_head_k", f"s_q * num_heads_q // num_heads_k, a multiple of {group}",
+              num_q_tokens_per_head_k)
+    if topk is not None:
+        if not is_fp8_kvcache:
+            _fail("is_fp8_kvcache", "True with topk (sparse decode reads an FP8 pool)", "False")
+        if num_heads_k != 1:
+            _fail("num_heads_k", "1 with topk (sparse decode reads one KV head)", num_heads_k)
+
+
+def check_no_metadata_args(**given) -> None:
+    """get_mla_metadata without cache_seqlens is the argument-free form: it takes no other argument
+    (a value other than its default is named)."""
+    for name, value in given.items():
+        if value is not None and value is not False:
+            _fail("cache_seqlens", f"an array when {name} is given (get_mla_metadata() with no arguments "
+                  "returns a plan made inside the call)", "None")
+
+
+def alias(name: str, value, flashmla_name: str, flashmla_value):
+    """An argument that FlashMLA names otherwise (flashmla_name, accepted as a keyword so its code
+    ports unchanged): returns the one given; both given is an error."""
+    if flashmla_value is None:
+        return value
+    if value is not None:
+        _fail(flashmla_name, f"None when {name} is given (it is FlashMLA's name for {name})", "an argument")
+    return flashmla_value
+
+
+def check_no_sm_parts(num_sm_parts) -> None:
+    if num_sm_parts is not None:
+        _fail("num_sm_parts", "None with is_fp8_kvcache=True or topk (those calls plan themselves)", repr(num_sm_parts))
+
+
+def split_plan(tile_md, num_splits, sched_meta_type):
+    """flash_mla_with_kvcache's plan arguments -> (sched_meta, tile_md, num_splits): a sched_meta_type
+    in tile_md (num_splits None, as FlashMLA asks) comes back first with no arrays; otherwise the
+    arrays (or None) come back converted, with sched_meta None."""
+    if isinstance(num_splits, sched_meta_type):
+        _fail("num_splits", "an int32 array or None (a FlashMLASchedMeta goes in tile_md)", "a FlashMLASchedMeta")
+    if isinstance(tile_md, sched_meta_type):
+        if num_splits is not None:
+            _fail("num_splits", "None with a FlashMLASchedMeta in tile_md (get_mla_metadata returns (plan, None))",
+                  "an argument")
+        return tile_md, None, None
+    return (None,) + tuple(None if x is None else as_array(name, x)
+                           for name, x in (("tile_md", tile_md), ("num_splits", num_splits)))
+
+
+def refuse_plan_arrays(tile_md, num_splits, mode: str) -> None:
+    """Modes that plan inside the call (sparse decode) take a FlashMLASchedMeta or None, not the
+    arrays of get_mla_metadata's dense form."""
+    for name, value in (("tile_md", tile_md), ("num_splits", num_splits)):
+        if value is not None:
+            _fail(name, f"None or, in tile_md, a FlashMLASchedMeta in {mode}: the call plans itself "
+                  "(get_mla_metadata() or get_mla_metadata(..., num_heads_q, is_fp8_kvcache, topk))",
+                  "an array (get_mla_metadata's dense decode plan)")
+
+
+def check_sched_meta(layout, *, batch: int, seqlen_q: int, num_heads_q: int, num_heads_k: int,
+                     is_fp8_kvcache: bool, topk: int | None) -> None:
+    """A FlashMLASchedMeta's recorded layout (None: fits every call) against the call's sizes; a
+    mismatch names tile_md, where the plan is passed."""
+    if layout is None:
+        return
+    made = lambda what: f"a plan made for {what}"
+    if layout.topk is None and topk is not None:
+        _fail("tile_md", f"a plan for sparse decode (indices with topk {topk})",
+              made("dense decode (get_mla_metadata without topk)"))
+    if layout.topk is not None and topk is None:
+        _fail("tile_md", "a plan for dense decode (no indices)", made(f"sparse decode (topk={layout.topk})"))
+    if layout.topk != topk:
+        _fail("tile_md", f"a plan for topk {topk} (indices' last axis)", made(f"topk={layout.topk}"))
+    if layout.is_fp8_kvcache != is_fp8_kvcache:
+        _fail("tile_md", f"a plan for is_fp8_kvcache={is_fp8_kvcache}", made(f"is_fp8_kvcache={layout.is_fp8_kvcache}"))
+    if layout.batch != batch:
+        _fail("tile_md", f"a plan for batch {batch} (q's axis 0)", made(f"batch {layout.batch} (cache_seqlens' length)"))
+    if layout.num_heads_k != num_heads_k:
+        _fail("tile_md", f"a plan for num_heads_k = {num_heads_k} (k_cache's axis 2)",
+              made(f"num_heads_k = {layout.num_heads_k}"))
+    if layout.num_heads_q is not None and layout.num_heads_q != num_heads_q:
+        _fail("tile_md", f"a plan for num_heads_q = {num_heads_q} (q's axis 2)", made(f"num_heads_q = {layout.num_heads_q}"))
+    rows = seqlen_q * (num_heads_q // num_heads_k)
+    if layout.num_q_tokens_per_head_k != rows:
+        _fail("tile_md", f"a plan for num_q_tokens_per_head_k = {rows} (s_q * num_heads_q // num_heads_k of q, k_cache)",
+              made(f"num_q_tokens_per_head_k = {layout.num_q_tokens_per_head_k}"))
 
 
 def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_md=None, num_splits=None) -> DecodeShapes:

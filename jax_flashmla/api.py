@@ -11,22 +11,59 @@ from .ops import decode, dense_fp8_decode, metadata, sparse_decode
 from ._platform import default_sm_count
 
 
-def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, *, num_sm_parts: int | None = None):
-    """Plans the split-KV schedule of a decode step.
+def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = None, num_heads_k: int | None = None,
+                     num_heads_q: int | None = None, is_fp8_kvcache: bool = False, topk: int | None = None, *,
+                     num_sm_parts: int | None = None, num_heads_per_head_k: int | None = None):
+    """Plans a decode step, in each of FlashMLA's three forms (README, "Plans"):
+
+    - get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k): the split-KV schedule
+      of a dense decode over a bf16/fp16 cache, as arrays (tile_md, num_splits).
+    - get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
+      is_fp8_kvcache, topk) (FlashMLA 2025-09): the same arrays for a dense bf16/fp16 decode
+      (num_heads_q, when given, is checked against the other sizes). With topk (sparse decode) or
+      is_fp8_kvcache=True, whose calls plan themselves here, (FlashMLASchedMeta, None): a plan that
+      records this layout, so a call of another batch, head layout, cache kind or topk is refused.
+      topk needs num_heads_q, is_fp8_kvcache=True and num_heads_k == 1, as in FlashMLA.
+    - get_mla_metadata() (FlashMLA since 2026-01): (FlashMLASchedMeta(), None), a plan made inside
+      each call it is passed to; it fits every call.
+
+    Pass the pair as flash_mla_with_kvcache's (tile_md, num_splits) in every case. A
+    FlashMLASchedMeta holds no arrays: it passes through jit (as an argument or result), vmap and
+    named shardings as a pytree without leaves.
 
     Args:
-      cache_seqlens: int32 [batch], tokens in each request's cache (an array or a list of ints).
-      num_q_tokens_per_head_k: s_q * h_q // h_kv, query rows per kv head (a static Python int).
+      cache_seqlens: int32 [batch], tokens in each request's cache (an array or a list of ints);
+        only its length is used by the sparse and FP8 forms.
+      num_q_tokens_per_head_k: s_q * h_q // h_kv, query rows per kv head (a static Python int);
+        num_heads_per_head_k, its name in FlashMLA before 2025-09, is accepted as a keyword.
       num_heads_k: h_kv (a static Python int).
-      num_sm_parts: override of the number of persistent CTAs per (kv head, row tile); by default
-        FlashMLA's rule on the default GPU's SM count (132, an H100's, when there is no GPU).
+      num_heads_q: h_q (a static Python int, or None).
+      is_fp8_kvcache: whether the call reads an FP8 pool (a Python bool).
+      topk: the last axis of the call's indices (sparse decode), or None.
+      num_sm_parts: override of the number of persistent CTAs per (kv head, row tile) of the array
+        form; by default FlashMLA's rule on the default GPU's SM count (132, an H100's, when there
+        is no GPU).
 
     Returns:
-      (tile_md int32 [num_sm_parts, 8], num_splits int32 [batch + 1]). Reuse them for every layer
-      of a decode step that has the same cache_seqlens and head layout.
+      (tile_md int32 [num_sm_parts, 8], num_splits int32 [batch + 1]), or (FlashMLASchedMeta, None).
+      Reuse them for every layer of a decode step that has the same cache_seqlens and head layout.
     """
+    num_q_tokens_per_head_k = _contract.alias("num_q_tokens_per_head_k", num_q_tokens_per_head_k,
+                                              "num_heads_per_head_k", num_heads_per_head_k)
+    if cache_seqlens is None:
+        _contract.check_no_metadata_args(num_q_tokens_per_head_k=num_q_tokens_per_head_k, num_heads_k=num_heads_k,
+                                         num_heads_q=num_heads_q, is_fp8_kvcache=is_fp8_kvcache, topk=topk,
+                                         num_sm_parts=num_sm_parts)
+        return metadata.FlashMLASchedMeta(), None
     cache_seqlens = _contract.as_array("cache_seqlens", cache_seqlens)
-    _contract.check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    _contract.check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q, is_fp8_kvcache,
+                                  topk)
+    if is_fp8_kvcache or topk is not None:
+        _contract.check_no_sm_parts(num_sm_parts)
+        layout = metadata.PlanLayout(int(cache_seqlens.shape[0]), int(num_q_tokens_per_head_k), int(num_heads_k),
+                                     None if num_heads_q is None else int(num_heads_q), is_fp8_kvcache,
+                                     None if topk is None else int(topk))
+        return metadata.FlashMLASchedMeta(layout), None
     if num_sm_parts is None:
         num_sm_parts = _contract.num_sm_parts(default_sm_count(), num_q_tokens_per_head_k, num_heads_k)
     else:
@@ -37,7 +74,8 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: i
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int = _contract.HEAD_DIM_V,
                            tile_md=None, num_splits=None, softmax_scale: float | None = None, causal: bool = False,
                            is_fp8_kvcache: bool = False, indices=None, attn_sink=None, extra_k_cache=None,
-                           extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None):
+                           extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None, *,
+                           tile_scheduler_metadata=None):
     """Multi-head latent attention decode over a paged KV cache: dense (every token of each request's
     pages, from a bf16/fp16 cache or, with is_fp8_kvcache, an FP8 pool), or sparse (the tokens
     `indices` names, from an FP8 pool) when indices is given.
@@ -48,9 +86,13 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       block_table: int32 [batch, max_blocks_per_seq], page ids of each request, in order.
       cache_seqlens: int32 [batch], tokens of each request in the cache.
       head_dim_v: 512.
-      tile_md, num_splits: from get_mla_metadata, or both None to plan inside the call. Under
-        vmap, or when the batch is sharded, the call plans its own (per folded batch / per
-        shard) and the given plan goes unused.
+      tile_md, num_splits: the pair get_mla_metadata returns, in any of its forms: arrays
+        (tile_md int32 [num_sm_parts, 8], num_splits int32 [batch + 1]), or a FlashMLASchedMeta
+        and None, or both None; the last two plan inside the call. A FlashMLASchedMeta made for
+        another layout (batch, heads, cache kind, topk) is an error naming tile_md. Under vmap,
+        or when the batch is sharded, the call plans its own (per folded batch / per shard) and
+        given arrays go unused. tile_scheduler_metadata, FlashMLA's name for tile_md, is accepted
+        as a keyword.
       softmax_scale: default 576 ** -0.5.
       causal: with s_q > 1, query token j of request i sees keys 0 .. len_i - s_q + j.
 
@@ -62,8 +104,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       indices: int32 [batch, s_q, topk], global slot ids page * page_size + offset; -1 marks an
         unused entry. On the CPU any other id outside the pool is an error naming the request,
         query token and position.
-      is_fp8_kvcache: must be True. causal must be False. block_table, cache_seqlens, tile_md and
-        num_splits are unused (None allowed).
+      is_fp8_kvcache: must be True. causal must be False. block_table and cache_seqlens are unused
+        (None allowed). The call plans itself: tile_md is None or a FlashMLASchedMeta (from
+        get_mla_metadata() or its topk form, which must match q, indices), num_splits None.
       topk_length: int32 [batch] or None; request i reads only the first topk_length[i] entries.
       attn_sink: float32 [h_q] or None; out is scaled by exp(lse) / (exp(lse) + exp(attn_sink)),
         lse unchanged (+inf gives out 0).
@@ -78,8 +121,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     Dense mode over an FP8 pool (is_fp8_kvcache=True, no indices):
       q: [batch, s_q, h_q, d_qk] bfloat16; d_qk 576 reads a "v32" pool, 512 a "model1" pool.
       k_cache: that FP8 pool, uint8 or float8_e4m3fn, any page size; block_table and cache_seqlens
-        as in the dense mode, in the pool's pages. causal as in the dense mode; tile_md and num_splits
-        are unused; the sparse-only arguments must be None. softmax_scale: default d_qk ** -0.5.
+        as in the dense mode, in the pool's pages. causal as in the dense mode; tile_md None or a
+        FlashMLASchedMeta (the call plans itself), num_splits None; the sparse-only arguments must be None. softmax_scale: default d_qk ** -0.5.
       Every token of each request's pages up to its length (causal: up to the query token's visible
       length), dequantised to bfloat16 as kv_formats.dequantize_kv_cache does; it runs as the sparse
       op over slot ids made from block_table and cache_seqlens (ops/dense_fp8_decode.py), with its
@@ -106,16 +149,22 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         ("extra_indices_in_kvcache", extra_indices_in_kvcache), ("topk_length", topk_length),
         ("extra_topk_length", extra_topk_length))}
     is_fp8_kvcache = _contract.check_sparse_mode(indices is not None, is_fp8_kvcache, causal, **optional)
+    tile_md = _contract.alias("tile_md", tile_md, "tile_scheduler_metadata", tile_scheduler_metadata)
+    sched_meta, tile_md, num_splits = _contract.split_plan(tile_md, num_splits, metadata.FlashMLASchedMeta)
     if indices is not None:
-        return _sparse(q, k_cache, indices, head_dim_v, softmax_scale, **optional)
+        _contract.refuse_plan_arrays(tile_md, num_splits, "sparse decode")
+        return _sparse(q, k_cache, indices, head_dim_v, softmax_scale, sched_meta, **optional)
     if is_fp8_kvcache:
-        return _dense_fp8(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+        _contract.refuse_plan_arrays(tile_md, num_splits, "dense decode over an FP8 pool")
+        return _dense_fp8(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, sched_meta)
     q, k_cache, block_table, cache_seqlens = (
         _contract.as_array(name, x) for name, x in
         (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)))
-    tile_md, num_splits = (None if x is None else _contract.as_array(name, x)
-                           for name, x in (("tile_md", tile_md), ("num_splits", num_splits)))
-    _contract.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_md, num_splits)
+    shapes = _contract.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_md, num_splits)
+    if sched_meta is not None:
+        _contract.check_sched_meta(sched_meta.layout, batch=shapes.batch, seqlen_q=shapes.seqlen_q,
+                                   num_heads_q=shapes.num_heads_q, num_heads_k=shapes.num_heads_k,
+                                   is_fp8_kvcache=False, topk=None)
     scale = _contract.check_softmax_scale(softmax_scale)
     causal = _contract.check_causal(causal)
     q, k_cache, block_table, cache_seqlens, tile_md, num_splits = _partition.vary_alike(
@@ -123,22 +172,29 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     return decode.decode(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, scale, causal)
 
 
-def _sparse(q, k_cache, indices, head_dim_v, softmax_scale, *, attn_sink, extra_k_cache, extra_indices_in_kvcache,
-            topk_length, extra_topk_length):
+def _sparse(q, k_cache, indices, head_dim_v, softmax_scale, sched_meta, *, attn_sink, extra_k_cache,
+            extra_indices_in_kvcache, topk_length, extra_topk_length):
     q, k_cache, indices = (_contract.as_array(name, x) for name, x in
                            (("q", q), ("k_cache", k_cache), ("indices", indices)))
     shapes, _ = _contract.check_sparse_fp8_args(q, k_cache, indices, head_dim_v, topk_length, attn_sink,
                                                 extra_k_cache, extra_indices_in_kvcache, extra_topk_length)
+    if sched_meta is not None:
+        _contract.check_sched_meta(sched_meta.layout, batch=shapes.batch, seqlen_q=shapes.seqlen_q,
+                                   num_heads_q=shapes.num_heads_q, num_heads_k=1, is_fp8_kvcache=True,
+                                   topk=shapes.topk)
     scale = _contract.check_softmax_scale(softmax_scale, shapes.head_dim)
     return sparse_decode.sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
                                        extra_indices_in_kvcache, extra_topk_length, scale)
 
 
-def _dense_fp8(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+def _dense_fp8(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, sched_meta):
     q, k_cache, block_table, cache_seqlens = (
         _contract.as_array(name, x) for name, x in
         (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)))
     shapes, _ = _contract.check_dense_fp8_args(q, k_cache, block_table, cache_seqlens, head_dim_v)
+    if sched_meta is not None:
+        _contract.check_sched_meta(sched_meta.layout, batch=shapes.batch, seqlen_q=shapes.seqlen_q,
+                                   num_heads_q=shapes.num_heads_q, num_heads_k=1, is_fp8_kvcache=True, topk=None)
     scale = _contract.check_softmax_scale(softmax_scale, shapes.head_dim)
     return dense_fp8_decode.dense_fp8_decode(q, k_cache, block_table, cache_seqlens, page_size=shapes.page_size,
                                              num_blocks=shapes.num_blocks, causal=_contract.check_causal(causal),

@@ -1,10 +1,13 @@
-"""The metadata op: cache_seqlens -> (tile_md, num_splits), the split plan of the tile scheduler.
+"""The metadata op: cache_seqlens -> (tile_md, num_splits), the split plan of the tile scheduler;
+and FlashMLASchedMeta, the plan that asks the call to make its own.
 
 One primitive, mla_metadata_p, lowered to the CPU or CUDA FFI handler, or to the host scheduler
 through a callback where no kernel runs. Under vmap each member gets its own plan.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -64,3 +67,37 @@ def plan(cache_seqlens, seqlen_q: int, num_heads_q: int, num_heads_k: int):
     on the default GPU (what get_mla_metadata plans by default)."""
     parts = _contract.num_sm_parts(_platform.default_sm_count(), seqlen_q * (num_heads_q // num_heads_k), num_heads_k)
     return metadata(cache_seqlens, parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanLayout:
+    """The call a FlashMLASchedMeta was made for (get_mla_metadata's arguments): its batch, query rows
+    per KV head (s_q * h_q // h_kv), KV heads, query heads (None when not given), cache kind, and
+    topk (None: dense decode)."""
+
+    batch: int
+    num_q_tokens_per_head_k: int
+    num_heads_k: int
+    num_heads_q: int | None
+    is_fp8_kvcache: bool
+    topk: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashMLASchedMeta:
+    """A plan made inside the call: pass it as flash_mla_with_kvcache's tile_md, with num_splits None.
+
+    FlashMLASchedMeta() (from get_mla_metadata()) fits every call. One from get_mla_metadata's
+    sparse or FP8 form records the call it was made for (`layout`), and a call of another batch,
+    head layout, cache kind or topk is refused at trace time, naming tile_md.
+
+    It holds no arrays: a pytree without leaves (so an ordinary argument or result of a jitted,
+    vmapped or sharded function) that compares and hashes by its layout, so equal plans share a
+    compiled function.
+    """
+
+    layout: PlanLayout | None = None
+
+
+jax.tree_util.register_pytree_node(FlashMLASchedMeta, lambda meta: ((), meta.layout),
+                                   lambda layout, _: FlashMLASchedMeta(layout))
