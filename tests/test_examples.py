@@ -191,6 +191,28 @@ def test_sparse_decode_main_prints_summary_and_help(capsys):
     assert done.value.code == 2
 
 
+def test_fp8_cache_doc_snippet_does_what_it_says():
+    """docs/fp8_cache.md's "Filling a pool": the shapes its comments state, and the token-by-token
+    writes land at their slots (two tokens written, the -1 one skipped, every other byte zero)."""
+    import jax_flashmla as jfm
+
+    path = EXAMPLES.parent / "docs" / "fp8_cache.md"
+    if not path.exists():
+        pytest.skip(f"{path} is not part of this test's files")
+    code = path.read_text().split("## Filling a pool", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    env = {}
+    exec(compile(code, "docs/fp8_cache.md (Filling a pool)", "exec"), env)
+    fmt, kv, back, pool = env["fmt"], env["kv"], env["back"], env["pool"]
+    assert jfm.quantize_kv_cache(kv, fmt).shape == (16, 65, 1, 576) and back.shape == (16, 64, 1, 512)
+    assert jfm.quantize_kv_cache(kv, fmt).dtype == jnp.float8_e4m3fn and back.dtype == jnp.bfloat16
+    whole = np.asarray(jfm.quantize_kv_cache(kv[:2, :1], fmt, jnp.uint8))  # tokens (0, 0) and (1, 0)
+    written = jfm.dequantize_kv_cache(pool, fmt)
+    np.testing.assert_array_equal(np.asarray(written[:2, 0], np.float32),
+                                  np.asarray(jfm.dequantize_kv_cache(whole, fmt)[:, 0], np.float32))
+    pool = np.asarray(pool)
+    assert pool.dtype == np.uint8 and np.count_nonzero(pool) == np.count_nonzero(whole)
+
+
 # --- the paged cache -------------------------------------------------------------------------------
 
 def _live_pages(cache):
