@@ -133,6 +133,86 @@ def test_training_attention_goes_through_the_kernel():
     assert "jax_flashmla_attention" in text
 
 
+# --- the sparse decode example ----------------------------------------------------------------------
+
+# Pages of 61 tokens, requests shorter than topk (so rows end in -1), 3 query tokens seeing 1 more
+# token each (causal).
+SPARSE_FLAGS = ["--batch", "3", "--context", "200", "--seqlen-q", "3", "--heads", "16", "--topk", "256",
+                "--page-size", "61", "--iters", "1", "--seed", "1"]
+
+
+@pytest.mark.parametrize("fmt", ["v32", "model1"])
+def test_sparse_decode_matches_reference(fmt):
+    sparse = _load("sparse_decode")
+    r = sparse.run(sparse.parse_args(SPARSE_FLAGS + ["--format", fmt]))
+    assert r["ok"], sparse.summary(r)
+    assert r["out_shape"] == (3, 3, 16, 512) and r["lse_shape"] == (3, 16, 3)
+    # The indexer's rows: query token j of request i names min(topk, len_i - 3 + j + 1) distinct slots,
+    # each a token of its request's pages before that bound (causal), then -1.
+    ids, lens, table = r["indices"], r["lengths"], r["page_table"]
+    assert ids.shape == (3, 3, 256) and (ids == -1).any() and (lens > 256).any()
+    for i in range(3):
+        for j in range(3):
+            visible = lens[i] - 3 + j + 1
+            named = ids[i, j][ids[i, j] >= 0]
+            assert len(named) == len(set(named.tolist())) == min(256, visible), (i, j)
+            assert np.all(ids[i, j, len(named):] == -1)
+            pages = table[i, :-(-lens[i] // 61)].tolist()
+            positions = np.array([pages.index(s // 61) * 61 + s % 61 for s in named.tolist()])
+            assert positions.max() < visible, (i, j)
+    assert np.isfinite(r["out_max_abs_diff"]) and r["out_max_abs_diff"] < 1e-2
+
+
+def test_sparse_decode_check_fails_on_a_wrong_softmax_scale(monkeypatch):
+    """The example's check is sharp: a softmax scale 5% off the default fails it."""
+    import jax_flashmla
+
+    sparse = _load("sparse_decode")
+    real = jax_flashmla.flash_mla_with_kvcache
+
+    def off_scale(*args, **kwargs):
+        return real(*args, softmax_scale=1.05 * 576 ** -0.5, **kwargs)
+
+    monkeypatch.setattr(jax_flashmla, "flash_mla_with_kvcache", off_scale)
+    r = sparse.run(sparse.parse_args(SPARSE_FLAGS))
+    assert not r["out_matches"] and not r["lse_matches"] and not r["ok"]
+
+
+def test_sparse_decode_main_prints_summary_and_help(capsys):
+    sparse = _load("sparse_decode")
+    assert sparse.main(SPARSE_FLAGS + ["--format", "model1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("sparse_decode: ") and "model1 pool" in line and "ms/step" in line and line.endswith("OK")
+    with pytest.raises(SystemExit) as done:
+        sparse.parse_args(["--help"])
+    assert done.value.code == 0 and "--topk" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        sparse.parse_args(["--topk", "0"])
+    assert done.value.code == 2
+
+
+def test_fp8_cache_doc_snippet_does_what_it_says():
+    """docs/fp8_cache.md's "Filling a pool": the shapes its comments state, and the token-by-token
+    writes land at their slots (two tokens written, the -1 one skipped, every other byte zero)."""
+    import jax_flashmla as jfm
+
+    path = EXAMPLES.parent / "docs" / "fp8_cache.md"
+    if not path.exists():
+        pytest.skip(f"{path} is not part of this test's files")
+    code = path.read_text().split("## Filling a pool", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    env = {}
+    exec(compile(code, "docs/fp8_cache.md (Filling a pool)", "exec"), env)
+    fmt, kv, back, pool = env["fmt"], env["kv"], env["back"], env["pool"]
+    assert jfm.quantize_kv_cache(kv, fmt).shape == (16, 65, 1, 576) and back.shape == (16, 64, 1, 512)
+    assert jfm.quantize_kv_cache(kv, fmt).dtype == jnp.float8_e4m3fn and back.dtype == jnp.bfloat16
+    whole = np.asarray(jfm.quantize_kv_cache(kv[:2, :1], fmt, jnp.uint8))  # tokens (0, 0) and (1, 0)
+    written = jfm.dequantize_kv_cache(pool, fmt)
+    np.testing.assert_array_equal(np.asarray(written[:2, 0], np.float32),
+                                  np.asarray(jfm.dequantize_kv_cache(whole, fmt)[:, 0], np.float32))
+    pool = np.asarray(pool)
+    assert pool.dtype == np.uint8 and np.count_nonzero(pool) == np.count_nonzero(whole)
+
+
 # --- the paged cache -------------------------------------------------------------------------------
 
 def _live_pages(cache):

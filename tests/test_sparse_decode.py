@@ -15,12 +15,9 @@ import pytest
 
 import jax_flashmla as fm
 from jax_flashmla import _ext, kv_formats
-from sparse_cases import assert_close, make_indices, make_lengths, make_sink
+from sparse_cases import (LSE_TOL, OUT_TOL, assert_close, check, make_indices, make_lengths, make_sink, reference,
+                          run)
 
-# FlashMLA's checks of its sparse decode kernels (tests/test-sparse-decode.py): out within abs 1e-3 or
-# rel 2.01/128 with a cosine difference under 5e-6; lse within abs 1e-6 or rel 8.01/65536.
-OUT_TOL = dict(atol=1e-3, rtol=2.01 / 128, cos_tol=5e-6)
-LSE_TOL = dict(atol=1e-6, rtol=8.01 / 65536)
 D_QK = {"v32": 576, "model1": 512}
 
 
@@ -79,33 +76,6 @@ def make_case(rng, fmt_name, *, batch, seqlen_q, heads, page, topk, lengths=Fals
                                           lengths=e_lengths, invalid=invalid, empty_rows=empty_rows, dtype=dtype)
         kwargs.update(extra_k_cache=e_pool, extra_indices_in_kvcache=e_ids, extra_topk_length=e_lens)
     return kwargs
-
-
-def run(kwargs, softmax_scale=None):
-    kwargs = dict(kwargs)
-    return fm.flash_mla_with_kvcache(kwargs.pop("q"), kwargs.pop("k_cache"), None, None, softmax_scale=softmax_scale,
-                                     is_fp8_kvcache=True, **kwargs)
-
-
-def reference(kwargs, softmax_scale=None):
-    """The reference over the pools dequantised to bfloat16 (the values the handler computes with)."""
-    kwargs = dict(kwargs)
-    fmt = kv_formats.kv_cache_format_of(kwargs["k_cache"])
-    kwargs["k_cache"] = kv_formats.dequantize_kv_cache(kwargs["k_cache"], fmt)
-    if kwargs.get("extra_k_cache") is not None:
-        kwargs["extra_k_cache"] = kv_formats.dequantize_kv_cache(kwargs["extra_k_cache"], fmt)
-    return fm.sparse_decode_reference(**kwargs, softmax_scale=softmax_scale)
-
-
-def check(kwargs, softmax_scale=None):
-    out, lse = run(kwargs, softmax_scale)
-    b, s_q, h_q, _ = kwargs["q"].shape
-    assert out.shape == (b, s_q, h_q, 512) and out.dtype == jnp.bfloat16
-    assert lse.shape == (b, h_q, s_q) and lse.dtype == jnp.float32
-    want_out, want_lse = reference(kwargs, softmax_scale)
-    assert_close("lse", lse, want_lse, **LSE_TOL)
-    assert_close("out", out, want_out, **OUT_TOL)
-    return out, lse
 
 
 # ---- the handler against the reference -----------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""FlashMLA's sparse decode correctness matrix (its tests/test_flash_mla_sparse_decoding.py), scaled to a
+CPU: the public call (the CPU handler) against the pure-JAX reference over the dequantised pools, with
+FlashMLA's tolerances, on problems built as FlashMLA builds them (sparse_cases.flashmla_case).
+
+FlashMLA's matrix crosses (cache length, topk, page size) in {(512, 64, 2), (512, 64, 64), (512, 64,
+69), (1024, 576, 2), (1024, 576, 61), (2046, 2048, 2), (2046, 2048, 64), (2046, 2048, 576)} with batch
+4/74/321, s_q 1/3, h_q 64/128, both formats, an extra pool (MODEL1) drawn from the same list, topk
+lengths on either pool, and corner cases over (512, 64, 61) and (650, 576, 53): every index invalid,
+requests with no cache, the sink off. All of it is tens of thousands of cases on a GPU; here every
+value of every axis appears at least once for each format, the pairs that change what the kernel
+does (format with every axis, topk with page size, the sink with the corner cases) appear together,
+and h_q also takes 1, 8, 16 and 32. Batches of 74 and 321 run at topk 64 over shorter caches with
+few heads. test_matrix_covers_flashmla_axes checks that coverage on the case list itself.
+
+The scale is FlashMLA's test's, d_qk ** -0.55. DeepSeek-V3.2's shape (h_q 128, s_q 2, topk 2048) and
+V4's first (topk 128 + extra 512) are in test_sparse_decode.py; V4's widest (h_q 128, topk 128 +
+extra 1024 over pages of 2, extra topk lengths) is here."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from sparse_cases import CachePool, check, flashmla_case
+
+D_QK = {"v32": 576, "model1": 512}
+
+# FlashMLA's (cache length, topk, page size) triples: correctness, then corner cases.
+A, B, C = CachePool(512, 64, 2), CachePool(512, 64, 64), CachePool(512, 64, 69)
+D, E = CachePool(1024, 576, 2), CachePool(1024, 576, 61)
+F, G, H = CachePool(2046, 2048, 2), CachePool(2046, 2048, 64), CachePool(2046, 2048, 576)
+I, J = CachePool(512, 64, 61), CachePool(650, 576, 53)
+
+
+def lengths(pool: CachePool, seqlen: int | None = None) -> CachePool:
+    """The pool with a topk_length (and, given, a shorter cache for the large batches)."""
+    return CachePool(seqlen or pool.seqlen, pool.topk, pool.page_size, True)
+
+
+def shorter(pool: CachePool, seqlen: int) -> CachePool:
+    return CachePool(seqlen, pool.topk, pool.page_size, pool.lengths)
+
+
+# format, batch, s_q, h_q, main pool, extra pool, varlen, zero_lengths, all_invalid, sink
+CASES = [
+    # V3.2 (FlashMLA: no extra pool, no topk_length, the sink always on outside the corner cases).
+    ("v32", 4, 1, 64, A, None, True, False, False, True),
+    ("v32", 4, 3, 128, B, None, False, False, False, True),
+    ("v32", 74, 1, 8, shorter(C, 256), None, True, False, False, True),
+    ("v32", 4, 3, 16, D, None, True, False, False, True),
+    ("v32", 4, 1, 32, E, None, False, False, False, True),
+    ("v32", 4, 1, 1, F, None, True, False, False, True),
+    ("v32", 4, 3, 8, G, None, True, False, False, True),
+    ("v32", 4, 1, 64, H, None, True, False, False, True),
+    ("v32", 321, 3, 1, shorter(I, 96), None, True, False, False, True),
+    ("v32", 4, 3, 64, I, None, True, False, True, True),
+    ("v32", 4, 3, 128, J, None, True, True, False, False),
+    ("v32", 74, 3, 16, shorter(I, 128), None, False, True, False, True),
+    # Beyond FlashMLA's V3.2 cases: both pools and both lengths with d_qk 576.
+    ("v32", 4, 3, 32, lengths(D), lengths(B), True, False, False, True),
+    # MODEL1 / DeepSeek-V4.
+    ("model1", 4, 3, 64, lengths(A), None, True, False, False, True),
+    ("model1", 4, 1, 128, B, lengths(E), True, False, False, True),
+    ("model1", 74, 3, 16, lengths(C, 256), shorter(A, 128), True, False, False, True),
+    ("model1", 4, 1, 32, lengths(D), lengths(H), True, False, False, True),
+    ("model1", 4, 3, 1, E, G, True, False, False, True),
+    ("model1", 4, 1, 8, lengths(F), None, True, False, False, True),
+    ("model1", 4, 3, 16, G, lengths(B), True, False, False, True),
+    ("model1", 4, 1, 64, H, None, False, False, False, True),
+    ("model1", 321, 1, 8, lengths(B, 96), lengths(A, 96), False, False, False, True),
+    ("model1", 4, 3, 128, J, lengths(I), True, True, False, True),
+    ("model1", 74, 3, 32, shorter(I, 128), shorter(I, 128), True, True, True, False),
+    ("model1", 4, 3, 8, lengths(I), J, True, False, True, False),
+]
+
+
+def _pool_id(pool: CachePool) -> str:
+    return f"{pool.topk}p{pool.page_size}" + ("L" if pool.lengths else "")
+
+
+def _case_id(case) -> str:
+    fmt, batch, seqlen_q, heads, main, extra, varlen, zero, invalid, sink = case
+    flags = [name for name, on in (("var", varlen), ("zero", zero), ("invalid", invalid), ("sink", sink)) if on]
+    pools = _pool_id(main) + ("" if extra is None else "+" + _pool_id(extra))
+    return "-".join([fmt, f"b{batch}", f"sq{seqlen_q}", f"h{heads}", pools] + flags)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_matches_reference(rng, case):
+    fmt, batch, seqlen_q, heads, main, extra, varlen, zero, invalid, sink = case
+    kwargs = flashmla_case(rng, fmt, batch=batch, seqlen_q=seqlen_q, heads=heads, main=main, extra=extra,
+                           varlen=varlen, zero_lengths=zero, all_invalid=invalid, sink=sink)
+    out, lse = check(kwargs, softmax_scale=D_QK[fmt] ** -0.55)
+    out, lse = np.asarray(out, np.float32), np.asarray(lse)
+    if invalid:  # every row empty: out 0 and lse +inf everywhere, whatever the sink
+        assert np.all(out == 0) and np.all(lse == np.inf)
+    else:  # the problem is not degenerate: rows attend to something, and nothing read a NaN slot
+        assert np.isfinite(lse).any() and not np.isnan(out).any() and not np.isnan(lse).any()
+    if zero and not invalid:  # request 0 has no cache: all its rows are empty
+        assert np.all(out[0] == 0) and np.all(lse[0] == np.inf)
+
+
+def test_deepseek_v4_widest_shape(rng):
+    """FlashMLA's MODEL1 CONFIG4: h_q 128, s_q 2, topk 128 over pages of 256 plus 1024 extra tokens
+    over pages of 2 with extra topk lengths."""
+    kwargs = flashmla_case(rng, "model1", batch=2, seqlen_q=2, heads=128, main=CachePool(2048, 128, 256),
+                           extra=CachePool(2048, 1024, 2, True))
+    check(kwargs, softmax_scale=512 ** -0.55)
+
+
+def test_matrix_covers_flashmla_axes():
+    """Every value of every axis of FlashMLA's matrix, per format; its (topk, page size) pairs per
+    format, in the main or the extra pool; the sink with and without each corner case."""
+    flashmla_pairs = {(p.topk, p.page_size) for p in (A, B, C, D, E, F, G, H, I, J)}
+    for fmt in D_QK:
+        cases = [c for c in CASES if c[0] == fmt]
+        pools = [p for c in cases for p in (c[4], c[5]) if p is not None]
+        assert {c[1] for c in cases} == {4, 74, 321}, fmt
+        assert {c[2] for c in cases} == {1, 3}, fmt
+        assert {c[3] for c in cases} == {1, 8, 16, 32, 64, 128}, fmt
+        assert {p.page_size for p in pools} == {2, 53, 61, 64, 69, 576}, fmt
+        assert {p.topk for p in pools} == {64, 576, 2048}, fmt
+        assert {(p.topk, p.page_size) for p in pools} >= flashmla_pairs, fmt
+        assert {c[5] is None for c in cases} == {True, False}, fmt
+        assert {c[4].lengths for c in cases} == {True, False}, fmt
+        assert any(c[5] is not None and c[5].lengths for c in cases), fmt
+        for axis in (6, 7, 8, 9):  # varlen, zero lengths, all invalid, sink
+            assert {c[axis] for c in cases} == {True, False}, (fmt, axis)
+        # The large batches cross both query lengths.
+        assert {(c[1], c[2]) for c in cases if c[1] > 4} & {(74, 1), (74, 3), (321, 1), (321, 3)}, fmt
+    for corner in (7, 8):
+        assert {(c[corner], c[9]) for c in CASES} == set(itertools.product((True, False), repeat=2)), corner
+    assert {(c[1], c[2]) for c in CASES} == set(itertools.product((4, 74, 321), (1, 3)))
