@@ -72,8 +72,12 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       Returns out bfloat16 [batch, s_q, h_q, 512] and lse float32 [batch, h_q, s_q]; a query with
       no valid entry gets out 0 and lse +inf. Runs the CPU handler on the CPU and the pure-JAX
       reference over the dequantised pools elsewhere (no GPU kernel yet). Vmappable (pools may be
-      mapped) and differentiable in q and attn_sink (not in the pools). is_fp8_kvcache=True
-      without indices (dense decode over an FP8 pool) is not supported yet.
+      mapped) and differentiable in q and attn_sink (not in the pools). Runs per device inside
+      shard_map, and is partitioned under jit with named shardings: head-parallel (q and
+      attn_sink split on heads) and data-parallel (batch split; each pool split on its pages over
+      the same mesh axes or whole; slot ids of a split pool are global and rebased per shard, every
+      id a request reads lying in its shard's slice). is_fp8_kvcache=True without indices (dense
+      decode over an FP8 pool) is not supported yet.
 
     Array arguments may be jax or numpy arrays, or nested lists (converted with jnp.asarray, so with
     JAX's default dtypes). head_dim_v, softmax_scale and causal are static Python values: under
@@ -115,5 +119,6 @@ def _sparse(q, k_cache, indices, head_dim_v, softmax_scale, *, attn_sink, extra_
     shapes, _ = _contract.check_sparse_fp8_args(q, k_cache, indices, head_dim_v, topk_length, attn_sink,
                                                 extra_k_cache, extra_indices_in_kvcache, extra_topk_length)
     scale = _contract.check_softmax_scale(softmax_scale, shapes.head_dim)
-    return sparse_decode.sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
-                                       extra_indices_in_kvcache, extra_topk_length, scale)
+    operands = _partition.vary_alike(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                                     extra_indices_in_kvcache, extra_topk_length)
+    return sparse_decode.sparse_decode(*operands, scale)
