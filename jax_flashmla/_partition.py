@@ -3,8 +3,9 @@
 - shard_map typing: `varying_axes`, `varying_like` (a per-device result typed like JAX's own ops'),
   `vary_alike` (the public API's cast of its operands to vary over the same mesh axes).
 - Named shardings: the layout analysis of (q, k_cache) operand shardings, the shardings it implies,
-  the page-id rebasing of a data-parallel shard (`local_block_table`), and the wrappers that turn
-  a per-shard function into a `custom_partitioning` op and lower it.
+  the id rebasing of a data-parallel shard (page ids: `local_block_table`; slot ids of the sparse
+  op: `local_slot_ids`), and the wrappers that turn a per-shard function into a
+  `custom_partitioning` op and lower it.
 
 The layout rule (docs/transformations.md, "Named shardings"):
 
@@ -96,7 +97,8 @@ def _axes(entry) -> tuple:
     return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
-def _entry(axes: tuple):
+def spec_entry(axes: tuple):
+    """The PartitionSpec entry that splits a dimension over `axes` (None for none)."""
     return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
 
@@ -127,18 +129,16 @@ def layout(mesh, arg_shapes) -> Layout:
     [num_blocks, page, h_kv, d], from their shardings."""
     q, k_cache = arg_shapes[0], arg_shapes[1]
     b, _, h_q, _ = q.shape
-    num_blocks, _, h_kv, _ = k_cache.shape
+    h_kv = k_cache.shape[2]
     q_spec = _spec(q.sharding, 4)
-    k_spec = _spec(k_cache.sharding, 4)
     batch_axes, head_axes = _axes(q_spec[0]), _axes(q_spec[2])
-    k_block_axes = _axes(k_spec[0])
     if set(batch_axes) & set(head_axes):
         head_axes = ()
     # Batch: split only where it divides; the cache is either split on blocks over exactly the
     # batch axes (data-parallel, rebased ids) or kept whole.
     if batch_axes and b % _size(mesh, batch_axes) != 0:
         batch_axes = ()
-    k_on_blocks = bool(batch_axes) and k_block_axes == batch_axes and num_blocks % _size(mesh, batch_axes) == 0
+    k_on_blocks = pool_on_blocks(mesh, batch_axes, k_cache)
     # Heads: q heads split evenly, and each shard's q heads must map onto the kv heads it holds.
     if head_axes:
         n = _size(mesh, head_axes)
@@ -148,9 +148,18 @@ def layout(mesh, arg_shapes) -> Layout:
     return Layout(batch_axes, head_axes, k_on_blocks, k_on_heads)
 
 
+def pool_on_blocks(mesh, batch_axes: tuple, pool) -> bool:
+    """Whether a page pool (its shape and sharding) is split on its pages exactly like the batch:
+    over the same mesh axes, in a count that divides its pages. Otherwise the partition keeps it whole."""
+    if not batch_axes:
+        return False
+    spec = _spec(pool.sharding, len(pool.shape))
+    return _axes(spec[0]) == batch_axes and pool.shape[0] % _size(mesh, batch_axes) == 0
+
+
 def operand_shardings(mesh, lay: Layout, with_plan: bool) -> tuple:
     """Shardings of (q, k_cache, block_table, cache_seqlens[, tile_md, num_splits]) under `lay`."""
-    bx, hx = _entry(lay.batch_axes), _entry(lay.head_axes)
+    bx, hx = spec_entry(lay.batch_axes), spec_entry(lay.head_axes)
     shardings = [
         NamedSharding(mesh, P(bx, None, hx, None)),
         NamedSharding(mesh, P(bx if lay.k_on_blocks else None, None, hx if lay.k_on_heads else None, None)),
@@ -164,7 +173,7 @@ def operand_shardings(mesh, lay: Layout, with_plan: bool) -> tuple:
 
 def result_shardings(mesh, lay: Layout) -> tuple:
     """Shardings of (out [b, s_q, h_q, d_v], lse [b, h_q, s_q]) under `lay`."""
-    bx, hx = _entry(lay.batch_axes), _entry(lay.head_axes)
+    bx, hx = spec_entry(lay.batch_axes), spec_entry(lay.head_axes)
     return (NamedSharding(mesh, P(bx, None, hx, None)), NamedSharding(mesh, P(bx, hx, None)))
 
 
@@ -182,6 +191,19 @@ def local_block_table(mesh, lay: Layout, k_cache, block_table):
     if not lay.k_on_blocks:
         return block_table
     return block_table - _shard_index(mesh, lay.batch_axes) * k_cache.shape[0]
+
+
+def local_slot_ids(mesh, batch_axes: tuple, ids, num_local_slots: int):
+    """The slot ids a data-parallel shard uses, from global ones (slot = page * page_size + offset).
+
+    Shard i holds global slots [i * num_local_slots, (i + 1) * num_local_slots). An id inside that
+    slice becomes local (global - i * num_local_slots); a negative id stays as it is (-1 still marks
+    an unused entry); any other id, a slot of another shard's slice, becomes an id past the local
+    pool (itself when it is already past it, else num_local_slots), so it never lands on a local slot
+    or on -1: the CPU handler rejects it as outside the pool, the reference counts it as unused."""
+    start = _shard_index(mesh, batch_axes) * num_local_slots
+    inside = (ids >= start) & (ids - start < num_local_slots)  # ids >= start first: no int32 wrap-around
+    return jnp.where(inside, ids - start, jnp.where(ids < 0, ids, jnp.maximum(ids, num_local_slots)))
 
 
 # ---- custom_partitioning wrappers -------------------------------------------------------------------
@@ -210,15 +232,18 @@ def lower_partitioned(cp, plain, param_names=("softmax_scale", "causal")):
 
     def lowering(ctx, *args, **params):
         static = tuple(params[name] for name in param_names)
-        fun = cp
-        axis_context = ctx.module_context.axis_context
-        if hasattr(axis_context, "device_assignment") and axis_context.device_assignment is None:
-            # No device assignment to partition over (a JAX without the hook below): lower the
-            # plain per-device op, which XLA then treats like any custom call (gathers; still correct).
-            fun = plain
+        fun = cp if partitionable(ctx) else plain
         return mlir.lower_fun(lambda *a: fun(*static, *a), multiple_results=True)(ctx, *args)
 
     return lowering
+
+
+def partitionable(ctx) -> bool:
+    """Whether a lowering may bind a custom_partitioning op. Not when there is no device assignment
+    to partition over (a JAX without the hook below): the caller then lowers the plain per-device
+    op, which XLA treats like any custom call (gathers; still correct)."""
+    axis_context = ctx.module_context.axis_context
+    return not (hasattr(axis_context, "device_assignment") and axis_context.device_assignment is None)
 
 
 def require_devices_during_lowering(*prims) -> None:

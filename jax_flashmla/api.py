@@ -116,13 +116,18 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       Returns out bfloat16 [batch, s_q, h_q, 512] and lse float32 [batch, h_q, s_q]; a query with
       no valid entry gets out 0 and lse +inf. Runs the CPU handler on the CPU and the pure-JAX
       reference over the dequantised pools elsewhere (no GPU kernel yet). Vmappable (pools may be
-      mapped) and differentiable in q and attn_sink (not in the pools).
+      mapped) and differentiable in q and attn_sink (not in the pools). Runs per device inside
+      shard_map, and is partitioned under jit with named shardings: head-parallel (q and
+      attn_sink split on heads) and data-parallel (batch split; each pool split on its pages over
+      the same mesh axes or whole; slot ids of a split pool are global and rebased per shard, every
+      id a request reads lying in its shard's slice).
 
     Dense mode over an FP8 pool (is_fp8_kvcache=True, no indices):
       q: [batch, s_q, h_q, d_qk] bfloat16; d_qk 576 reads a "v32" pool, 512 a "model1" pool.
       k_cache: that FP8 pool, uint8 or float8_e4m3fn, any page size; block_table and cache_seqlens
         as in the dense mode, in the pool's pages. causal as in the dense mode; tile_md None or a
-        FlashMLASchedMeta (the call plans itself), num_splits None; the sparse-only arguments must be None. softmax_scale: default d_qk ** -0.5.
+        FlashMLASchedMeta (the call plans itself), num_splits None; the sparse-only arguments must be
+        None. softmax_scale: default d_qk ** -0.5.
       Every token of each request's pages up to its length (causal: up to the query token's visible
       length), dequantised to bfloat16 as kv_formats.dequantize_kv_cache does; it runs as the sparse
       op over slot ids made from block_table and cache_seqlens (ops/dense_fp8_decode.py), with its
@@ -183,8 +188,9 @@ def _sparse(q, k_cache, indices, head_dim_v, softmax_scale, sched_meta, *, attn_
                                    num_heads_q=shapes.num_heads_q, num_heads_k=1, is_fp8_kvcache=True,
                                    topk=shapes.topk)
     scale = _contract.check_softmax_scale(softmax_scale, shapes.head_dim)
-    return sparse_decode.sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
-                                       extra_indices_in_kvcache, extra_topk_length, scale)
+    operands = _partition.vary_alike(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                                     extra_indices_in_kvcache, extra_topk_length)
+    return sparse_decode.sparse_decode(*operands, scale)
 
 
 def _dense_fp8(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, sched_meta):
@@ -196,6 +202,7 @@ def _dense_fp8(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale
         _contract.check_sched_meta(sched_meta.layout, batch=shapes.batch, seqlen_q=shapes.seqlen_q,
                                    num_heads_q=shapes.num_heads_q, num_heads_k=1, is_fp8_kvcache=True, topk=None)
     scale = _contract.check_softmax_scale(softmax_scale, shapes.head_dim)
+    q, k_cache, block_table, cache_seqlens = _partition.vary_alike(q, k_cache, block_table, cache_seqlens)
     return dense_fp8_decode.dense_fp8_decode(q, k_cache, block_table, cache_seqlens, page_size=shapes.page_size,
                                              num_blocks=shapes.num_blocks, causal=_contract.check_causal(causal),
                                              softmax_scale=scale)

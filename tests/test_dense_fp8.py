@@ -283,6 +283,35 @@ def test_named_shardings_give_the_unsharded_result(rng):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+def test_data_and_head_parallel_split_the_pool_with_no_collective(rng):
+    """Pool split on its pages over the batch axis, block_table holding global page ids of each
+    request's own shard: the compiled module rebases them per shard, with no collective at all."""
+    import re
+
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices")
+    page, local_blocks = 64, 3
+    fmt = kv_formats.kv_cache_format("v32")
+    kv = np.clip(rng.standard_normal((2 * local_blocks, page, 1, fmt.d_qk)) / 10, -1, 1)
+    pool = kv_formats.quantize_kv_cache(jnp.asarray(kv, jnp.bfloat16), fmt)
+    # Requests 0, 1 on shard 0 (pages 0..2), requests 2, 3 on shard 1 (pages 3..5); -1 past a length.
+    bt = jnp.asarray([[2, 0, -1], [1, -1, -1], [5, 3, 4], [4, -1, -1]], jnp.int32)
+    sl = jnp.asarray([100, 0, 190, 64], jnp.int32)
+    q = jnp.asarray(np.clip(rng.standard_normal((4, 2, 8, fmt.d_qk)), -1, 1), jnp.bfloat16)
+    f = jax.jit(functools.partial(run, causal=True))
+    want = f(q, pool, bt, sl)
+    check(want, ref(q, pool, bt, sl, causal=True))
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    args = (put(q, "data", None, "model"), put(pool, "data"), put(bt, "data"), put(sl, "data"))
+    hlo = f.lower(*args).compile().as_text()
+    assert not re.findall(r"\b(?:all-gather|all-to-all|all-reduce|collective-permute|reduce-scatter)\b", hlo)
+    for a, b in zip(f(*args), want):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def test_readme_snippet_runs():
     import pathlib
 

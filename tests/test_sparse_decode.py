@@ -361,9 +361,9 @@ def test_readme_snippet_runs():
     exec(compile(code, "README.md (Sparse decode)", "exec"), {})
 
 
-def test_named_shardings_run_replicated(rng):
-    """Under named shardings the call has no partitioning rule yet: XLA runs it replicated, with the
-    unsharded result."""
+def test_named_shardings_give_the_unsharded_result(rng):
+    """A batch- and head-split call with a whole pool gives the unsharded result (the partitioned
+    forms, one by one, and their compiled modules: tests/test_sparse_sharding.py)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     if len(jax.devices()) < 4:

@@ -1,14 +1,17 @@
-"""The sparse MLA decode op over an FP8 token pool: every rule of its primitive.
+"""The sparse MLA decode op over an FP8 token pool: every rule of its two primitives.
 
-sparse_decode_p: (q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-    extra_topk_length) -> (out, lse), with the static parameter softmax_scale.
+sparse_decode_p, per device: (q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+    extra_indices, extra_topk_length) -> (out, lse), with the static parameter softmax_scale.
   - Operands: q bfloat16 [b, s_q, h_q, d_qk]; k_cache an FP8 pool (kv_formats: "v32" for d_qk 576,
-    "model1" for d_qk 512), uint8 or float8_e4m3fn; indices int32 [b, s_q, topk] of global slot ids.
+    "model1" for d_qk 512), uint8 or float8_e4m3fn; indices int32 [b, s_q, topk] of slot ids.
     An optional operand that is absent is an empty array (`absent_operands`): topk_length and
     attn_sink of shape [0], the extra pool as a pool of no pages and extra indices of topk 0.
   - Lowering: the CPU FFI handler (csrc/cpu/sparse_decode_cpu.cc), which rejects an index outside its
     pool; elsewhere the pure-JAX reference over the dequantised pools (no sparse GPU kernel yet),
-    with the library's one-time fallback warning on CUDA.
+    with the library's one-time fallback warning on CUDA. Bound only inside the public op's lowering.
+
+sparse_attention_p, the public op: the same operands, parameter and results, indices being global
+slot ids (page * page_size + offset).
   - vmap: a mapped axis folds into the request batch. A mapped pool is one pool per member: the
     pools are concatenated into one of B * num_blocks pages and member m's slot ids move up by
     m * num_slots (-1 stays -1; other ids outside the pool stay outside it). A mapped attn_sink is
@@ -16,16 +19,26 @@ sparse_decode_p: (q, k_cache, indices, topk_length, attn_sink, extra_k_cache, ex
   - JVP: in q and attn_sink, the tangents of the reference over the dequantised pools (they materialise
     its [b, s_q, topk + extra_topk, d_qk] tokens). The pools hold FP8 bytes and are not
     differentiable: a tangent for one is an error.
+  - shard_map: both primitives type their results as varying over the manual mesh axes of their
+    operands (_partition.varying_like); the public API casts the operands alike first.
+  - Named shardings: the lowering wraps the per-device op in custom_partitioning. Head-parallel: q
+    and attn_sink split on heads, pools whole. Data-parallel: q, indices and the lengths split on
+    batch; each pool split on its pages over the same mesh axes or kept whole, on its own; a split
+    pool's slot ids are rebased per shard (_partition.local_slot_ids). Both on a 2-D mesh; any other
+    sharding replicates the offending dimensions.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.interpreters import ad, batching
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .. import _contract, _ffi, _platform, kv_formats, reference
+from .. import _contract, _ffi, _partition, _platform, kv_formats, reference
 
 NOT_MAPPED = None  # JAX's marker of an operand without a mapped axis
 
@@ -45,11 +58,12 @@ def _present(x):
     return None if x.size == 0 else x
 
 
-def _abstract_eval(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices, extra_topk_length, *,
-                   softmax_scale):
-    b, s_q, h_q, _ = q.shape
-    return (jax.core.ShapedArray((b, s_q, h_q, _contract.HEAD_DIM_V), q.dtype),
-            jax.core.ShapedArray((b, h_q, s_q), jnp.float32))
+def _abstract_eval(*operands, softmax_scale):
+    del softmax_scale
+    b, s_q, h_q, _ = operands[0].shape
+    avals = (jax.core.ShapedArray((b, s_q, h_q, _contract.HEAD_DIM_V), operands[0].dtype),
+             jax.core.ShapedArray((b, h_q, s_q), jnp.float32))
+    return _partition.varying_like(avals, *operands)
 
 
 _ffi_call = jax.ffi.ffi_lowering(_ffi.SPARSE_DECODE_TARGET)
@@ -82,6 +96,9 @@ def _fallback(*operands, softmax_scale):
 
 sparse_decode_p.def_abstract_eval(_abstract_eval)
 _platform.register_lowerings(sparse_decode_p, _ffi_lowering, _fallback, cuda_kernel=False)
+
+sparse_attention_p = _ffi.primitive("jax_flashmla_sparse_attention")
+sparse_attention_p.def_abstract_eval(_abstract_eval)
 
 
 # ---- vmap -------------------------------------------------------------------------------------------------
@@ -129,8 +146,8 @@ def _batch_rule(args, dims, *, softmax_scale):
     extra_topk_length = lengths(extra_topk_length, etl_dim)
     mapped_sink = sink_dim is not NOT_MAPPED
     call_sink = jnp.zeros((0,), jnp.float32) if mapped_sink else attn_sink
-    out, lse = sparse_decode_p.bind(fold(q), k_cache, fold(indices), topk_length, call_sink, extra_k_cache,
-                                    fold(extra_indices), extra_topk_length, softmax_scale=softmax_scale)
+    out, lse = sparse_attention_p.bind(fold(q), k_cache, fold(indices), topk_length, call_sink, extra_k_cache,
+                                       fold(extra_indices), extra_topk_length, softmax_scale=softmax_scale)
     unfold = lambda x: x.reshape((size, b) + x.shape[1:])
     out, lse = unfold(out), unfold(lse)
     if mapped_sink:
@@ -155,7 +172,7 @@ def _jvp_rule(primals, tangents, *, softmax_scale):
             raise _contract.ContractError(
                 f"{name}: an FP8 KV-cache pool is not differentiable; take gradients with respect to q "
                 "(or attn_sink) only")
-    out, lse = sparse_decode_p.bind(*primals, softmax_scale=softmax_scale)
+    out, lse = sparse_attention_p.bind(*primals, softmax_scale=softmax_scale)
     q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices, extra_topk_length = primals
     dq, d_sink = (ad.instantiate_zeros(t) for t in (tangents[0], tangents[4]))
 
@@ -167,8 +184,117 @@ def _jvp_rule(primals, tangents, *, softmax_scale):
     return (out, lse), (d_out, d_lse)
 
 
-batching.primitive_batchers[sparse_decode_p] = _batch_rule
-ad.primitive_jvps[sparse_decode_p] = _jvp_rule
+batching.primitive_batchers[sparse_attention_p] = _batch_rule
+ad.primitive_jvps[sparse_attention_p] = _jvp_rule
+
+
+# ---- named shardings ---------------------------------------------------------------------------------
+#
+# The custom_partitioning op takes only the operands that are present; which ones are absent (empty
+# arrays, always whole) is a static argument, `absent`: per optional operand, None when present,
+# else (shape, dtype) to rebuild it per shard. The Shardy rule lists the present operands' factors.
+
+# Shardy factors of the eight operands, in order. b: batch, h: q heads, n and m: the two pools'
+# pages, the factors the partition may split. The pools' pages show up in no result; declaring them
+# need_replication would make Shardy gather the pools, so they stay free and the partition rule
+# decides what a split on them means (data-parallel, or kept whole).
+_OPERAND_FACTORS = ("b s h d", "n p o c", "b s t", "b", "h", "m r e f", "b s u", "b")
+_RESULT_FACTORS = "b s h v, b h s"
+_SPLIT_FACTORS = ("b", "h", "n", "m")
+_EXTRA_INDICES = 6  # the absent operand whose shape follows the local batch
+
+
+def _absent_of(avals) -> tuple:
+    """The static `absent` of a call from the avals of its eight operands."""
+    return tuple(None if a.size > 0 else (tuple(a.shape), jnp.dtype(a.dtype)) for a in avals[3:])
+
+
+def _with_absent(present, absent) -> list:
+    """The eight operands (absent ones as None) from the present ones."""
+    present = iter(present)
+    return [next(present) for _ in range(3)] + [next(present) if a is None else None for a in absent]
+
+
+def _fill_absent(operands, absent) -> list:
+    """`_with_absent`'s list with the absent operands rebuilt as empty arrays of this shard."""
+    q = operands[0]
+    filled = list(operands)
+    for i, a in enumerate(absent, start=3):
+        if a is not None:
+            shape, dtype = a
+            if i == _EXTRA_INDICES:
+                shape = tuple(q.shape[:2]) + tuple(shape[2:])
+            filled[i] = jnp.zeros(shape, dtype)
+    return filled
+
+
+def _num_slots(pool) -> int:
+    return pool.shape[0] * kv_formats.kv_cache_format_of(pool).page_size_of(pool.shape[1])
+
+
+def _body(softmax_scale, absent, *present):
+    """One device's call, with global slot ids (pools whole or shard_map's own)."""
+    operands = _fill_absent(_with_absent(present, absent), absent)
+    return tuple(sparse_decode_p.bind(*operands, softmax_scale=softmax_scale))
+
+
+def _layout(mesh, shapes):
+    """(the _partition.Layout of (q, k_cache), whether the extra pool is split on its pages)."""
+    lay = _partition.layout(mesh, shapes[:2])
+    extra = shapes[5]
+    return lay, extra is not None and _partition.pool_on_blocks(mesh, lay.batch_axes, extra)
+
+
+def _operand_shardings(mesh, lay, extra_on_blocks, absent) -> tuple:
+    bx, hx = _partition.spec_entry(lay.batch_axes), _partition.spec_entry(lay.head_axes)
+    pool = lambda split: P(bx if split else None, None, None, None)  # noqa: E731
+    specs = (P(bx, None, hx, None), pool(lay.k_on_blocks), P(bx, None, None), P(bx), P(hx),
+             pool(extra_on_blocks), P(bx, None, None), P(bx))
+    return tuple(NamedSharding(mesh, spec) for spec, a in zip(specs, (None,) * 3 + absent) if a is None)
+
+
+def _partition_rule(softmax_scale, absent, mesh, arg_shapes, result_shape):
+    del result_shape
+    lay, extra_on_blocks = _layout(mesh, _with_absent(arg_shapes, absent))
+
+    def lower_fn(*present):
+        operands = _fill_absent(_with_absent(present, absent), absent)
+        if lay.k_on_blocks:
+            operands[2] = _partition.local_slot_ids(mesh, lay.batch_axes, operands[2], _num_slots(operands[1]))
+        if extra_on_blocks:
+            operands[6] = _partition.local_slot_ids(mesh, lay.batch_axes, operands[6], _num_slots(operands[5]))
+        return tuple(sparse_decode_p.bind(*operands, softmax_scale=softmax_scale))
+
+    return (mesh, lower_fn, _partition.result_shardings(mesh, lay),
+            _operand_shardings(mesh, lay, extra_on_blocks, absent))
+
+
+def _infer(softmax_scale, absent, mesh, arg_shapes, result_shape):
+    del softmax_scale, result_shape
+    return _partition.result_shardings(mesh, _layout(mesh, _with_absent(arg_shapes, absent))[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned_op(present: tuple):
+    """The custom_partitioning op of the calls whose optional operands are present as in `present`."""
+    factors = [f for f, here in zip(_OPERAND_FACTORS, (True,) * 3 + present) if here]
+    rule = ", ".join(factors) + " -> " + _RESULT_FACTORS
+    return _partition.partitioned(_body, rule, _partition_rule, _infer, partitioned_factors=_SPLIT_FACTORS)
+
+
+def _lowering(ctx, *operands, softmax_scale):
+    absent = _absent_of(ctx.avals_in)
+    fun = _partitioned_op(tuple(a is None for a in absent)) if _partition.partitionable(ctx) else _body
+
+    def call(*operands):
+        present = [x for x, a in zip(operands, (None,) * 3 + absent) if a is None]
+        return fun(softmax_scale, absent, *present)
+
+    return mlir.lower_fun(call, multiple_results=True)(ctx, *operands)
+
+
+mlir.register_lowering(sparse_attention_p, _lowering)
+_partition.require_devices_during_lowering(sparse_attention_p)
 
 
 def sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices, extra_topk_length,
@@ -177,4 +303,4 @@ def sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, ex
     absent = absent_operands(q, k_cache)
     operands = [x if x is not None else default for x, default in
                 zip((topk_length, attn_sink, extra_k_cache, extra_indices, extra_topk_length), absent)]
-    return tuple(sparse_decode_p.bind(q, k_cache, indices, *operands, softmax_scale=float(softmax_scale)))
+    return tuple(sparse_attention_p.bind(q, k_cache, indices, *operands, softmax_scale=float(softmax_scale)))
