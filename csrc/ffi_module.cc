@@ -12,6 +12,7 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmMetadataCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmDecodeCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparseDecodeCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparsePrefillCpu);
 #ifdef JFM_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmMetadataCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmDecodeCuda);
@@ -41,6 +42,7 @@ NB_MODULE(_ext, m) {
     targets["jax_flashmla_metadata"] = handler_capsule(JfmMetadataCpu);
     targets["jax_flashmla_decode"] = handler_capsule(JfmDecodeCpu);
     targets["jax_flashmla_sparse_decode"] = handler_capsule(JfmSparseDecodeCpu);
+    targets["jax_flashmla_sparse_prefill"] = handler_capsule(JfmSparsePrefillCpu);
     return targets;
   });
 
