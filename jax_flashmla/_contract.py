@@ -516,3 +516,84 @@ def check_causal(causal) -> bool:
     if not isinstance(causal, bool):
         _fail("causal", "a Python bool", repr(causal))
     return causal
+
+
+# ---- sparse prefill (FlashMLA's flash_mla_sparse_fwd) -------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SparsePrefillShapes:
+    """Static sizes of one sparse prefill call; batch is None for FlashMLA's unbatched form."""
+
+    batch: int | None
+    seqlen_q: int
+    num_heads_q: int
+    head_dim: int  # d_qk: 576 (DeepSeek-V3.2) or 512 (V4)
+    head_dim_v: int
+    seqlen_kv: int
+    topk: int
+
+
+def check_sparse_prefill_args(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None, *,
+                              any_float: bool = False):
+    """Validates a sparse prefill call, unbatched (FlashMLA's: q [s_q, h_q, d_qk], kv [s_kv, 1, d_qk],
+    indices [s_q, 1, topk], topk_length [s_q]) or batched (a leading batch axis on all four; attn_sink
+    stays [h_q]). q and kv are bfloat16 (any floating dtype with any_float, the reference's). Returns
+    (SparsePrefillShapes, the scale: sm_scale, or d_qk ** -0.5 when None)."""
+    if len(q.shape) not in (3, 4):
+        _fail("q", "rank 3 [s_q, h_q, 576 or 512] or rank 4 [batch, s_q, h_q, 576 or 512]", f"shape {_shape(q)}")
+    batched = len(q.shape) == 4
+    lead = _shape(q)[:1] if batched else ()
+    lead_name = "[batch, " if batched else "["
+    s_q, h_q, d = _shape(q)[-3:]
+    for name, x in (("q", q), ("kv", kv)):
+        if any_float:
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                _fail(name, "a floating dtype", f"dtype {x.dtype}")
+        elif np.dtype(x.dtype) != np.dtype(jnp.bfloat16):
+            _fail(name, "dtype bfloat16", f"dtype {x.dtype}")
+    if d not in SPARSE_HEAD_DIMS:
+        _fail("q", "head dim (last axis) 576 or 512", d)
+    if s_q < 1 or h_q < 1 or (batched and lead[0] < 1):
+        _fail("q", "batch, s_q and h_q >= 1" if batched else "s_q and h_q >= 1", f"shape {_shape(q)}")
+    if len(kv.shape) != len(q.shape) or _shape(kv)[:len(lead)] != lead:
+        _fail("kv", f"shape {lead_name}s_kv, 1, {d}] (q's rank{' and batch' if batched else ''})",
+              f"shape {_shape(kv)}")
+    s_kv, h_kv, d_k = _shape(kv)[-3:]
+    if h_kv != 1:
+        _fail("kv", "h_kv (axis -2) 1", h_kv)
+    if d_k != d:
+        _fail("kv", f"head dim (last axis) {d}, q's", d_k)
+    if s_kv < 1:
+        _fail("kv", "s_kv >= 1", f"shape {_shape(kv)}")
+    batch = lead[0] if batched else 1
+    # The batched form folds into one call over batch * s_kv kv rows with int32 ids.
+    if batch * s_kv > _INT32_MAX:
+        _fail("kv", "batch * s_kv below 2^31 (int32 ids of the folded call)", f"shape {_shape(kv)}")
+    if len(indices.shape) != len(q.shape) or _shape(indices)[:-1] != lead + (s_q, 1) or _shape(indices)[-1] < 1:
+        _fail("indices", f"shape {lead_name}{s_q}, 1, topk >= 1]", f"shape {_shape(indices)}")
+    if np.dtype(indices.dtype) != np.int32:
+        _fail("indices", "dtype int32", f"dtype {indices.dtype}")
+    if topk_length is not None:
+        if _shape(topk_length) != lead + (s_q,):
+            _fail("topk_length", f"shape {list(lead + (s_q,))}", f"shape {_shape(topk_length)}")
+        if np.dtype(topk_length.dtype) != np.int32:
+            _fail("topk_length", "dtype int32", f"dtype {topk_length.dtype}")
+    if attn_sink is not None:
+        if _shape(attn_sink) != (h_q,):
+            _fail("attn_sink", f"shape [{h_q}] (h_q)", f"shape {_shape(attn_sink)}")
+        if np.dtype(attn_sink.dtype) != np.float32:
+            _fail("attn_sink", "dtype float32", f"dtype {attn_sink.dtype}")
+    _check_static("d_v", d_v)
+    if not isinstance(d_v, (int, np.integer)) or isinstance(d_v, bool) or d_v != HEAD_DIM_V:
+        _fail("d_v", str(HEAD_DIM_V), repr(d_v))
+    if sm_scale is None:
+        scale = d ** -0.5
+    else:
+        _check_static("sm_scale", sm_scale)
+        if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float, np.floating, np.integer)):
+            _fail("sm_scale", "a Python float", repr(sm_scale))
+        scale = float(sm_scale)
+        if not math.isfinite(scale) or scale <= 0:
+            _fail("sm_scale", "a finite positive float", repr(sm_scale))
+    shapes = SparsePrefillShapes(lead[0] if batched else None, s_q, h_q, d, int(d_v), s_kv, _shape(indices)[-1])
+    return shapes, scale

@@ -1,4 +1,4 @@
-"""The public decode API, with FlashMLA's names and signatures (README, "API").
+"""The public API, with FlashMLA's names and signatures (README, "API"): decode and sparse prefill.
 
 Arguments are converted and validated here, once per call (_contract); the ops below only build
 avals and lower.
@@ -7,7 +7,7 @@ avals and lower.
 from __future__ import annotations
 
 from . import _contract, _partition
-from .ops import decode, dense_fp8_decode, metadata, sparse_decode
+from .ops import decode, dense_fp8_decode, metadata, sparse_decode, sparse_prefill
 from ._platform import default_sm_count
 
 
@@ -206,3 +206,45 @@ def _dense_fp8(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale
     return dense_fp8_decode.dense_fp8_decode(q, k_cache, block_table, cache_seqlens, page_size=shapes.page_size,
                                              num_blocks=shapes.num_blocks, causal=_contract.check_causal(causal),
                                              softmax_scale=scale)
+
+
+def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float | None, d_v: int = _contract.HEAD_DIM_V, attn_sink=None,
+                         topk_length=None):
+    """Sparse MLA prefill (FlashMLA's flash_mla_sparse_fwd, DeepSeek-V3.2 and V4): each query token
+    attends, with every head, to the kv rows its row of `indices` names (README, "Sparse prefill").
+
+    Args (FlashMLA's unbatched form):
+      q: [s_q, h_q, d_qk] bfloat16; d_qk 576 (V3.2) or 512 (V4); any h_q >= 1.
+      kv: [s_kv, 1, d_qk] bfloat16; a row's V is its first d_v channels.
+      indices: int32 [s_q, 1, topk], any topk >= 1: kv row ids. -1, any other negative id and any id
+        >= s_kv mark an unused entry (never an error). A row named twice counts twice.
+      sm_scale: the scale of the scores, a static Python float (None: d_qk ** -0.5).
+      d_v: 512.
+      attn_sink: float32 [h_q] or None; out is scaled by exp(lse) / (exp(lse) + exp(attn_sink));
+        lse and max_logits unchanged (+inf zeroes a head, -inf leaves it unscaled).
+      topk_length: int32 [s_q] or None; token i reads only its first topk_length[i] entries.
+
+    The batched form (beyond FlashMLA): q [b, s_q, h_q, d_qk], kv [b, s_kv, 1, d_qk], indices
+    [b, s_q, 1, topk] (ids into the member's own kv) and topk_length [b, s_q]; attn_sink stays
+    [h_q]. It runs as one call over b * s_q tokens, the members' kv concatenated and their valid ids
+    shifted (b * s_kv must stay below 2^31). Ragged requests use the unbatched form instead, their
+    tokens packed along s_q and their ids global row ids into one packed kv.
+
+    Returns:
+      (out [s_q, h_q, d_v] bfloat16, max_logits [s_q, h_q] float32 (the largest scaled score of the
+      valid entries), lse [s_q, h_q] float32 (natural log of the sum of exp of those scores)), each
+      with the leading batch axis in the batched form. A token without a valid entry gets out 0,
+      max_logits -inf and lse +inf. Scores and sums are float32. kv rows that no valid entry names
+      are never read, NaN there included.
+
+    Runs the CPU handler on the CPU and the pure-JAX reference elsewhere (no GPU kernel yet; a
+    one-time warning on CUDA). Works under jax.jit, jax.vmap (kv may be mapped) and shard_map, and is
+    differentiable in q, kv and attn_sink (the reference's derivatives).
+    """
+    q, kv, indices = (_contract.as_array(name, x) for name, x in (("q", q), ("kv", kv), ("indices", indices)))
+    attn_sink = None if attn_sink is None else _contract.as_array("attn_sink", attn_sink)
+    topk_length = None if topk_length is None else _contract.as_array("topk_length", topk_length)
+    shapes, scale = _contract.check_sparse_prefill_args(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+    q, kv, indices, topk_length, attn_sink = _partition.vary_alike(q, kv, indices, topk_length, attn_sink)
+    op = sparse_prefill.sparse_prefill if shapes.batch is None else sparse_prefill.sparse_prefill_batched
+    return op(q, kv, indices, topk_length, attn_sink, sm_scale=scale, d_v=shapes.head_dim_v)

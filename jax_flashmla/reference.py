@@ -175,3 +175,69 @@ def sparse_reference_math(q, k_cache, indices, head_dim_v: int, scale: float, to
         out = out * jax.nn.sigmoid(lse - attn_sink.astype(jnp.float32)[None, None, :, None])
     out = jnp.where(empty, 0.0, out).astype(q.dtype)
     return out, lse[..., 0].transpose(0, 2, 1)
+
+
+def sparse_prefill_reference(q, kv, indices, sm_scale=None, d_v: int = _contract.HEAD_DIM_V, attn_sink=None,
+                             topk_length=None):
+    """Sparse MLA prefill (FlashMLA's flash_mla_sparse_fwd and its tests' ref_sparse_attn_fwd): each
+    query token attends, with every head, to the kv rows its row of `indices` names.
+
+    Arguments (unbatched, FlashMLA's form; or all four arrays with a leading batch axis, each member
+    over its own kv):
+      q: [s_q, h_q, d_qk], d_qk 576 (DeepSeek-V3.2) or 512 (V4); any floating dtype here.
+      kv: [s_kv, 1, d_qk], a floating dtype; a row's V is its first d_v channels.
+      indices: int32 [s_q, 1, topk], row ids into kv. -1, any other negative id and any id >= s_kv
+        mark an unused entry. A row named twice counts twice.
+      sm_scale: scale of the scores; d_qk ** -0.5 when None.
+      d_v: 512.
+      attn_sink: float32 [h_q] or None; scales each head's out by exp(lse) / (exp(lse) + exp(sink)),
+        lse and max_logits unchanged (+inf gives out 0, -inf leaves out as is).
+      topk_length: int32 [s_q] or None; token i uses only its first topk_length[i] entries (values
+        past topk count as topk, negative ones as 0).
+
+    Returns (out [s_q, h_q, d_v] in q's dtype, max_logits [s_q, h_q] float32, lse [s_q, h_q] float32,
+    natural log), with a leading batch axis in the batched form; accumulated in float32. A token
+    without a valid entry gets out 0, max_logits -inf and lse +inf, whatever its sink. kv rows that no
+    valid entry names are never used, so they may hold anything, NaN included. The largest
+    intermediates are the named rows [s_q, topk, d_qk] and the scores [s_q, h_q, topk] (float32).
+    Differentiable in q, kv and attn_sink.
+    """
+    q, kv, indices = (_contract.as_array(name, x) for name, x in (("q", q), ("kv", kv), ("indices", indices)))
+    attn_sink = None if attn_sink is None else _contract.as_array("attn_sink", attn_sink)
+    topk_length = None if topk_length is None else _contract.as_array("topk_length", topk_length)
+    shapes, scale = _contract.check_sparse_prefill_args(q, kv, indices, sm_scale, d_v, attn_sink, topk_length,
+                                                        any_float=True)
+    math = lambda q, kv, indices, topk_length: sparse_prefill_reference_math(  # noqa: E731
+        q, kv, indices, topk_length, attn_sink, sm_scale=scale, d_v=shapes.head_dim_v)
+    if shapes.batch is None:
+        return math(q, kv, indices, topk_length)
+    return jax.vmap(math, in_axes=(0, 0, 0, None if topk_length is None else 0))(q, kv, indices, topk_length)
+
+
+def sparse_prefill_reference_math(q, kv, indices, topk_length=None, attn_sink=None, *, sm_scale: float,
+                                  d_v: int = _contract.HEAD_DIM_V):
+    """The unbatched sparse prefill reference without argument checks (operands as
+    sparse_prefill_reference's, already validated; sm_scale a Python float): (out, max_logits, lse)."""
+    s_q, h_q, d = q.shape
+    s_kv = kv.shape[0]
+    ids = indices.reshape(s_q, indices.shape[-1])
+    valid = (ids >= 0) & (ids < s_kv)
+    if topk_length is not None:
+        position = jnp.arange(ids.shape[-1], dtype=jnp.int32)
+        valid &= position[None, :] < topk_length.astype(jnp.int32)[:, None]
+    rows = jnp.take(kv.reshape(s_kv, d), jnp.where(valid, ids, 0), axis=0)  # [s_q, topk, d]
+    # Unused entries read zeros, so NaN in rows nobody names never reaches a result.
+    rows = jnp.where(valid[..., None], rows.astype(jnp.float32), 0.0)
+    scores = jnp.einsum("shd,std->sht", q.astype(jnp.float32), rows, precision=jax.lax.Precision.HIGHEST) * sm_scale
+    visible = valid[:, None, :]
+    max_logits = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1)  # -inf without a valid entry
+    probs, denom, lse, empty = softmax_parts(scores, visible)
+    out = jnp.einsum("sht,stv->shv", probs, rows[..., :d_v], precision=jax.lax.Precision.HIGHEST) / denom
+    if attn_sink is not None:
+        # exp(lse) / (exp(lse) + exp(sink)) as a logistic of their difference (an infinite sink gives
+        # exactly 0 or 1). Empty rows take lse 0 here, so that their +inf meets no infinite sink (a
+        # NaN that gradients would carry); they are zeroed below anyway.
+        finite_lse = jnp.where(empty, 0.0, lse)
+        out = out * jax.nn.sigmoid(finite_lse - attn_sink.astype(jnp.float32)[None, :, None])
+    out = jnp.where(empty, 0.0, out).astype(q.dtype)
+    return out, max_logits, lse[..., 0]
