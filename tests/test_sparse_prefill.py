@@ -1,0 +1,353 @@
+"""Sparse prefill (flash_mla_sparse_fwd): the CPU handler against the pure-JAX reference with FlashMLA's
+tolerances, over FlashMLA's prefill cases scaled down (d_qk 512 and 576, topk 64 to 2048, h_q 1 to 128,
+s_q not a multiple of 64, kv shorter than topk), invalid ids (-1, other negatives, >= s_kv), topk_length
+(0 included), sinks (+-inf included), tokens without a valid entry, NaN in unread kv rows and NaN that
+must propagate; the batched form against the unbatched one, vmap, jit, the pure-JAX path against the
+handler, gradients against the reference's, and argument errors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flashmla as fm
+from jax_flashmla import reference
+from jax_flashmla.ops import sparse_prefill
+from sparse_cases import INT32_MAX, INT32_MIN, assert_close, make_sink
+
+# FlashMLA's checks of its prefill kernel (tests/test_flash_mla_sparse_prefill.py): out (bf16) against
+# the reference's float32 out within abs 8e-4 or rel 3.01/128 with a cosine difference under 7e-6;
+# max_logits and lse within abs 1e-6 or rel 2.01/65536; inf and NaN at the same places.
+OUT_TOL = dict(atol=8e-4, rtol=3.01 / 128, cos_tol=7e-6)
+STAT_TOL = dict(atol=1e-6, rtol=2.01 / 65536)
+SCALE = 0.5  # FlashMLA's test scale
+
+# FlashMLA's invalid ids (its test draws them past each row's valid ones), s_kv added per case.
+INVALID_IDS = (INT32_MIN, -123456, -1, 114514, 1919810, 2147480000, INT32_MAX)
+
+
+def make_case(rng, *, s_q, s_kv, topk, h_q, d_qk, sink=False, lengths=False, empty_rows=0):
+    """Operands of one call, built as FlashMLA's test builds them: q and kv normal / 10 plus a shared
+    offset; every row of indices names min(topk, s_kv) distinct kv rows in random order, then invalid
+    ids up to topk; `empty_rows` rows all invalid; FlashMLA's sinks; topk_length in [0, topk] with 0
+    and topk among them. Every kv row that no valid entry reads holds NaN."""
+    q = rng.standard_normal((s_q, h_q, d_qk)) / 10 + (rng.random() - 0.5) / 10
+    kv = rng.standard_normal((s_kv, 1, d_qk)) / 10 + (rng.random() - 0.5) / 10
+    keys = rng.random((s_q, max(s_kv, topk)))
+    keys[:, s_kv:] = np.inf
+    ids = np.argsort(keys, axis=-1, kind="stable")[:, :topk]
+    garbage = np.array(INVALID_IDS + (s_kv, s_kv + 1))
+    ids = np.where(ids >= s_kv, garbage[rng.integers(0, len(garbage), ids.shape)], ids)
+    rows = rng.permutation(s_q)[:empty_rows]
+    ids[rows] = garbage[rng.integers(0, len(garbage), (len(rows), topk))]
+    topk_length = None
+    if lengths:
+        topk_length = rng.integers(0, topk + 1, s_q)
+        topk_length[0], topk_length[-1] = 0, topk
+    read = (ids >= 0) & (ids < s_kv)
+    if topk_length is not None:
+        read &= np.arange(topk)[None, :] < topk_length[:, None]
+    unread = np.ones(s_kv, bool)
+    unread[ids[read]] = False
+    kv[unread] = np.nan
+    return dict(q=jnp.asarray(q, jnp.bfloat16), kv=jnp.asarray(kv, jnp.bfloat16),
+                indices=jnp.asarray(ids.reshape(s_q, 1, topk), jnp.int32),
+                attn_sink=jnp.asarray(make_sink(rng, h_q)) if sink else None,
+                topk_length=None if topk_length is None else jnp.asarray(topk_length, jnp.int32))
+
+
+def run(case, sm_scale=SCALE):
+    return fm.flash_mla_sparse_fwd(case["q"], case["kv"], case["indices"], sm_scale, attn_sink=case["attn_sink"],
+                                   topk_length=case["topk_length"])
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def _reference_f32(q, kv, indices, topk_length, attn_sink, sm_scale):
+    # float32 operands (the bf16 values exactly), so out stays float32, as FlashMLA's reference out.
+    return reference.sparse_prefill_reference_math(q.astype(jnp.float32), kv.astype(jnp.float32), indices,
+                                                   topk_length, attn_sink, sm_scale=sm_scale)
+
+
+def reference_f32(case, sm_scale=SCALE):
+    return _reference_f32(case["q"], case["kv"], case["indices"], case["topk_length"], case["attn_sink"],
+                          sm_scale=sm_scale)
+
+
+def check(case, sm_scale=SCALE):
+    """Shapes and dtypes, then out, max_logits and lse against the reference with FlashMLA's tolerances."""
+    out, max_logits, lse = run(case, sm_scale)
+    s_q, h_q, _ = case["q"].shape
+    assert out.shape == (s_q, h_q, 512) and out.dtype == jnp.bfloat16
+    assert max_logits.shape == lse.shape == (s_q, h_q)
+    assert max_logits.dtype == lse.dtype == jnp.float32
+    want_out, want_max, want_lse = reference_f32(case, sm_scale)
+    assert_close("max_logits", max_logits, want_max, **STAT_TOL)
+    assert_close("lse", lse, want_lse, **STAT_TOL)
+    assert_close("out", np.asarray(out, np.float32), want_out, **OUT_TOL)
+    # NaN fills every kv row nobody reads: none of it may leak.
+    assert not np.isnan(np.asarray(out, np.float32)).any() and not np.isnan(np.asarray(lse)).any()
+    return out, max_logits, lse
+
+
+# (d_qk, h_q, s_q, s_kv, topk, sink, topk_length, empty rows): FlashMLA's prefill shapes cut to CI size.
+CASES = [
+    (576, 128, 13, 95, 128, True, True, 2),    # kv shorter than topk: invalid ids in every row
+    (512, 64, 62, 592, 128, False, False, 0),
+    (576, 16, 62, 1840, 256, True, False, 0),
+    (512, 3, 213, 153, 256, False, True, 5),
+    (576, 1, 70, 1521, 512, True, True, 0),
+    (512, 16, 5, 4321, 2048, True, True, 1),
+    (576, 64, 3, 2100, 2048, False, False, 0),
+    (512, 128, 1, 128, 128, True, False, 0),
+    (576, 3, 9, 32, 2048, True, True, 0),      # most of every row invalid
+    (512, 1, 1, 64, 64, False, False, 0),
+    (576, 16, 67, 114, 384, True, True, 67),   # every token without a valid entry
+]
+
+
+@pytest.mark.parametrize("d_qk,h_q,s_q,s_kv,topk,sink,lengths,empty_rows", CASES)
+def test_matches_reference(rng, d_qk, h_q, s_q, s_kv, topk, sink, lengths, empty_rows):
+    case = make_case(rng, s_q=s_q, s_kv=s_kv, topk=topk, h_q=h_q, d_qk=d_qk, sink=sink, lengths=lengths,
+                     empty_rows=empty_rows)
+    check(case)
+
+
+def test_reference_entry_point_matches_math(rng):
+    case = make_case(rng, s_q=7, s_kv=100, topk=64, h_q=4, d_qk=576, sink=True, lengths=True)
+    got = fm.sparse_prefill_reference(case["q"], case["kv"], case["indices"], SCALE,
+                                      attn_sink=case["attn_sink"], topk_length=case["topk_length"])
+    want = reference.sparse_prefill_reference_math(case["q"], case["kv"], case["indices"], case["topk_length"],
+                                                   case["attn_sink"], sm_scale=SCALE)
+    assert got[0].dtype == jnp.bfloat16
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_empty_tokens_and_infinite_sinks(rng):
+    """A token without a valid entry (all ids invalid, or topk_length 0) gets out 0, max_logits -inf and
+    lse +inf whatever its sink; a +inf sink zeroes its head, -inf leaves it as without a sink, and
+    neither changes max_logits or lse."""
+    case = make_case(rng, s_q=4, s_kv=80, topk=64, h_q=4, d_qk=512)
+    ids = np.array(case["indices"])
+    ids[1] = -1
+    case["indices"] = jnp.asarray(ids)
+    case["topk_length"] = jnp.asarray([64, 64, 0, 20], jnp.int32)
+    plain = run(case)
+    case["attn_sink"] = jnp.asarray([np.inf, -np.inf, 0.5, -2.0], jnp.float32)
+    out, max_logits, lse = check(case)
+    for token in (1, 2):
+        assert (np.asarray(out[token], np.float32) == 0).all()
+        assert np.isneginf(np.asarray(max_logits[token])).all() and np.isposinf(np.asarray(lse[token])).all()
+    np.testing.assert_array_equal(np.asarray(max_logits), np.asarray(plain[1]))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(plain[2]))
+    assert (np.asarray(out[:, 0], np.float32) == 0).all()
+    np.testing.assert_array_equal(np.asarray(out[:, 1], np.float32), np.asarray(plain[0][:, 1], np.float32))
+    live = np.asarray(plain[0][[0, 3], 2:], np.float32)
+    assert (np.abs(np.asarray(out[[0, 3], 2:], np.float32)) < np.abs(live) + 1e-6).all()
+    assert np.abs(live).max() > 0
+
+
+def test_invalid_ids_are_unused_entries(rng):
+    """Every id < 0 or >= s_kv gives the same results as -1 there (FlashMLA's prefill: invalid, not an
+    error), and entries past topk_length are never read."""
+    case = make_case(rng, s_q=6, s_kv=50, topk=64, h_q=8, d_qk=576, lengths=True)
+    ids = np.array(case["indices"])
+    as_minus_one = dict(case, indices=jnp.asarray(np.where((ids < 0) | (ids >= 50), -1, ids)))
+    garbage = np.array([INT32_MIN, -2, 50, 51, INT32_MAX])
+    scrambled = np.where((ids < 0) | (ids >= 50), garbage[rng.integers(0, 5, ids.shape)], ids)
+    for other in (as_minus_one, dict(case, indices=jnp.asarray(scrambled))):
+        for a, b in zip(run(case), run(other)):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    lengths = np.asarray(case["topk_length"])
+    past = np.arange(64)[None, None, :] >= lengths[:, None, None]
+    beyond = dict(case, indices=jnp.asarray(np.where(past, rng.integers(-100, 100, ids.shape), ids), jnp.int32))
+    for a, b in zip(run(case), run(beyond)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_repeated_ids_count_twice(rng):
+    case = make_case(rng, s_q=3, s_kv=40, topk=64, h_q=2, d_qk=512)
+    case["indices"] = jnp.asarray(rng.integers(0, 5, (3, 1, 64)), jnp.int32)
+    check(case)
+
+
+def test_nan_propagates(rng):
+    """NaN in q makes that token's head NaN; NaN in a kv row a token reads makes that token NaN (every
+    head); nothing else changes."""
+    case = make_case(rng, s_q=5, s_kv=200, topk=64, h_q=4, d_qk=576)
+    clean = [np.asarray(x, np.float32) for x in run(case)]
+    q = np.array(case["q"], np.float32)
+    q[1, 2, 7] = np.nan
+    kv = np.array(case["kv"], np.float32)
+    row = int(np.asarray(case["indices"])[3, 0, 0])
+    assert 0 <= row < 200
+    kv[row, 0, 100] = np.nan
+    got = [np.asarray(x, np.float32) for x in run(dict(case, q=jnp.asarray(q, jnp.bfloat16),
+                                                        kv=jnp.asarray(kv, jnp.bfloat16)))]
+    readers = (np.asarray(case["indices"])[:, 0, :] == row).any(-1)
+    for g, c in zip(got, clean):
+        nan = np.isnan(g).reshape(5, 4, -1).any(-1)
+        want = np.zeros((5, 4), bool)
+        want[1, 2] = True
+        want[readers] = True
+        np.testing.assert_array_equal(nan, want)
+        np.testing.assert_array_equal(g[~want], c[~want])
+
+
+def test_default_scale(rng):
+    case = make_case(rng, s_q=3, s_kv=70, topk=64, h_q=2, d_qk=512)
+    for a, b in zip(run(case, None), run(case, 512 ** -0.5)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+# ---- the batched form, vmap, jit ---------------------------------------------------------------------------
+
+def _batched_case(rng, b, **kw):
+    cases = [make_case(rng, **kw) for _ in range(b)]
+    stacked = {name: None if cases[0][name] is None else jnp.stack([c[name] for c in cases]) for name in cases[0]}
+    stacked["attn_sink"] = cases[0]["attn_sink"]
+    return cases, stacked
+
+
+def _assert_equal(got, want):
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_batched_matches_unbatched(rng):
+    """The batched form equals each member's own call: ids are into the member's own kv, and an id at
+    or past s_kv (which in the folded kv would be the next member's rows, NaN where unread) stays
+    unused."""
+    cases, batched = _batched_case(rng, 3, s_q=7, s_kv=60, topk=64, h_q=4, d_qk=576, sink=True, lengths=True)
+    got = run(batched)
+    assert got[0].shape == (3, 7, 4, 512) and got[1].shape == got[2].shape == (3, 7, 4)
+    for m, case in enumerate(cases):
+        _assert_equal([x[m] for x in got], run(dict(case, attn_sink=batched["attn_sink"])))
+    want = fm.sparse_prefill_reference(batched["q"], batched["kv"], batched["indices"], SCALE,
+                                       attn_sink=batched["attn_sink"], topk_length=batched["topk_length"])
+    for name, a, b, tol in zip(("out", "max_logits", "lse"), got, want, (OUT_TOL, STAT_TOL, STAT_TOL)):
+        assert_close(name, np.asarray(a, np.float32), np.asarray(b, np.float32),
+                     **(dict(OUT_TOL, atol=2e-3, cos_tol=None) if name == "out" else tol))
+
+
+def test_vmap_shared_and_mapped_operands(rng):
+    """vmap over q with a shared kv, over everything, with a mapped sink and mapped lengths, and nested."""
+    cases, batched = _batched_case(rng, 2, s_q=5, s_kv=70, topk=64, h_q=4, d_qk=512, lengths=True)
+    sinks = jnp.asarray(np.stack([make_sink(rng, 4) for _ in range(2)]))
+    call = lambda q, kv, ids, tl, sink: fm.flash_mla_sparse_fwd(q, kv, ids, SCALE, attn_sink=sink,  # noqa: E731
+                                                                topk_length=tl)
+    shared_kv = jax.vmap(call, in_axes=(0, None, 0, 0, None))(batched["q"], cases[0]["kv"], batched["indices"],
+                                                              batched["topk_length"], None)
+    for m, case in enumerate(cases):
+        _assert_equal([x[m] for x in shared_kv], run(dict(case, kv=cases[0]["kv"])))
+    mapped_sink = jax.vmap(call)(batched["q"], batched["kv"], batched["indices"], batched["topk_length"], sinks)
+    for m, case in enumerate(cases):
+        want = reference_f32(dict(case, attn_sink=sinks[m]))
+        for name, a, b, tol in zip(("out", "max_logits", "lse"), [x[m] for x in mapped_sink], want,
+                                   (OUT_TOL, STAT_TOL, STAT_TOL)):
+            assert_close(name, np.asarray(a, np.float32), b, **tol)
+    nested = jax.vmap(jax.vmap(call, in_axes=(0, 0, 0, 0, None)), in_axes=(0, None, None, None, None))(
+        jnp.stack([batched["q"], batched["q"][::-1]]), batched["kv"], batched["indices"], batched["topk_length"],
+        None)
+    plain = jax.vmap(call, in_axes=(0, 0, 0, 0, None))(batched["q"], batched["kv"], batched["indices"],
+                                                       batched["topk_length"], None)
+    _assert_equal([x[0] for x in nested], plain)
+
+
+def test_jit(rng):
+    case = make_case(rng, s_q=9, s_kv=100, topk=128, h_q=8, d_qk=576, sink=True, lengths=True)
+    f = jax.jit(fm.flash_mla_sparse_fwd, static_argnames=("sm_scale",))
+    _assert_equal(f(case["q"], case["kv"], case["indices"], sm_scale=SCALE, attn_sink=case["attn_sink"],
+                    topk_length=case["topk_length"]), run(case))
+
+
+def test_fallback_matches_handler(rng):
+    """What GPUs and other platforms run (the reference, the primitive's fallback lowering) against the
+    CPU handler."""
+    case = make_case(rng, s_q=11, s_kv=300, topk=256, h_q=16, d_qk=512, sink=True, lengths=True, empty_rows=1)
+    operands = (case["q"], case["kv"], case["indices"], case["topk_length"], case["attn_sink"])
+    want = jax.jit(functools.partial(sparse_prefill.reference_math, sm_scale=SCALE, d_v=512))(*operands)
+    for name, a, b, tol in zip(("out", "max_logits", "lse"), run(case), want, (OUT_TOL, STAT_TOL, STAT_TOL)):
+        assert_close(name, np.asarray(a, np.float32), np.asarray(b, np.float32),
+                     **(dict(tol, atol=2e-3, cos_tol=None) if name == "out" else tol))
+
+
+# ---- gradients -----------------------------------------------------------------------------------------
+
+def test_grad_matches_reference(rng):
+    """jax.grad in q, kv and attn_sink (through the primitive's JVP) against the reference's autodiff,
+    with NaN in unread kv rows (their gradient is 0) and an empty token."""
+    case = make_case(rng, s_q=4, s_kv=90, topk=64, h_q=4, d_qk=576, lengths=True, empty_rows=1)
+    sink = jnp.asarray([0.3, np.inf, -np.inf, -1.0], jnp.float32)
+    d_out = jnp.asarray(rng.standard_normal((4, 4, 512)), jnp.float32)
+
+    def loss(fn, q, kv, sink):
+        out, max_logits, lse = fn(q, kv, case["indices"], SCALE, attn_sink=sink, topk_length=case["topk_length"])
+        finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)  # noqa: E731
+        return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(finite(lse) * 0.7) + jnp.sum(finite(max_logits))
+
+    args = (case["q"], case["kv"], sink)
+    got = jax.grad(functools.partial(loss, fm.flash_mla_sparse_fwd), argnums=(0, 1, 2))(*args)
+    want = jax.grad(functools.partial(loss, fm.sparse_prefill_reference), argnums=(0, 1, 2))(*args)
+    for name, a, b in zip(("dq", "dkv", "d_sink"), got, want):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.isfinite(a).all(), name
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-6 + 1e-2 * np.abs(b).max(), err_msg=name)
+    dkv = np.asarray(got[1], np.float32)
+    unread = np.isnan(np.asarray(case["kv"], np.float32)).any(-1)[:, 0]
+    assert unread.any() and (dkv[unread] == 0).all() and np.abs(dkv[~unread]).max() > 0
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+def _bad(case, **changes):
+    return dict(case, **changes)
+
+
+def test_argument_errors(rng):
+    case = make_case(rng, s_q=3, s_kv=40, topk=64, h_q=2, d_qk=576)
+    q, kv, ids = case["q"], case["kv"], case["indices"]
+    bad = [
+        (dict(q=q[..., :500]), "q: expected head dim"),
+        (dict(q=q.astype(jnp.float16)), "q: expected dtype bfloat16"),
+        (dict(q=q[0]), "q: expected rank 3"),
+        (dict(kv=kv.astype(jnp.float32)), "kv: expected dtype bfloat16"),
+        (dict(kv=jnp.concatenate([kv, kv], axis=1)), "kv: expected h_kv"),
+        (dict(kv=kv[..., :512]), "kv: expected head dim"),
+        (dict(kv=kv[:, 0]), "kv: expected shape"),
+        (dict(indices=ids[:2]), "indices: expected shape"),
+        (dict(indices=ids.astype(jnp.int16)), "indices: expected dtype int32"),
+        (dict(indices=ids[..., :0]), "indices: expected shape"),
+        (dict(topk_length=jnp.zeros((4,), jnp.int32)), "topk_length: expected shape"),
+        (dict(topk_length=jnp.zeros((3,), jnp.float32)), "topk_length: expected dtype int32"),
+        (dict(attn_sink=jnp.zeros((3,), jnp.float32)), "attn_sink: expected shape"),
+        (dict(attn_sink=jnp.zeros((2,), jnp.bfloat16)), "attn_sink: expected dtype float32"),
+    ]
+    for changes, message in bad:
+        with pytest.raises(fm.ContractError, match=message):
+            run(_bad(case, **changes))
+    for scale in (0.0, -1.0, float("inf"), float("nan"), "x"):
+        with pytest.raises(fm.ContractError, match="sm_scale: expected"):
+            run(case, scale)
+    with pytest.raises(fm.ContractError, match="d_v: expected 512"):
+        fm.flash_mla_sparse_fwd(q, kv, ids, SCALE, d_v=576)
+    with pytest.raises(fm.ContractError, match="sm_scale: expected a static"):
+        jax.jit(lambda s: run(case, s))(0.5)
+    batched = {k: None if v is None else v[None] for k, v in case.items()}
+    with pytest.raises(fm.ContractError, match="kv: expected shape"):
+        run(dict(batched, kv=jnp.concatenate([batched["kv"]] * 2)))
+    with pytest.raises(fm.ContractError, match="topk_length: expected shape"):
+        run(dict(batched, topk_length=jnp.zeros((3,), jnp.int32)))
+
+
+def test_readme_snippet_runs():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Sparse prefill", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md (Sparse prefill)", "exec"), {})
