@@ -276,6 +276,33 @@ def test_fallback_matches_handler(rng):
                      **(dict(tol, atol=2e-3, cos_tol=None) if name == "out" else tol))
 
 
+def test_shard_map_head_and_token_splits(rng):
+    """Inside shard_map, heads (q and attn_sink) or query tokens (q, indices, topk_length) split over
+    devices with kv whole give the unsplit results; jax.grad runs there too."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    try:
+        from jax import shard_map
+    except ImportError:  # older JAX
+        from jax.experimental.shard_map import shard_map
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices")
+    case = make_case(rng, s_q=8, s_kv=60, topk=64, h_q=8, d_qk=512, sink=True, lengths=True)
+    mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
+    call = lambda q, kv, ids, tl, sink: fm.flash_mla_sparse_fwd(q, kv, ids, SCALE, attn_sink=sink,  # noqa: E731
+                                                                topk_length=tl)
+    args = (case["q"], case["kv"], case["indices"], case["topk_length"], case["attn_sink"])
+    want = call(*args)
+    heads = shard_map(call, mesh=mesh, in_specs=(P(None, "x"), P(), P(), P(), P("x")),
+                      out_specs=(P(None, "x"),) * 3)
+    tokens = shard_map(call, mesh=mesh, in_specs=(P("x"), P(), P("x"), P("x"), P()), out_specs=(P("x"),) * 3)
+    for split in (heads, tokens):
+        _assert_equal(jax.jit(split)(*args), want)
+    loss = lambda q, kv: jnp.sum(heads(q, kv, *args[2:])[0].astype(jnp.float32))  # noqa: E731
+    dq, dkv = jax.grad(loss, argnums=(0, 1))(case["q"], case["kv"])
+    assert dq.shape == case["q"].shape and dkv.shape == case["kv"].shape
+
+
 # ---- gradients -----------------------------------------------------------------------------------------
 
 def test_grad_matches_reference(rng):
