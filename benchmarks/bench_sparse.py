@@ -117,7 +117,7 @@ def select_sparse_cases(suites: dict, names, flt: dict) -> list[SparseCase]:
     for suite in names:
         grid = dict(suites[suite])
         fixed = grid.pop("fixed", {})
-        axes = {k: sorted(set(v) | flt.get(k, set())) if k in ADDABLE and k in flt else v for k, v in grid.items()}
+        axes = {k: list(v) + sorted(flt[k] - set(v)) if k in ADDABLE and k in flt else v for k, v in grid.items()}
         for fmt in axes["fmt"]:
             for b in axes["b"]:
                 for s_k in axes["s_k"]:
