@@ -1,6 +1,7 @@
 """The decode benchmark's machinery: problems, timing, the same run's ceilings, and the report.
 
-benchmarks/bench_decode.py is its command line; docs/performance.md gives the method and figures.
+benchmarks/bench_decode.py is its command line (benchmarks/bench_sparse.py, the sparse one, shares its timer,
+ceilings and filters); docs/performance.md gives the method and figures.
 Only the package's public API is used (plus jax_flashmla.testing, taken from this checkout when the
 imported build predates it), so the same harness times any build put first on PYTHONPATH.
 
