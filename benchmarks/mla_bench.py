@@ -1,6 +1,7 @@
 """The decode benchmark's machinery: problems, timing, the same run's ceilings, and the report.
 
-benchmarks/bench_decode.py is its command line; docs/performance.md gives the method and figures.
+benchmarks/bench_decode.py is its command line (benchmarks/bench_sparse.py, the sparse one, shares its timer,
+ceilings and filters); docs/performance.md gives the method and figures.
 Only the package's public API is used (plus jax_flashmla.testing, taken from this checkout when the
 imported build predates it), so the same harness times any build put first on PYTHONPATH.
 
@@ -397,17 +398,21 @@ SMOKE = dict(b=[4], s_k=[128, 320], h_q=[16, 32], s_q=[1, 2], h_kv=[1])
 KEYS = ("b", "s_k", "h_q", "s_q", "h_kv")
 
 
-def parse_filter(text: str | None) -> dict:
-    """'s_k=4096,h_q=64/128' -> {'s_k': {4096}, 'h_q': {64, 128}}."""
+def parse_filter(text: str | None, keys=KEYS) -> dict:
+    """'s_k=4096,h_q=64/128' -> {'s_k': {4096}, 'h_q': {64, 128}} (integer values of `keys`)."""
     if not text:
         return {}
     out = {}
     for term in text.split(","):
         key, _, values = term.partition("=")
         key = key.strip()
-        if key not in KEYS or not values:
-            raise ValueError(f"bad case filter term {term!r} (keys {', '.join(KEYS)}; values separated by '/')")
-        out[key] = {int(v) for v in re.split(r"[/|]", values) if v}
+        try:
+            parsed = {int(v) for v in re.split(r"[/|]", values) if v}
+        except ValueError:
+            parsed = set()
+        if key not in keys or not parsed:
+            raise ValueError(f"bad case filter term {term!r} (keys {', '.join(keys)}; integer values separated by '/')")
+        out[key] = parsed
     return out
 
 
