@@ -8,8 +8,10 @@ size s_q * h_q * topk."""
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -161,3 +163,143 @@ def test_f32_matches_vjp_of_reference(rng, d_qk, h_q, s_q, topk, s_kv, lengths, 
     assert (dkv[unread_rows(case)] == 0).all()
     # The test has teeth: the reference's gradients are not all zero where they should not be.
     assert np.abs(np.asarray(want[0])[0]).max() > 0 and np.abs(np.asarray(want[1])).max() > 0
+
+
+def test_chunkings_agree(rng):
+    """One token or all at a step, one entry or all, and budgets that pick them: the same gradients."""
+    case = make_case(rng, s_q=10, h_q=5, d_qk=576, topk=23, s_kv=30, lengths=True, sink="finite")
+    d_out = jnp.asarray(rng.standard_normal((10, 5, D_V)), jnp.float32)
+    out, lse, *_ = reference_grads(case, d_out, jnp.zeros((10, 5)), 576 ** -0.5)
+    first = ours(case, out, lse, d_out, q_chunk=10, topk_chunk=23)
+    per_entry = 576 * 4 + 2 * 4 * 576 + 4 * 4 * 5
+    for chunks in (dict(q_chunk=1, topk_chunk=1), dict(q_chunk=3, topk_chunk=23), dict(q_chunk=4, topk_chunk=6),
+                   dict(chunk_bytes=per_entry * 23 * 3), dict(chunk_bytes=per_entry * 5), dict()):
+        again = ours(case, out, lse, d_out, **chunks)
+        for name, a, b in zip(("dq", "dkv", "d_sink"), again, first):
+            a, b = np.asarray(a), np.asarray(b)  # float32 sums in another order: rounding only
+            assert np.abs(a - b).max() <= 2e-6 * np.abs(b).max(), (name, chunks)
+
+
+def test_chunk_sizes_follow_the_budget():
+    per_entry = 576 * 2 + 2 * 4 * 576 + 4 * 4 * 128  # bf16 kv, h_q 128
+    # All of topk fits one token's step: as many tokens as fit.
+    assert chunk_sizes(4096, 128, 2048, 576, 2, 64 * per_entry * 2048) == (64, 2048)
+    assert chunk_sizes(10, 128, 2048, 576, 2, 64 * per_entry * 2048) == (10, 2048)
+    # It does not: one token a step, the topk entries that fit.
+    assert chunk_sizes(4096, 128, 2048, 576, 2, 100 * per_entry) == (1, 100)
+    assert chunk_sizes(4096, 128, 2048, 576, 2, 1) == (1, 1)
+    # Explicit sizes are kept, within s_q and topk.
+    assert chunk_sizes(7, 1, 9, 512, 4, q_chunk=100, topk_chunk=100) == (7, 9)
+    assert chunk_sizes(7, 1, 9, 512, 4, q_chunk=2) == (2, 9)
+
+
+def test_bf16_inputs_within_flashmla_tolerances(rng):
+    """bf16 q and kv, out rounded to bf16 as the forward returns it, dq and dkv in bf16: against the
+    float32 vjp of the reference at the same (bf16-valued) inputs, with FlashMLA's out criteria for
+    bf16 results (rel 3.01/128 per element of the tensor scaled to unit max, cosine
+    difference under 1e-5). The absolute part is 2e-3 of the tensor's largest element: the results
+    are rounded to bf16 (up to 3.9e-3 of that element), and D = sum(d_out * out) comes from the
+    bf16-rounded out, as in flash attention's backward, which moves small elements by up to about 1e-3
+    of the largest (FlashMLA's 8e-4 is absolute on out, whose values stay well below 1)."""
+    s_q, h_q, d_qk, topk = 21, 16, 576, 96
+    case = make_case(rng, s_q=s_q, h_q=h_q, d_qk=d_qk, topk=topk, s_kv=150, lengths=True, sink="finite",
+                     dtype=jnp.bfloat16)
+    d_out = jnp.asarray(rng.standard_normal((s_q, h_q, D_V)), jnp.bfloat16)
+    out, lse, *want = reference_grads(case, d_out.astype(jnp.float32), jnp.zeros((s_q, h_q)), d_qk ** -0.5)
+    got = ours(case, out.astype(jnp.bfloat16), lse, d_out, topk_chunk=40, q_chunk=8)
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16 and got[2].dtype == jnp.float32
+    for name, g, w in zip(("dq", "dkv", "d_sink"), got, want):
+        g = np.nan_to_num(np.asarray(g, np.float32))  # NaN-filled unread rows of kv: their dkv is 0
+        w = np.asarray(w, np.float32)
+        scale = np.abs(w).max()
+        assert_close(name, g / scale, w / scale, atol=2e-3, rtol=3.01 / 128, cos_tol=1e-5)
+
+
+def test_nan_in_q_or_d_out_propagates_and_unread_nan_never_leaks(rng):
+    s_q, h_q, d_qk, topk, s_kv = 8, 3, 512, 12, 40
+    case = make_case(rng, s_q=s_q, h_q=h_q, d_qk=d_qk, topk=topk, s_kv=s_kv, sink="finite")
+    q, kv, indices, lens, sink = case
+    ids = np.asarray(indices[:, 0])
+    d_out = jnp.asarray(rng.standard_normal((s_q, h_q, D_V)), jnp.float32)
+    out, lse, *_ = reference_grads(case, d_out, jnp.zeros((s_q, h_q)), d_qk ** -0.5)
+    reads = lambda s: np.unique(ids[s][(ids[s] >= 0) & (ids[s] < s_kv)])
+
+    # NaN in q of row 4 (it has valid ids) and of row 1 (it has none): row 4's dq and the kv rows
+    # it reads go NaN; row 1 still gets zeros and leaks nothing (its invalid entries are dropped).
+    q_nan = q.at[4, 1, 3].set(jnp.nan).at[1, 0, 0].set(jnp.nan)
+    dq, dkv, d_sink = ours((q_nan, kv, indices, lens, sink), out, lse, d_out)
+    dq, dkv = np.array(dq), np.array(dkv)[:, 0]
+    assert np.isnan(dq[4, 1]).all() and (dq[1] == 0).all()
+    dq[4, 1] = 0
+    assert np.isfinite(dq).all()
+    nan_rows = np.isnan(dkv).any(axis=-1)
+    np.testing.assert_array_equal(np.flatnonzero(nan_rows), reads(4))
+
+    # NaN in d_out at (row 5, head 2): that row's dq, the rows it reads, head 2's d_sink.
+    dq, dkv, d_sink = ours(case, out, lse, d_out.at[5, 2, 7].set(jnp.nan))
+    dq, dkv, d_sink = np.array(dq), np.array(dkv)[:, 0], np.array(d_sink)
+    assert np.isnan(dq[5, 2]).all()
+    dq[5, 2] = 0
+    assert np.isfinite(dq).all()
+    np.testing.assert_array_equal(np.flatnonzero(np.isnan(dkv).any(axis=-1)), reads(5))
+    np.testing.assert_array_equal(np.isnan(d_sink), np.arange(h_q) == 2)
+
+    # NaN in d_out of a row with no valid id: nothing (its out is 0 whatever the inputs).
+    dq, dkv, d_sink = ours(case, out, lse, d_out.at[1].set(jnp.nan).at[2].set(jnp.nan))
+    assert np.isfinite(dq).all() and np.isfinite(dkv).all() and np.isfinite(d_sink).all()
+
+
+def test_errors_name_the_argument(rng):
+    case = make_case(rng, s_q=4, h_q=2, d_qk=512, topk=8, s_kv=10)
+    q, kv, indices, lens, sink = case
+    out, lse = jnp.zeros((4, 2, D_V)), jnp.zeros((4, 2))
+    call = lambda **kw: sparse_prefill_vjp_bwd(*[kw.get(n, v) for n, v in (
+        ("q", q), ("kv", kv), ("indices", indices), ("topk_length", lens), ("attn_sink", sink), ("out", out),
+        ("lse", lse), ("d_out", out))], sm_scale=0.1, d_v=kw.get("d_v", D_V))
+    for name, bad in (("kv", kv[:, :, :500]), ("indices", indices[:3]), ("out", out[:, :1]), ("lse", lse.T),
+                      ("d_out", out[..., :256]), ("d_v", 600)):
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            call(**{name: bad})
+
+
+# ---- the memory bound ----------------------------------------------------------------------------------
+
+def _avals(jaxpr):
+    """Every value's type in a closed jaxpr, inside scan and other sub-jaxprs included."""
+    for eqn in jaxpr.eqns:
+        for v in list(eqn.invars) + list(eqn.outvars):
+            if hasattr(v, "aval"):
+                yield v.aval
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _avals(sub)
+
+
+def test_backward_holds_nothing_of_size_s_q_h_q_topk():
+    """At s_q 128, h_q 64, topk 8192, d_qk 576 (traced and compiled, not run), with a 4 MiB budget:
+    no value of the backward's program (nested jaxprs included) is bigger than its largest operand,
+    so none comes near s_q * h_q * topk elements or all tokens' rows of kv at once; the compiled
+    program's temporaries are at most float32 copies of q, d_out and kv, the float32 accumulators of
+    dq and dkv, and two steps' working sets (XLA on the CPU computes in float32 what is bf16 here),
+    under a third of one float32 [s_q, h_q, topk] array; the plain vjp of the reference holds one."""
+    s_q, h_q, d_qk, topk, s_kv = 128, 64, 576, 8192, 4096
+    budget = 4 << 20
+    S = jax.ShapeDtypeStruct
+    args = (S((s_q, h_q, d_qk), jnp.bfloat16), S((s_kv, 1, d_qk), jnp.bfloat16), S((s_q, 1, topk), jnp.int32),
+            S((s_q,), jnp.int32), S((h_q,), jnp.float32), S((s_q, h_q, D_V), jnp.bfloat16),
+            S((s_q, h_q), jnp.float32), S((s_q, h_q, D_V), jnp.bfloat16))
+    fn = lambda *a: sparse_prefill_vjp_bwd(*a, sm_scale=d_qk ** -0.5, d_v=D_V, chunk_bytes=budget)
+    big = s_q * h_q * topk
+    biggest = max(math.prod(a.shape) for a in _avals(jax.make_jaxpr(fn)(*args).jaxpr))
+    assert biggest <= max(math.prod(a.shape) for a in args), biggest
+    assert biggest < big // 8 and biggest < s_q * topk * d_qk // 8, biggest
+
+    temp = jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    copies = 4 * (2 * s_q * h_q * d_qk + s_q * h_q * D_V + 2 * s_kv * d_qk)
+    assert temp <= copies + 2 * budget, (temp, copies)
+    assert temp < 4 * big // 3, temp
+
+    def plain(q, kv, indices, lens, sink, out, lse, d_out):
+        f = lambda q, kv: reference(q, kv, indices, lens, sink, d_qk ** -0.5)
+        return jax.vjp(f, q, kv)[1]((d_out.astype(jnp.float32), jnp.zeros_like(lse)))
+
+    assert max(math.prod(a.shape) for a in _avals(jax.make_jaxpr(plain)(*args).jaxpr)) >= big

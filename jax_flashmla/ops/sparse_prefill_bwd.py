@@ -27,14 +27,16 @@ The sink enters twice: it scales the cotangent of o by sig, and through sig's de
 adds (1 - sig) * sum_v(d_out * out) to lse's cotangent; together they give the D above, so with a
 sink D is not the plain sum_v(d_out * o) of flash attention. The sink leaves lse itself unchanged.
 
-Memory: nothing of size [s_q, h_q, topk] or [s_q, s_kv] exists at once. A lax.scan walks the query
-tokens q_chunk at a time, and inside it a second scan walks each chunk's entries topk_chunk at a time;
-a step holds its rows of kv and the [q_chunk, h_q, topk_chunk] scores (float32), and scatter-adds its
-rows of dkv into one float32 [s_kv, d_qk] accumulator (the result's size). Unless given, the chunk
-sizes come from a byte budget (`chunk_bytes`, CHUNK_BYTES by default): all of topk per step if one
-query token fits in it, else the largest topk chunk that does; then as many tokens as fit. The last
-chunks are padded with rows and entries that contribute nothing. Everything is accumulated in
-float32 (matmuls at HIGHEST precision), whatever the input dtypes.
+Memory: nothing of size [s_q, h_q, topk] or [s_q, s_kv] exists at once. A lax.fori_loop walks the
+query tokens q_chunk at a time, and inside it a second one walks each chunk's entries topk_chunk at a
+time; a step holds its rows of kv and the [q_chunk, h_q, topk_chunk] scores (float32), and
+scatter-adds its rows of dkv into one float32 [s_kv, d_qk] accumulator (the result's size); dq is
+written chunk by chunk in q's dtype, and no operand is padded or copied whole in float32. Unless
+given, the chunk sizes come from a byte budget (`chunk_bytes`, CHUNK_BYTES by default): all of topk
+per step if one query token fits in it, else the largest topk chunk that does; then as many tokens as
+fit. A last chunk that would run past s_q (or topk) starts earlier instead, its overlap with the
+chunk before masked out. Everything is accumulated in float32 (matmuls at HIGHEST precision),
+whatever the input dtypes; dq and dkv are rounded once, at the end, to q's and kv's dtypes.
 
 Invalid entries contribute nothing and never index out of bounds: their ids are clamped for the
 gather, their rows masked to zero, and their dkv rows dropped by the scatter, so NaN in kv rows no
@@ -77,6 +79,8 @@ def sparse_prefill_vjp_bwd(q, kv, indices, topk_length, attn_sink, out, lse, d_o
     s_q, h_q, d_qk = q.shape
     s_kv = kv.shape[0]
     topk = indices.shape[-1]
+    if not 0 < d_v <= d_qk:
+        raise ValueError(f"d_v: expected 1..{d_qk}, got {d_v}")
     if kv.ndim != 3 or kv.shape[1:] != (1, d_qk):
         raise ValueError(f"kv: expected shape [s_kv, 1, {d_qk}], got {kv.shape}")
     if indices.shape != (s_q, 1, topk):
@@ -87,59 +91,54 @@ def sparse_prefill_vjp_bwd(q, kv, indices, topk_length, attn_sink, out, lse, d_o
             raise ValueError(f"{name}: expected shape {list(shape)}, got {list(x.shape)}")
     if d_lse is not None and d_lse.shape != (s_q, h_q):
         raise ValueError(f"d_lse: expected shape {[s_q, h_q]}, got {list(d_lse.shape)}")
-    if not 0 < d_v <= d_qk:
-        raise ValueError(f"d_v: expected 1..{d_qk}, got {d_v}")
 
     f32 = jnp.float32
     hi = jax.lax.Precision.HIGHEST
     cq, ck = chunk_sizes(s_q, h_q, topk, d_qk, jnp.dtype(kv.dtype).itemsize, chunk_bytes, q_chunk, topk_chunk)
     n_q, n_k = -(-s_q // cq), -(-topk // ck)
-    pad_q, pad_k = n_q * cq - s_q, n_k * ck - topk
 
-    # Entries past topk_length become -1 here, once: from then on validity is the id alone.
     ids = indices.reshape(s_q, topk).astype(jnp.int32)
-    valid = (ids >= 0) & (ids < s_kv)
-    if topk_length is not None:
-        position = jnp.arange(topk, dtype=jnp.int32)
-        valid &= position[None, :] < topk_length.reshape(s_q).astype(jnp.int32)[:, None]
-    ids = jnp.where(valid, ids, -1)
-    has_entry = jnp.any(valid, axis=-1)[:, None]  # [s_q, 1]
+    lengths = (jnp.full((s_q,), topk, jnp.int32) if topk_length is None
+               else topk_length.reshape(s_q).astype(jnp.int32))
+    position = jnp.arange(topk, dtype=jnp.int32)
+    has_entry = jnp.any((ids >= 0) & (ids < s_kv) & (position[None, :] < lengths[:, None]), axis=-1)[:, None]
 
-    # Per row: g = sig * d_out and the constant of dS, D - d_lse; both 0 on a row with no entry.
-    do = d_out.astype(f32)
-    dout_out = jnp.sum(do * out.astype(f32), axis=-1)  # sum_v(d_out * out), [s_q, h_q]
+    # Per row: the factor sig of g = sig * d_out, and delta = D - d_lse; both 0 on a row with no entry.
+    dout_out = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # sum_v(d_out * out), [s_q, h_q]
     lse = lse.astype(f32)
     if attn_sink is not None:
         sig = jax.nn.sigmoid(lse - attn_sink.astype(f32)[None, :])
         d_sink = jnp.sum(jnp.where(has_entry, -(1.0 - sig) * dout_out, 0.0), axis=0)
-        g = sig[..., None] * do
         delta = sig * dout_out
     else:
         d_sink = None
-        g = do
+        sig = jnp.ones_like(lse)
         delta = dout_out
     if d_lse is not None:
         delta = delta - d_lse.astype(f32)
-    g = jnp.where(has_entry[..., None], g, 0.0)
+    sig = jnp.where(has_entry, sig, 0.0)
     delta = jnp.where(has_entry, delta, 0.0)
-
-    # Chunked operands: [n_q, cq, ...]; padded tokens have no entries and zero q and g.
-    def by_chunk(x, fill=0):
-        x = jnp.pad(x, ((0, pad_q),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)
-        return x.reshape((n_q, cq) + x.shape[1:])
-
-    ids = jnp.pad(ids, ((0, 0), (0, pad_k)), constant_values=-1)
-    ids = by_chunk(ids, -1).reshape(n_q, cq, n_k, ck).transpose(0, 2, 1, 3)  # [n_q, n_k, cq, ck]
-    xs = (by_chunk(q), by_chunk(g), by_chunk(delta), by_chunk(lse, jnp.inf), ids)
     rows = kv.reshape(s_kv, d_qk)
 
-    def token_step(dkv, x):
-        q_c, g_c, delta_c, lse_c, ids_c = x
-        q_c = q_c.astype(f32)
+    # Chunk i covers tokens [start, start + cq) with start = min(i * cq, s_q - cq): the last chunk
+    # overlaps the one before instead of running past s_q, and its tokens below i * cq (done before)
+    # count as having no entries, so they add exact zeros. Entry chunks do the same along topk.
+    def token_step(i, carry):
+        dq, dkv = carry
+        t0 = jnp.minimum(i * cq, s_q - cq)
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, cq, axis=0)
+        q_c = take(q).astype(f32)  # [cq, h_q, d_qk]
+        g_c = take(sig)[..., None] * take(d_out).astype(f32)  # [cq, h_q, d_v]
+        delta_c, lse_c, ids_c, len_c = take(delta), take(lse), take(ids), take(lengths)
+        fresh = t0 + jnp.arange(cq, dtype=jnp.int32) >= i * cq  # [cq]
 
-        def entry_step(carry, ids_k):
+        def entry_step(j, carry):
             dq_c, dkv = carry
-            ok = ids_k >= 0  # [cq, ck]
+            e0 = jnp.minimum(j * ck, topk - ck)
+            ids_k = jax.lax.dynamic_slice_in_dim(ids_c, e0, ck, axis=1)  # [cq, ck]
+            pos = e0 + jnp.arange(ck, dtype=jnp.int32)
+            ok = ((ids_k >= 0) & (ids_k < s_kv) & (pos[None, :] < len_c[:, None]) & (pos >= j * ck)[None, :]
+                  & fresh[:, None])
             k = jnp.take(rows, jnp.where(ok, ids_k, 0), axis=0)  # clamped, then masked
             k = jnp.where(ok[..., None], k.astype(f32), 0.0)  # [cq, ck, d_qk]
             scores = jnp.einsum("chd,ctd->cht", q_c, k, precision=hi) * sm_scale
@@ -152,15 +151,17 @@ def sparse_prefill_vjp_bwd(q, kv, indices, topk_length, attn_sink, out, lse, d_o
             # Invalid entries point past the end and are dropped (jnp would wrap -1 to the last row).
             target = jnp.where(ok, ids_k, s_kv).reshape(cq * ck)
             dkv = dkv.at[target].add(dk.reshape(cq * ck, d_qk), mode="drop")
-            return (dq_c, dkv), None
+            return dq_c, dkv
 
-        (dq_c, dkv), _ = jax.lax.scan(entry_step, (jnp.zeros_like(q_c) + zero, dkv), ids_c)
-        return dkv, dq_c
+        dq_c, dkv = jax.lax.fori_loop(0, n_k, entry_step, (jnp.zeros_like(q_c) + zero, dkv))
+        # Rows done before get exact zeros here; dq keeps q's dtype (one rounding per element).
+        dq = jax.lax.dynamic_update_slice_in_dim(dq, take(dq) + dq_c.astype(q.dtype), t0, axis=0)
+        return dq, dkv
 
-    # Inside shard_map a carry must vary over the same mesh axes as the step's results: start both
+    # Inside shard_map a carry must vary over the same mesh axes as the step's results: start the
     # carries from a zero that varies like every operand.
-    zero = sum(jnp.zeros_like(x, dtype=f32, shape=()) for x in (q, kv, ids, g, delta, lse))
+    zero = sum(jnp.zeros_like(x, dtype=f32, shape=()) for x in (q, kv, ids, d_out, delta, lse, sig))
+    dq0 = jnp.zeros_like(q) + zero.astype(q.dtype)
     dkv0 = jnp.zeros((s_kv, d_qk), f32) + zero
-    dkv, dq = jax.lax.scan(token_step, dkv0, xs)
-    dq = dq.reshape(n_q * cq, h_q, d_qk)[:s_q]
-    return dq.astype(q.dtype), dkv.reshape(s_kv, 1, d_qk).astype(kv.dtype), d_sink
+    dq, dkv = jax.lax.fori_loop(0, n_q, token_step, (dq0, dkv0))
+    return dq, dkv.reshape(s_kv, 1, d_qk).astype(kv.dtype), d_sink
