@@ -250,14 +250,15 @@ def test_nan_in_q_or_d_out_propagates_and_unread_nan_never_leaks(rng):
 
 
 def test_errors_name_the_argument(rng):
-    case = make_case(rng, s_q=4, h_q=2, d_qk=512, topk=8, s_kv=10)
+    case = make_case(rng, s_q=4, h_q=2, d_qk=512, topk=8, s_kv=10, lengths=True, sink="finite")
     q, kv, indices, lens, sink = case
     out, lse = jnp.zeros((4, 2, D_V)), jnp.zeros((4, 2))
     call = lambda **kw: sparse_prefill_vjp_bwd(*[kw.get(n, v) for n, v in (
         ("q", q), ("kv", kv), ("indices", indices), ("topk_length", lens), ("attn_sink", sink), ("out", out),
         ("lse", lse), ("d_out", out))], sm_scale=0.1, d_v=kw.get("d_v", D_V))
     for name, bad in (("kv", kv[:, :, :500]), ("indices", indices[:3]), ("out", out[:, :1]), ("lse", lse.T),
-                      ("d_out", out[..., :256]), ("d_v", 600)):
+                      ("d_out", out[..., :256]), ("d_v", 600),
+                      ("topk_length", lens[:3]), ("attn_sink", sink[None])):
         with pytest.raises(ValueError, match=f"^{name}:"):
             call(**{name: bad})
 
@@ -303,3 +304,35 @@ def test_backward_holds_nothing_of_size_s_q_h_q_topk():
         return jax.vjp(f, q, kv)[1]((d_out.astype(jnp.float32), jnp.zeros_like(lse)))
 
     assert max(math.prod(a.shape) for a in _avals(jax.make_jaxpr(plain)(*args).jaxpr)) >= big
+
+
+# ---- transformations -----------------------------------------------------------------------------------
+
+def test_under_shard_map_and_vmap(rng):
+    """Inside shard_map over query tokens and heads with kv whole (each shard's dkv partial, summed;
+    d_sink summed over token shards) and under vmap: the unsharded, unbatched results."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    s_q, h_q, d_qk = 8, 4, 512
+    case = make_case(rng, s_q=s_q, h_q=h_q, d_qk=d_qk, topk=16, s_kv=40, lengths=True, sink="finite")
+    d_out = jnp.asarray(rng.standard_normal((s_q, h_q, D_V)), jnp.float32)
+    out, lse, *want = reference_grads(case, d_out, jnp.zeros((s_q, h_q)), d_qk ** -0.5)
+    bwd = lambda *a: sparse_prefill_vjp_bwd(*a, sm_scale=d_qk ** -0.5, d_v=D_V, q_chunk=3, topk_chunk=5)
+
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("s", "h"))
+    specs = (P("s", "h"), P(), P("s"), P("s"), P("h"), P("s", "h"), P("s", "h"), P("s", "h"))
+
+    def body(*a):
+        dq, dkv, d_sink = bwd(*a)
+        return dq, jax.lax.psum(dkv, ("s", "h")), jax.lax.psum(d_sink, "s")
+
+    sharded = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(P("s", "h"), P(), P("h"))))
+    args = [jax.device_put(x, NamedSharding(mesh, p)) for x, p in zip(case + (out, lse, d_out), specs)]
+    for name, g, w in zip(("dq", "dkv", "d_sink"), sharded(*args), want):
+        check_f32(name, np.nan_to_num(np.asarray(g)), w)
+
+    q, kv, indices, lens, sink = case
+    per = lambda q, d_out: bwd(q, kv, indices, lens, sink, out, lse, d_out)
+    batched = jax.jit(jax.vmap(per))(jnp.stack([q, 0.5 * q]), jnp.stack([d_out, -d_out]))
+    for got, alone in zip(batched, jax.jit(per)(0.5 * q, -d_out)):
+        got, alone = np.asarray(got[1]), np.asarray(alone)  # batched matmuls: rounding only
+        assert np.abs(got - alone).max() <= 2e-6 * np.abs(alone).max()

@@ -31,7 +31,9 @@ Memory: nothing of size [s_q, h_q, topk] or [s_q, s_kv] exists at once. A lax.fo
 query tokens q_chunk at a time, and inside it a second one walks each chunk's entries topk_chunk at a
 time; a step holds its rows of kv and the [q_chunk, h_q, topk_chunk] scores (float32), and
 scatter-adds its rows of dkv into one float32 [s_kv, d_qk] accumulator (the result's size); dq is
-written chunk by chunk in q's dtype, and no operand is padded or copied whole in float32. Unless
+written chunk by chunk in q's dtype; nothing is padded, and only a step's slices are converted to
+float32 (XLA's CPU backend, which computes bf16 in float32, may still keep float32 copies of bf16
+operands: sizes of the operands, not of the scores). Unless
 given, the chunk sizes come from a byte budget (`chunk_bytes`, CHUNK_BYTES by default): all of topk
 per step if one query token fits in it, else the largest topk chunk that does; then as many tokens as
 fit. A last chunk that would run past s_q (or topk) starts earlier instead, its overlap with the
@@ -89,6 +91,10 @@ def sparse_prefill_vjp_bwd(q, kv, indices, topk_length, attn_sink, out, lse, d_o
                            ("d_out", d_out, (s_q, h_q, d_v))):
         if x.shape != shape:
             raise ValueError(f"{name}: expected shape {list(shape)}, got {list(x.shape)}")
+    if topk_length is not None and topk_length.shape != (s_q,):
+        raise ValueError(f"topk_length: expected shape {[s_q]}, got {list(topk_length.shape)}")
+    if attn_sink is not None and attn_sink.shape != (h_q,):
+        raise ValueError(f"attn_sink: expected shape {[h_q]}, got {list(attn_sink.shape)}")
     if d_lse is not None and d_lse.shape != (s_q, h_q):
         raise ValueError(f"d_lse: expected shape {[s_q, h_q]}, got {list(d_lse.shape)}")
 
