@@ -2,8 +2,9 @@
 float32 reference written here: d_qk 576 and 512, h_q 1, 5 and 64, s_q not a multiple of the chunk,
 invalid ids of every kind, topk_length, repeated ids in a row, rows with no valid id, the attention
 sink (finite and infinite), a cotangent of lse, NaN in unread kv rows (never leaks) and in q or d_out
-(propagates); every chunking gives the same result; and the backward's program holds nothing of
-size s_q * h_q * topk."""
+(propagates); every chunking gives the same result; bf16 inputs within FlashMLA-like tolerances;
+errors name the argument; shard_map (tokens and heads split) and vmap; and the backward's program
+holds nothing of size s_q * h_q * topk."""
 
 from __future__ import annotations
 
@@ -261,6 +262,19 @@ def test_errors_name_the_argument(rng):
                       ("topk_length", lens[:3]), ("attn_sink", sink[None])):
         with pytest.raises(ValueError, match=f"^{name}:"):
             call(**{name: bad})
+
+
+def test_no_query_or_no_entry_gives_zeros():
+    q, kv = jnp.ones((0, 3, 512)), jnp.ones((5, 1, 512))
+    dq, dkv, d_sink = sparse_prefill_vjp_bwd(q, kv, jnp.zeros((0, 1, 4), jnp.int32), None, jnp.ones(3),
+                                             jnp.zeros((0, 3, D_V)), jnp.zeros((0, 3)), jnp.zeros((0, 3, D_V)),
+                                             sm_scale=0.1, d_v=D_V)
+    assert dq.shape == (0, 3, 512) and (np.asarray(dkv) == 0).all() and (np.asarray(d_sink) == 0).all()
+    q = jnp.ones((2, 3, 512))
+    dq, dkv, d_sink = sparse_prefill_vjp_bwd(q, kv, jnp.zeros((2, 1, 0), jnp.int32), None, None,
+                                             jnp.zeros((2, 3, D_V)), jnp.full((2, 3), jnp.inf),
+                                             jnp.ones((2, 3, D_V)), sm_scale=0.1, d_v=D_V)
+    assert (np.asarray(dq) == 0).all() and (np.asarray(dkv) == 0).all() and d_sink is None
 
 
 # ---- the memory bound ----------------------------------------------------------------------------------

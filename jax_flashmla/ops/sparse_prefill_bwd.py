@@ -100,6 +100,9 @@ def sparse_prefill_vjp_bwd(q, kv, indices, topk_length, attn_sink, out, lse, d_o
 
     f32 = jnp.float32
     hi = jax.lax.Precision.HIGHEST
+    if s_q == 0 or topk == 0:  # nothing attends to anything
+        d_sink = None if attn_sink is None else jnp.zeros_like(attn_sink, dtype=f32)
+        return jnp.zeros_like(q), jnp.zeros_like(kv), d_sink
     cq, ck = chunk_sizes(s_q, h_q, topk, d_qk, jnp.dtype(kv.dtype).itemsize, chunk_bytes, q_chunk, topk_chunk)
     n_q, n_k = -(-s_q // cq), -(-topk // ck)
 
