@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -327,6 +328,68 @@ def test_grad_matches_reference(rng):
     dkv = np.asarray(got[1], np.float32)
     unread = np.isnan(np.asarray(case["kv"], np.float32)).any(-1)[:, 0]
     assert unread.any() and (dkv[unread] == 0).all() and np.abs(dkv[~unread]).max() > 0
+
+
+def _grads(fn, case, sink, d_out, lse_weight, batched=False):
+    def loss(q, kv, sink):
+        out, _, lse = fn(q, kv, case["indices"], SCALE, attn_sink=sink, topk_length=case["topk_length"])
+        finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        return jnp.sum(out.astype(jnp.float32) * d_out) + lse_weight * jnp.sum(finite)
+
+    return jax.grad(loss, argnums=(0, 1, 2))(case["q"], case["kv"], sink)
+
+
+def test_grad_without_max_logits_runs_the_memory_bounded_backward(rng, monkeypatch):
+    """A loss of out and lse differentiates through the chunked backward (ops/sparse_prefill_bwd.py):
+    the same gradients as the reference's autodiff, and, with a byte budget smaller than the problem,
+    the backward's program holds a loop and no array as large as the [s_q, h_q, topk] scores, which
+    the reference's holds."""
+    from jax_flashmla.ops import sparse_prefill_bwd
+
+    monkeypatch.setattr(sparse_prefill_bwd, "CHUNK_BYTES", 64 << 10)
+    s_q, h_q, topk = 8, 32, 1024
+    case = make_case(rng, s_q=s_q, s_kv=300, topk=topk, h_q=h_q, d_qk=512, lengths=True, empty_rows=1)
+    sink = jnp.asarray(make_sink(rng, h_q))
+    d_out = jnp.asarray(rng.standard_normal((s_q, h_q, 512)), jnp.float32)
+    got = _grads(fm.flash_mla_sparse_fwd, case, sink, d_out, 0.3)
+    want = _grads(fm.sparse_prefill_reference, case, sink, d_out, 0.3)
+    for name, a, b in zip(("dq", "dkv", "d_sink"), got, want):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.isfinite(a).all(), name
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-6 + 1e-2 * np.abs(b).max(), err_msg=name)
+
+    def sizes(fn):
+        jaxpr = jax.make_jaxpr(lambda *a: _grads(fn, case, *a, 0.3))(sink, d_out)
+        return str(jaxpr), [v.aval.size for eqn in _eqns(jaxpr.jaxpr) for v in eqn.outvars]
+
+    scores, operands = s_q * h_q * topk, max(case["q"].size, case["kv"].size, d_out.size)
+    assert operands < scores
+    text, ours = sizes(fm.flash_mla_sparse_fwd)
+    assert ("while" in text or "scan" in text) and max(ours) <= operands, (max(ours), operands)
+    _, theirs = sizes(fm.sparse_prefill_reference)
+    assert max(theirs) >= scores
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, nested ones (loops, calls) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _eqns(sub)
+
+
+def test_grad_of_the_batched_form_and_under_vmap(rng):
+    cases = [make_case(rng, s_q=3, s_kv=70, topk=64, h_q=3, d_qk=576, lengths=True) for _ in range(2)]
+    stack = lambda k: jnp.stack([c[k] for c in cases])  # noqa: E731
+    batched = dict(q=stack("q"), kv=stack("kv"), indices=stack("indices"), topk_length=stack("topk_length"))
+    d_out = jnp.asarray(rng.standard_normal((2, 3, 3, 512)), jnp.float32)
+    got = _grads(fm.flash_mla_sparse_fwd, batched, None, d_out, 0.5)
+    for i, c in enumerate(cases):
+        want = _grads(fm.flash_mla_sparse_fwd, c, None, d_out[i], 0.5)
+        for name, a, b in zip(("dq", "dkv"), got[:2], want[:2]):
+            np.testing.assert_allclose(np.asarray(a[i], np.float32), np.asarray(b, np.float32), rtol=1e-2,
+                                       atol=1e-6 + 1e-3 * float(np.abs(np.asarray(b, np.float32)).max()),
+                                       err_msg=name)
 
 
 # ---- errors ------------------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ parameters sm_scale and d_v.
     m * s_kv; its unused entries become -1. An unmapped kv is shared by every member, ids unchanged.
     A mapped attn_sink is applied outside the call, from its lse. The batched public form
     ([b, s_q, ...] operands) is this fold (`sparse_prefill_batched`).
-  - JVP: in q, kv and attn_sink, the tangents of the reference (correct, not memory-bounded: they
-    materialise the named rows [s_q, topk, d_qk] and the scores [s_q, h_q, topk]); jax.grad
-    transposes them. The memory-bounded backward is a separate op.
+  - Reverse mode: a custom VJP (`_differentiable`) whose backward is ops/sparse_prefill_bwd.py, in
+    chunks from the saved out and lse (memory-bounded); a cotangent of max_logits sends it through the
+    VJP of the reference instead. The primitive's own JVP rule (the reference's tangents) serves
+    transformations that reach the primitive directly.
   - shard_map: the results are typed as varying over the manual mesh axes of the operands
     (_partition.varying_like); the public API casts the operands alike first. Under jit with named
     shardings the custom call runs whole on each device (no partitioning rule yet).
@@ -25,12 +26,16 @@ parameters sm_scale and d_v.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.interpreters import ad, batching
 
 from .. import _contract, _ffi, _partition, _platform, reference
+from . import sparse_prefill_bwd
 
 NOT_MAPPED = None  # JAX's marker of an operand without a mapped axis
 
@@ -153,8 +158,45 @@ def sparse_prefill(q, kv, indices, topk_length, attn_sink, *, sm_scale: float, d
     absent_length, absent_sink = absent_operands()
     topk_length = absent_length if topk_length is None else topk_length
     attn_sink = absent_sink if attn_sink is None else attn_sink
-    return tuple(sparse_prefill_p.bind(q, kv, indices, topk_length, attn_sink, sm_scale=float(sm_scale),
-                                       d_v=int(d_v)))
+    return tuple(_differentiable(q, kv, indices, topk_length, attn_sink, float(sm_scale), int(d_v)))
+
+
+# ---- reverse mode: the memory-bounded backward ---------------------------------------------------------------
+# jax.grad goes through this custom VJP: the backward (ops/sparse_prefill_bwd.py) walks chunks of query
+# tokens and topk entries from the saved out and lse. max_logits has no such backward: when a loss uses it,
+# the VJP of the reference runs instead (right, but it holds the [s_q, h_q, topk] scores at once).
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _differentiable(q, kv, indices, topk_length, attn_sink, sm_scale, d_v):
+    return tuple(sparse_prefill_p.bind(q, kv, indices, topk_length, attn_sink, sm_scale=sm_scale, d_v=d_v))
+
+
+def _vjp_fwd(q, kv, indices, topk_length, attn_sink, sm_scale, d_v):
+    operands = tuple(x.value for x in (q, kv, indices, topk_length, attn_sink))
+    out, max_logits, lse = sparse_prefill_p.bind(*operands, sm_scale=sm_scale, d_v=d_v)
+    return (out, max_logits, lse), (operands, out, lse)
+
+
+def _vjp_bwd(sm_scale, d_v, residuals, cotangents):
+    (q, kv, indices, topk_length, attn_sink), out, lse = residuals
+    d_out, d_max_logits, d_lse = (None if isinstance(c, SymbolicZero) else c for c in cotangents)
+    if d_max_logits is not None:
+        def ref(q, kv, attn_sink):
+            return reference_math(q, kv, indices, topk_length, attn_sink, sm_scale=sm_scale, d_v=d_v)
+
+        zero = lambda x, like: jnp.zeros(like.shape, like.dtype) if x is None else x  # noqa: E731
+        _, pullback = jax.vjp(ref, q, kv, attn_sink)
+        dq, dkv, d_sink = pullback((zero(d_out, out), d_max_logits, zero(d_lse, lse)))
+        return dq, dkv, None, None, d_sink
+    if d_out is None:
+        d_out = jnp.zeros(out.shape, out.dtype)
+    dq, dkv, d_sink = sparse_prefill_bwd.sparse_prefill_vjp_bwd(
+        q, kv, indices, _present(topk_length), _present(attn_sink), out, lse, d_out, sm_scale=sm_scale, d_v=d_v,
+        d_lse=d_lse, chunk_bytes=sparse_prefill_bwd.CHUNK_BYTES)
+    return dq, dkv, None, None, jnp.zeros((0,), jnp.float32) if d_sink is None else d_sink
+
+
+_differentiable.defvjp(_vjp_fwd, _vjp_bwd, symbolic_zeros=True)
 
 
 def sparse_prefill_batched(q, kv, indices, topk_length, attn_sink, *, sm_scale: float,
