@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "common/mla_contract.h"
 
@@ -78,6 +79,17 @@ JFM_HOST_DEVICE constexpr long long kv_scale_offset(KvFormat format, int page_si
 JFM_HOST_DEVICE constexpr long long kv_rope_offset(KvFormat format, int token) {
   const KvFormatLayout l = kv_format_layout(format);
   return kv_record_offset(format, token) + l.record_bytes - 2LL * l.d_rope;
+}
+
+// The page size of a pool whose pages are `rows_per_page` rows of the format's record, or 0 when no
+// page size gives that many rows.
+inline int sparse_page_size(KvFormat format, int64_t rows_per_page) {
+  const KvFormatLayout l = kv_format_layout(format);
+  if (rows_per_page < 1 || rows_per_page > std::numeric_limits<int32_t>::max()) return 0;
+  const int64_t page_bytes = rows_per_page * l.record_bytes;
+  const int64_t page_size = page_bytes / kv_token_bytes(format);  // the only candidate (padding < a row)
+  if (page_size < 1 || kv_page_bytes(format, static_cast<int>(page_size)) != page_bytes) return 0;
+  return static_cast<int>(page_size);
 }
 
 static_assert(kv_token_bytes(KvFormat::kV32) == 656, "V3.2: 656 bytes a token");

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "common/ffi_params.h"
+#include "common/sparse_ffi_params.h"
 #include "cpu/mla_decode_cpu.h"
 #include "cpu/sparse_decode_cpu.h"
 #include "cpu/sparse_prefill_cpu.h"
@@ -37,100 +38,18 @@ ffi::Error decode_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::Buffer<ffi:
 }
 
 
-// An FP8 pool operand: its format from the row bytes (656 v32, 576 model1), its page size from the
-// rows per page. Returns an error naming `name` when it is neither.
-ffi::Error read_sparse_pool(ffi::AnyBuffer pool, const char* name, SparsePool& out) {
-  auto dims = pool.dimensions();
-  if (pool.element_type() != ffi::DataType::U8 && pool.element_type() != ffi::DataType::F8E4M3FN) {
-    return invalid(std::string(name) + " must be uint8 or float8_e4m3fn bytes");
-  }
-  if (dims.size() != 4 || dims[2] != 1) {
-    return invalid(std::string(name) + " must be [num_blocks, rows_per_page, 1, 656 or 576]");
-  }
-  if (dims[3] == kv_format_layout(KvFormat::kV32).record_bytes) {
-    out.format = KvFormat::kV32;
-  } else if (dims[3] == kv_format_layout(KvFormat::kModel1).record_bytes) {
-    out.format = KvFormat::kModel1;
-  } else {
-    return invalid(std::string(name) + " rows must be 656 (v32) or 576 (model1) bytes");
-  }
-  out.page_size = sparse_page_size(out.format, dims[1]);
-  if (out.page_size == 0) return invalid(std::string(name) + " has a row count per page that no page size gives");
-  if (dims[0] < 0 || dims[0] > std::numeric_limits<int32_t>::max()) {
-    return invalid(std::string(name) + " has too many pages");
-  }
-  out.num_blocks = static_cast<int>(dims[0]);
-  out.bytes = static_cast<const uint8_t*>(pool.untyped_data());
-  return ffi::Error::Success();
-}
-
-ffi::Error read_sparse_indices(ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> lengths, const char* name,
-                               const SparseDecodeParams& p, SparsePool& out) {
-  auto dims = indices.dimensions();
-  if (dims.size() != 3 || dims[0] != p.batch || dims[1] != p.seqlen_q) {
-    return invalid(std::string(name) + " must be [b, s_q, topk]");
-  }
-  out.indices = indices.typed_data();
-  out.topk = static_cast<int>(dims[2]);
-  // An empty length buffer stands for "no topk_length": every entry is read.
-  if (lengths.element_count() == 0) {
-    out.topk_length = nullptr;
-  } else if (lengths.dimensions().size() != 1 || lengths.dimensions()[0] != p.batch) {
-    return invalid(std::string(name) + "'s lengths must be [b] or empty");
-  } else {
-    out.topk_length = lengths.typed_data();
-  }
-  return ffi::Error::Success();
-}
-
-// Operands: q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-// extra_topk_length. An optional operand that is absent is an empty buffer (extra_indices with
-// topk 0 for the extra pool, which is then never read).
+// Operands and results: read_sparse_decode_params (common/sparse_ffi_params.h).
 ffi::Error sparse_decode_cpu_handler(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::Buffer<ffi::S32> indices,
                                      ffi::Buffer<ffi::S32> topk_length, ffi::Buffer<ffi::F32> attn_sink,
                                      ffi::AnyBuffer extra_k_cache, ffi::Buffer<ffi::S32> extra_indices,
                                      ffi::Buffer<ffi::S32> extra_topk_length, ffi::Result<ffi::AnyBuffer> out,
                                      ffi::ResultBuffer<ffi::F32> lse, float softmax_scale) {
   SparseDecodeParams p;
-  auto qd = q.dimensions();
-  if (q.element_type() != ffi::DataType::BF16 || qd.size() != 4) {
-    return invalid("q must be bfloat16 [b, s_q, h_q, d_qk]");
-  }
-  p.batch = static_cast<int>(qd[0]);
-  p.seqlen_q = static_cast<int>(qd[1]);
-  p.num_heads_q = static_cast<int>(qd[2]);
-  p.head_dim = static_cast<int>(qd[3]);
-  if (auto err = read_sparse_pool(k_cache, "k_cache", p.pool); err.failure()) return err;
-  if (p.head_dim != kv_format_layout(p.pool.format).d_qk) {
-    return invalid("q's head dim does not match k_cache's format");
-  }
-  if (auto err = read_sparse_indices(indices, topk_length, "indices", p, p.pool); err.failure()) return err;
-  if (auto err = read_sparse_indices(extra_indices, extra_topk_length, "extra_indices_in_kvcache", p, p.extra);
+  if (auto err = read_sparse_decode_params(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
+                                           extra_topk_length, out, lse, softmax_scale, p);
       err.failure()) {
     return err;
   }
-  if (p.extra.topk > 0) {
-    if (auto err = read_sparse_pool(extra_k_cache, "extra_k_cache", p.extra); err.failure()) return err;
-    if (p.extra.format != p.pool.format) return invalid("extra_k_cache's format differs from k_cache's");
-  }
-  if (attn_sink.element_count() != 0) {
-    if (attn_sink.element_count() != static_cast<size_t>(p.num_heads_q)) {
-      return invalid("attn_sink must be [h_q] or empty");
-    }
-    p.attn_sink = attn_sink.typed_data();
-  }
-  auto od = out->dimensions();
-  if (out->element_type() != ffi::DataType::BF16 || od.size() != 4 || od[0] != p.batch || od[1] != p.seqlen_q ||
-      od[2] != p.num_heads_q || od[3] != kHeadDimV) {
-    return invalid("out must be bfloat16 [b, s_q, h_q, 512]");
-  }
-  if (lse->element_count() != static_cast<size_t>(p.batch) * p.num_heads_q * p.seqlen_q) {
-    return invalid("lse must be [b, h_q, s_q]");
-  }
-  p.q = static_cast<const uint16_t*>(q.untyped_data());
-  p.softmax_scale = softmax_scale;
-  p.out = static_cast<uint16_t*>(out->untyped_data());
-  p.lse = lse->typed_data();
   if (std::string err = sparse_decode_cpu(p); !err.empty()) return invalid(err);
   return ffi::Error::Success();
 }
@@ -201,18 +120,7 @@ ffi::Error sparse_prefill_cpu_handler(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmMetadataCpu, jax_flashmla::metadata_cpu, JFM_BIND_METADATA_ARGS(xla::ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmDecodeCpu, jax_flashmla::decode_cpu, JFM_BIND_DECODE_ARGS(xla::ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparseDecodeCpu, jax_flashmla::sparse_decode_cpu_handler,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()              // q
-                                  .Arg<xla::ffi::AnyBuffer>()              // k_cache
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // indices
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // topk_length
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // attn_sink
-                                  .Arg<xla::ffi::AnyBuffer>()              // extra_k_cache
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // extra_indices_in_kvcache
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // extra_topk_length
-                                  .Ret<xla::ffi::AnyBuffer>()              // out
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // lse
-                                  .Attr<float>("softmax_scale"));
+                              JFM_BIND_SPARSE_DECODE_ARGS(xla::ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparsePrefillCpu, jax_flashmla::sparse_prefill_cpu_handler,
                               xla::ffi::Ffi::Bind()
                                   .Arg<xla::ffi::AnyBuffer>()              // q

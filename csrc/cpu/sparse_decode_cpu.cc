@@ -142,15 +142,6 @@ void attend(const SparseDecodeParams& p, int req, int token, int head_begin, int
 
 }  // namespace
 
-int sparse_page_size(KvFormat format, int64_t rows_per_page) {
-  const KvFormatLayout l = kv_format_layout(format);
-  if (rows_per_page < 1 || rows_per_page > std::numeric_limits<int32_t>::max()) return 0;
-  const int64_t page_bytes = rows_per_page * l.record_bytes;
-  const int64_t page_size = page_bytes / kv_token_bytes(format);  // the only candidate (padding < a row)
-  if (page_size < 1 || kv_page_bytes(format, static_cast<int>(page_size)) != page_bytes) return 0;
-  return static_cast<int>(page_size);
-}
-
 void dequantize_token(const uint8_t* pool, KvFormat format, int page_size, int64_t slot, float* dst) {
   const KvFormatLayout l = kv_format_layout(format);
   const int64_t page = slot / page_size;
