@@ -16,6 +16,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparsePrefillCpu);
 #ifdef JFM_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmMetadataCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmDecodeCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparseDecodeCuda);
 #endif
 
 namespace nb = nanobind;
@@ -59,6 +60,7 @@ NB_MODULE(_ext, m) {
 #ifdef JFM_WITH_CUDA
     targets["jax_flashmla_metadata"] = handler_capsule(JfmMetadataCuda);
     targets["jax_flashmla_decode"] = handler_capsule(JfmDecodeCuda);
+    targets["jax_flashmla_sparse_decode"] = handler_capsule(JfmSparseDecodeCuda);
 #endif
     return targets;
   });

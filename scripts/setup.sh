@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 python3 -m pip install -q --upgrade pip
 # Build requirements, installed up front so the build reuses them (no isolated env, incremental build/).
-python3 -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.4" "jax>=0.6"
+python3 -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.4" "jax>=0.6" "nvidia-cutlass>=4.2"
 
 # Reads the verbose build log on stdin and prints its progress: scikit-build-core's steps, the
 # CUDA decision, "[n/N] compile <source>" per Ninja step, and per kernel the ptxas summary.

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/ffi_params.h"
+#include "common/sparse_ffi_params.h"
 #include "cuda/mla_kernels.h"
 
 namespace jax_flashmla {
@@ -85,6 +86,25 @@ ffi::Error decode_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
   return ffi::Error::Success();
 }
 
+// Same operands, attributes and checks as the CPU handler (read_sparse_decode_params). Index values
+// stay on the device: the kernel masks ids outside their pool instead of rejecting them.
+ffi::Error sparse_decode_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                              ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> topk_length,
+                              ffi::Buffer<ffi::F32> attn_sink, ffi::AnyBuffer extra_k_cache,
+                              ffi::Buffer<ffi::S32> extra_indices, ffi::Buffer<ffi::S32> extra_topk_length,
+                              ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32> lse, float softmax_scale) {
+  SparseDecodeParams p;
+  if (auto err = read_sparse_decode_params(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
+                                           extra_topk_length, out, lse, softmax_scale, p);
+      err.failure()) {
+    return err;
+  }
+  if (cudaError_t err = launch_sparse_decode(p, stream); err != cudaSuccess) {
+    return cuda_error("sparse decode kernel launch", err);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jax_flashmla
 
@@ -93,4 +113,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmMetadataCuda, jax_flashmla::metadata_cuda,
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmDecodeCuda, jax_flashmla::decode_cuda,
                               JFM_BIND_DECODE_ARGS(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparseDecodeCuda, jax_flashmla::sparse_decode_cuda,
+                              JFM_BIND_SPARSE_DECODE_ARGS(
+                                  xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "common/mla_params.h"
+#include "common/sparse_params.h"
 
 namespace jax_flashmla {
 
@@ -21,5 +22,10 @@ cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& k_map, cudaS
 
 // The combine kernel alone (combine/combine.cu); launch_decode runs it after the decode kernel.
 cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream);
+
+// Sparse decode over FP8 pools (sparse_decode/): one CTA per (request, query token, 64-head tile),
+// no split over the entries, so no combine. Index values are read on the device: -1, ids outside
+// their pool and entries past topk_length are masked and never dereferenced.
+cudaError_t launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream);
 
 }  // namespace jax_flashmla
