@@ -7,9 +7,12 @@ into the repository. Environment variables (all optional) override what it finds
   JFM_PYTHON_INCLUDE_DIR   directory holding Python.h (default: sysconfig's "include" path)
   JFM_NANOBIND_DIR         nanobind package root, with include/, src/, ext/ (default: nanobind's)
   JFM_XLA_FFI_INCLUDE_DIR  directory holding xla/ffi/api/ffi.h (default: jax.ffi.include_dir())
+  JFM_CUTLASS_INCLUDE_DIR  directory holding cute/tensor.hpp (default: the nvidia-cutlass wheel's
+                           cutlass_library/source/include; optional: only the CUDA kernels need it)
 """
 
-_ENV_VARS = ["PYTHON_BIN_PATH", "JFM_PYTHON_INCLUDE_DIR", "JFM_NANOBIND_DIR", "JFM_XLA_FFI_INCLUDE_DIR"]
+_ENV_VARS = ["PYTHON_BIN_PATH", "JFM_PYTHON_INCLUDE_DIR", "JFM_NANOBIND_DIR", "JFM_XLA_FFI_INCLUDE_DIR",
+             "JFM_CUTLASS_INCLUDE_DIR"]
 
 # Prints key=value lines. Missing packages print an empty value, so the error can name the override.
 # The executable is kept as the interpreter reports it, symlinks unresolved: a virtual environment's
@@ -34,6 +37,11 @@ except (ImportError, AttributeError):
         print("xla_ffi_include=" + p.join(p.dirname(jaxlib.__file__), "include"))
     except ImportError:
         print("xla_ffi_include=")
+try:
+    import cutlass_library
+    print("cutlass_include=" + os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))
+except ImportError:
+    print("cutlass_include=")
 """
 
 def find_python(ctx):
@@ -84,6 +92,14 @@ cc_library(
     name = "xla_ffi_headers",
     hdrs = glob(["xla_ffi_include/xla/ffi/**/*.h"]),
     includes = ["xla_ffi_include"],
+)
+
+# CuTe/CUTLASS headers of the nvidia-cutlass wheel (empty when it is not installed: CPU-only builds).
+cc_library(
+    name = "cutlass_headers",
+    hdrs = glob(["cutlass_include/cute/**/*.hpp", "cutlass_include/cutlass/**/*.h",
+                 "cutlass_include/cutlass/**/*.hpp"]),
+    includes = ["cutlass_include"],
 )
 
 # nanobind, compiled statically into the extension (what nanobind_add_module(NB_STATIC) does).
@@ -139,6 +155,11 @@ def _python_configure_impl(ctx):
     ctx.symlink(include, "python_include")
     ctx.symlink(nanobind, "nanobind")
     ctx.symlink(xla_ffi, "xla_ffi_include")
+    cutlass = ctx.os.environ.get("JFM_CUTLASS_INCLUDE_DIR", "").strip() or info.get("cutlass_include", "")
+    if cutlass and ctx.path(cutlass + "/cute/tensor.hpp").exists:
+        ctx.symlink(cutlass, "cutlass_include")
+    else:
+        ctx.file("cutlass_include/NOT_FOUND", "nvidia-cutlass is not installed for this interpreter\n")
     ctx.file("WORKSPACE", "workspace(name = \"%s\")\n" % ctx.name)
     ctx.file("BUILD.bazel", _BUILD.format(python = info["executable"], version = info["version"]))
 

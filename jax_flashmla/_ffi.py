@@ -12,7 +12,7 @@ from . import _ext  # built by CMake (csrc/ffi_module.cc)
 
 METADATA_TARGET = "jax_flashmla_metadata"
 DECODE_TARGET = "jax_flashmla_decode"
-SPARSE_DECODE_TARGET = "jax_flashmla_sparse_decode"  # CPU only: no sparse GPU kernel yet
+SPARSE_DECODE_TARGET = "jax_flashmla_sparse_decode"  # CPU and CUDA (SM90)
 SPARSE_PREFILL_TARGET = "jax_flashmla_sparse_prefill"  # CPU only: no GPU kernel yet
 
 # True when the extension was built with nvcc, i.e. it carries the SM90 kernels.

@@ -1,9 +1,14 @@
 """Which implementation runs where: the default GPU's SM count, `kernel_path`, and the per-platform
 lowerings of an op (CPU FFI handler; CUDA FFI handler on SM90, else the pure-JAX fallback; the
-fallback on any other platform), with a one-time warning when the fallback replaces a kernel."""
+fallback on any other platform), with a one-time warning when the fallback replaces a kernel.
+
+Setting the environment variable JAX_FLASHMLA_FORCE_FALLBACK=1 makes every op lower to the pure-JAX
+fallback on CUDA (read when a call is lowered, so it applies to computations compiled afterwards):
+the way to run the reference path on a GPU that has the kernels, e.g. to compare the two there."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import jax
@@ -16,6 +21,7 @@ DEFAULT_SM_COUNT = 132  # SMs of an H100 SXM: the plan shape used where no GPU d
 CPU_PATH = "cpu-ffi"
 SM90_PATH = "cuda-sm90"
 FALLBACK_PATH = "reference-fallback"
+FORCE_FALLBACK_ENV = "JAX_FLASHMLA_FORCE_FALLBACK"
 _warned_fallback = False
 
 
@@ -36,12 +42,17 @@ def _gpu_is_sm90() -> bool:
     return bool(devices) and str(getattr(devices[0], "compute_capability", "")) == "9.0"
 
 
+def fallback_forced() -> bool:
+    """Whether JAX_FLASHMLA_FORCE_FALLBACK=1 sends CUDA lowerings to the pure-JAX fallback."""
+    return os.environ.get(FORCE_FALLBACK_ENV, "") == "1"
+
+
 def kernel_path(platform: str | None = None) -> str:
     """The implementation a decode call lowers to on `platform` (default: JAX's default backend)."""
     platform = (platform or jax.default_backend()).lower()
     if platform == "cpu":
         return CPU_PATH
-    if platform in ("cuda", "gpu") and _ffi.HAS_CUDA_KERNELS and _gpu_is_sm90():
+    if platform in ("cuda", "gpu") and _ffi.HAS_CUDA_KERNELS and not fallback_forced() and _gpu_is_sm90():
         return SM90_PATH
     return FALLBACK_PATH
 
@@ -52,6 +63,7 @@ def _warn_fallback_once(platform: str, why: str | None = None) -> None:
         _warned_fallback = True
         if why is None:
             why = ("the extension was built without CUDA" if not _ffi.HAS_CUDA_KERNELS
+                   else f"{FORCE_FALLBACK_ENV}=1" if fallback_forced()
                    else "the GPU is not SM90 (Hopper)")
         warnings.warn(f"jax_flashmla: no SM90 kernel for platform {platform!r} ({why}); "
                       "running the pure-JAX reference instead", RuntimeWarning, stacklevel=3)

@@ -114,8 +114,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         second pool of the same format (its own page size) whose named tokens join the softmax.
       softmax_scale: default d_qk ** -0.5.
       Returns out bfloat16 [batch, s_q, h_q, 512] and lse float32 [batch, h_q, s_q]; a query with
-      no valid entry gets out 0 and lse +inf. Runs the CPU handler on the CPU and the pure-JAX
-      reference over the dequantised pools elsewhere (no GPU kernel yet). Vmappable (pools may be
+      no valid entry gets out 0 and lse +inf. Runs the CPU handler on the CPU, the SM90 kernel on
+      a Hopper GPU (ids outside their pool are masked there, never read), and the pure-JAX
+      reference over the dequantised pools elsewhere. Vmappable (pools may be
       mapped) and differentiable in q and attn_sink (not in the pools). Runs per device inside
       shard_map, and is partitioned under jit with named shardings: head-parallel (q and
       attn_sink split on heads) and data-parallel (batch split; each pool split on its pages over

@@ -224,6 +224,18 @@ def test_kernel_path_on_cpu():
     assert jfm.kernel_path("cpu") == "cpu-ffi"
 
 
+def test_force_fallback_switch(monkeypatch):
+    """JAX_FLASHMLA_FORCE_FALLBACK=1 sends CUDA lowerings to the reference; the CPU keeps its handler."""
+    from jax_flashmla import _platform
+
+    monkeypatch.setenv("JAX_FLASHMLA_FORCE_FALLBACK", "1")
+    assert _platform.fallback_forced()
+    assert jfm.kernel_path("cuda") == "reference-fallback"
+    assert jfm.kernel_path("cpu") == "cpu-ffi"
+    monkeypatch.setenv("JAX_FLASHMLA_FORCE_FALLBACK", "0")
+    assert not _platform.fallback_forced()
+
+
 # ---- array arguments given as lists or numpy arrays --------------------------------------------------
 
 def test_lists_and_numpy_arrays_give_the_same_result_as_arrays():

@@ -7,8 +7,10 @@ sparse_decode_p, per device: (q, k_cache, indices, topk_length, attn_sink, extra
     An optional operand that is absent is an empty array (`absent_operands`): topk_length and
     attn_sink of shape [0], the extra pool as a pool of no pages and extra indices of topk 0.
   - Lowering: the CPU FFI handler (csrc/cpu/sparse_decode_cpu.cc), which rejects an index outside its
-    pool; elsewhere the pure-JAX reference over the dequantised pools (no sparse GPU kernel yet),
-    with the library's one-time fallback warning on CUDA. Bound only inside the public op's lowering.
+    pool; on an SM90 GPU the CUDA handler and kernel (csrc/cuda/sparse_decode/), which masks such an
+    index (never reads it), as the reference does; elsewhere, or with JAX_FLASHMLA_FORCE_FALLBACK=1,
+    the pure-JAX reference over the dequantised pools, with the library's one-time fallback warning
+    on CUDA. Bound only inside the public op's lowering.
 
 sparse_attention_p, the public op: the same operands, parameter and results, indices being global
 slot ids (page * page_size + offset).
@@ -95,7 +97,7 @@ def _fallback(*operands, softmax_scale):
 
 
 sparse_decode_p.def_abstract_eval(_abstract_eval)
-_platform.register_lowerings(sparse_decode_p, _ffi_lowering, _fallback, cuda_kernel=False)
+_platform.register_lowerings(sparse_decode_p, _ffi_lowering, _fallback)
 
 sparse_attention_p = _ffi.primitive("jax_flashmla_sparse_attention")
 sparse_attention_p.def_abstract_eval(_abstract_eval)
