@@ -25,7 +25,7 @@ import jax_flashmla as fm
 from jax_flashmla import _ffi
 from mla_cases import devices_or_skip
 from sparse_cases import assert_close
-from test_sparse_prefill import SCALE, make_case
+from prefill_cases import SCALE, make_case
 
 NAMES = ("q", "kv", "indices", "topk_length", "attn_sink")
 
