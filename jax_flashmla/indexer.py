@@ -58,9 +58,16 @@ def quantize_fp8(x, ue8m0: bool = False):
     """Rows ``x[..., d]`` (any float dtype) -> ``(values float8_e4m3fn [..., d], scales float32 [...])``,
     one scale per row, ``x ~ values * scales[..., None]``; DeepGEMM's rule (module docstring). NaN in a
     row makes its scale NaN."""
+    return _quantize_fp8(x, bool(ue8m0))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _quantize_fp8(x, ue8m0):
     x32 = x.astype(jnp.float32)
     amax = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1), AMAX_FLOOR)
-    scale = amax / FP8_MAX
+    # A true division: XLA's CPU backend turns a division by a scalar into a product with its
+    # reciprocal (an ulp off); a divisor of the full shape, behind a barrier, keeps it exact.
+    scale = amax / lax.optimization_barrier(jnp.full(amax.shape, FP8_MAX, jnp.float32))
     if ue8m0:
         scale = _ceil_pow2(scale)
     inverse = jnp.float32(1.0) / scale
@@ -163,8 +170,11 @@ def _scatter_bytes(pages, page, at, values):
 def slots_of(block_table, positions, page_size: int = PAGE_SIZE):
     """Global slots ``block_table[i, p // page_size] * page_size + p % page_size`` of positions
     ``positions[i, ...]`` (int32) of request ``i``; -1 where a position is negative or past the table."""
-    block_table = as_array("block_table", block_table)
-    positions = as_array("positions", positions)
+    return _slots_of(as_array("block_table", block_table), as_array("positions", positions), int(page_size))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _slots_of(block_table, positions, page_size):
     width = block_table.shape[1]
     flat = positions.reshape(positions.shape[0], -1)
     col = flat // page_size
@@ -362,6 +372,7 @@ def _rank_keys(logits, visible):
     return jnp.where(visible, keys, jnp.iinfo(jnp.int32).min)
 
 
+@functools.partial(jax.jit, static_argnums=(3,))
 def _select(logits, lo, hi, topk: int):
     """Positions [R, topk] of the topk best visible logits of each row (visible: lo <= p < hi); -1 past
     the row's visible count."""
@@ -413,9 +424,15 @@ def topk_slots(logits, context_lens, block_table, topk: int, page_size: int = PA
     limits = visible_limits(context_lens, next_n)
     if _shape(limits)[0] != b:
         _fail("context_lens", f"[{b}] or [{b}, {next_n}]", _shape(as_array("context_lens", context_lens)))
-    limits = jnp.minimum(limits, _shape(block_table)[1] * page_size).reshape(rows)
-    positions = _select(logits, jnp.zeros_like(limits), limits, _check_topk(topk)).reshape(b, next_n, -1)
-    return jnp.where(positions >= 0, slots_of(block_table, positions, page_size), -1)
+    return _topk_slots(logits, limits, block_table, _check_topk(topk), int(page_size))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _topk_slots(logits, limits, block_table, topk, page_size):
+    b, next_n = limits.shape
+    limits = jnp.minimum(limits, block_table.shape[1] * page_size).reshape(b * next_n)
+    positions = _select(logits, jnp.zeros_like(limits), limits, topk).reshape(b, next_n, topk)
+    return jnp.where(positions >= 0, _slots_of(block_table, positions, page_size), -1)
 
 
 def causal_ranges(q_lens, kv_lens, num_q_tokens: int):
@@ -428,6 +445,11 @@ def causal_ranges(q_lens, kv_lens, num_q_tokens: int):
     if len(q_lens.shape) != 1 or np.dtype(q_lens.dtype) != np.int32:
         _fail("q_lens", "int32 [requests]", f"{q_lens.dtype} {_shape(q_lens)}")
     kv_lens = _check_int("kv_lens", kv_lens, _shape(q_lens))
+    return _causal_ranges(q_lens, kv_lens, int(num_q_tokens))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _causal_ranges(q_lens, kv_lens, num_q_tokens):
     cu_q = jnp.cumsum(q_lens) - q_lens
     cu_kv = jnp.cumsum(kv_lens) - kv_lens
     t = jnp.arange(num_q_tokens, dtype=jnp.int32)
