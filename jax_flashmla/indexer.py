@@ -309,7 +309,8 @@ def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_contex
     of request ``i``): ``sum_h weights[row, h] * relu(q[i, j, h] . values) * scale`` of the key at that
     position, -inf where the query does not see ``p`` (and past the block table). Computed
     ``pages_per_chunk`` pages at a time: at most [b, next_n, h, pages_per_chunk * page_size] scores
-    exist at once; only the table's pages are read (what other pages hold never shows).
+    exist at once; pages outside the table are never read, and what a query does not see (padding
+    entries of the table included) never shows in its logits.
     """
     q = _check_float("q", q, 4)
     b, next_n, h, d = _shape(q)

@@ -35,7 +35,7 @@ from .mla import ROPE_DIM, apply_rope
 
 @dataclasses.dataclass(frozen=True)
 class IndexerConfig:
-    """Sizes of one lightning indexer; the defaults are DeepSeek-V3.2's (dim 7168, q_lora_rank 1536)."""
+    """Sizes of one lightning indexer. DeepSeek-V3.2: dim=7168, q_lora_rank=1536 and the defaults."""
 
     dim: int
     q_lora_rank: int = 0  # width of the MLA layer's compressed query; 0: queries come from x
