@@ -1,11 +1,11 @@
-"""Partitioning pieces shared by the ops over a paged KV cache.
+"""Partitioning pieces shared by the ops over a paged KV cache and the sparse prefill.
 
 - shard_map typing: `varying_axes`, `varying_like` (a per-device result typed like JAX's own ops'),
   `vary_alike` (the public API's cast of its operands to vary over the same mesh axes).
 - Named shardings: the layout analysis of (q, k_cache) operand shardings, the shardings it implies,
   the id rebasing of a data-parallel shard (page ids: `local_block_table`; slot ids of the sparse
-  op: `local_slot_ids`), and the wrappers that turn a per-shard function into a
-  `custom_partitioning` op and lower it.
+  op: `local_slot_ids`), the split of one dimension (`split_axes`, the sparse prefill's layout), and
+  the wrappers that turn a per-shard function into a `custom_partitioning` op and lower it.
 
 The layout rule (docs/transformations.md, "Named shardings"):
 
@@ -146,6 +146,13 @@ def layout(mesh, arg_shapes) -> Layout:
             head_axes = ()
     k_on_heads = bool(head_axes) and h_kv > 1
     return Layout(batch_axes, head_axes, k_on_blocks, k_on_heads)
+
+
+def split_axes(mesh, arg, dim: int) -> tuple:
+    """The mesh axes over which dimension `dim` of an operand (its shape and sharding) is split, or ()
+    when it is not split or their shard count does not divide it."""
+    axes = _axes(_spec(arg.sharding, len(arg.shape))[dim])
+    return axes if axes and arg.shape[dim] % _size(mesh, axes) == 0 else ()
 
 
 def pool_on_blocks(mesh, batch_axes: tuple, pool) -> bool:

@@ -17,8 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import cos_diff
-from jax_flashmla.ops import sparse_prefill_bwd as bwd_mod
 from jax_flashmla.ops.sparse_prefill_bwd import chunk_sizes, sparse_prefill_vjp_bwd
 from sparse_cases import assert_close
 

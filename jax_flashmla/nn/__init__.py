@@ -1,5 +1,6 @@
-"""Flax NNX building blocks around the decode kernel: an MLA layer, a paged KV cache and a small
-DeepSeek-style decoder (used by examples/serve.py and examples/train.py).
+"""Flax NNX building blocks around the decode kernel: an MLA layer, a paged KV cache, a small
+DeepSeek-style decoder (used by examples/serve.py and examples/train.py) and DeepSeek-V3.2's
+lightning indexer with its FP8 key cache.
 
 Needs flax (``pip install flax``, or the package's ``examples`` extra); ``import jax_flashmla`` alone
 does not import this subpackage.
@@ -11,10 +12,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("jax_flashmla.nn needs flax: pip install flax (or jax_flashmla[examples])") from e
 
 from .decoder import DecoderBlock, DecoderConfig, MLADecoder, SwiGLU
+from .indexer import IndexerConfig, LightningIndexer, init_index_pools, rotate_activation, write_index_keys
 from .mla import KV_LORA_RANK, ROPE_DIM, MLAConfig, MultiHeadLatentAttention, apply_rope
 from .paged_cache import PagedKVCache, grow, init_cache, pages_needed, release, write
 
 __all__ = [
-    "DecoderBlock", "DecoderConfig", "KV_LORA_RANK", "MLAConfig", "MLADecoder", "MultiHeadLatentAttention",
-    "PagedKVCache", "ROPE_DIM", "SwiGLU", "apply_rope", "grow", "init_cache", "pages_needed", "release", "write",
+    "DecoderBlock", "DecoderConfig", "IndexerConfig", "KV_LORA_RANK", "LightningIndexer", "MLAConfig", "MLADecoder",
+    "MultiHeadLatentAttention", "PagedKVCache", "ROPE_DIM", "SwiGLU", "apply_rope", "grow", "init_cache",
+    "init_index_pools", "pages_needed", "release", "rotate_activation", "write", "write_index_keys",
 ]

@@ -1,7 +1,7 @@
-"""The sparse MLA prefill op (FlashMLA's flash_mla_sparse_fwd): every rule of its primitive.
+"""The sparse MLA prefill op (FlashMLA's flash_mla_sparse_fwd): every rule of its primitives.
 
-sparse_prefill_p: (q, kv, indices, topk_length, attn_sink) -> (out, max_logits, lse), with the static
-parameters sm_scale and d_v.
+sparse_prefill_local_p, per device: (q, kv, indices, topk_length, attn_sink) -> (out, max_logits, lse),
+with the static parameters sm_scale and d_v.
   - Operands, FlashMLA's unbatched form: q bfloat16 [s_q, h_q, d_qk] (d_qk 576 or 512), kv bfloat16
     [s_kv, 1, d_qk], indices int32 [s_q, 1, topk] of kv row ids (-1, other negative ids and ids >= s_kv
     are unused entries, never an error), topk_length int32 [s_q], attn_sink float32 [h_q]. An optional
@@ -9,19 +9,33 @@ parameters sm_scale and d_v.
   - Results: out bfloat16 [s_q, h_q, d_v], max_logits and lse float32 [s_q, h_q] (lse a natural log).
   - Lowering: the CPU FFI handler (csrc/cpu/sparse_prefill_cpu.cc); elsewhere the pure-JAX reference
     (reference.sparse_prefill_reference_math), with the library's one-time fallback warning on CUDA
-    (no GPU kernel yet).
+    (no GPU kernel yet). Bound only inside the public op's lowering.
+
+sparse_prefill_p, the public op: the same operands, parameters and results.
   - vmap: the mapped axis folds into the query tokens, one call over B * s_q tokens. A mapped kv is
     one kv per member: they are concatenated into B * s_kv rows and member m's valid ids move up by
     m * s_kv; its unused entries become -1. An unmapped kv is shared by every member, ids unchanged.
     A mapped attn_sink is applied outside the call, from its lse. The batched public form
     ([b, s_q, ...] operands) is this fold (`sparse_prefill_batched`).
-  - Reverse mode: a custom VJP (`_differentiable`) whose backward is ops/sparse_prefill_bwd.py, in
-    chunks from the saved out and lse (memory-bounded); a cotangent of max_logits sends it through the
-    VJP of the reference instead. The primitive's own JVP rule (the reference's tangents) serves
-    transformations that reach the primitive directly.
+  - Reverse mode: a custom VJP (`_differentiable`) whose backward is sparse_prefill_bwd_p below; a
+    cotangent of max_logits sends it through the VJP of the reference instead. The primitive's own
+    JVP rule (the reference's tangents) serves transformations that reach the primitive directly.
   - shard_map: the results are typed as varying over the manual mesh axes of the operands
-    (_partition.varying_like); the public API casts the operands alike first. Under jit with named
-    shardings the custom call runs whole on each device (no partitioning rule yet).
+    (_partition.varying_like); the public API casts the operands alike first.
+  - Named shardings: the lowering wraps the per-device op in custom_partitioning. Head-parallel: q
+    split on h_q, attn_sink on h_q; token-parallel: q, indices and topk_length split on s_q; both on
+    a 2-D mesh; results split like q's first two dimensions. kv is always whole (indices are global
+    row ids, unchanged per shard): a kv split on any dimension is gathered, as is any other split
+    (q's channels, topk, sizes the shard count does not divide): slower, never wrong.
+
+sparse_prefill_bwd_p, the backward: (q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse) ->
+(dq, dkv, d_sink), with the static parameters sm_scale, d_v and chunk_bytes; d_lse and d_sink [0] when
+absent. Lowered as ops/sparse_prefill_bwd.py (pure JAX, in chunks from the saved out and lse).
+  - vmap: folds like the forward (kv always per member, so dkv is; a sink is applied outside).
+  - JVP (second derivatives): the tangents of its pure-JAX program, not partitioned.
+  - Named shardings: partitioned like the forward (dq split like q, kv whole). Each shard's dkv is a
+    partial sum over its tokens and heads and its d_sink one over its tokens: they are summed in
+    float32 by one all-reduce each over the split mesh axes, the backward's only collectives.
 """
 
 from __future__ import annotations
@@ -32,14 +46,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
-from jax.interpreters import ad, batching
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .. import _contract, _ffi, _partition, _platform, reference
 from . import sparse_prefill_bwd
 
 NOT_MAPPED = None  # JAX's marker of an operand without a mapped axis
 
-sparse_prefill_p = _ffi.primitive(_ffi.SPARSE_PREFILL_TARGET)
+sparse_prefill_local_p = _ffi.primitive(_ffi.SPARSE_PREFILL_TARGET)
+sparse_prefill_p = _ffi.primitive("jax_flashmla_sparse_prefill_fwd")
+sparse_prefill_bwd_p = _ffi.primitive("jax_flashmla_sparse_prefill_bwd")
 
 
 def absent_operands():
@@ -74,8 +91,9 @@ def reference_math(q, kv, indices, topk_length, attn_sink, *, sm_scale, d_v):
                                                    sm_scale=sm_scale, d_v=d_v)
 
 
+sparse_prefill_local_p.def_abstract_eval(_abstract_eval)
+_platform.register_lowerings(sparse_prefill_local_p, _ffi_lowering, reference_math, cuda_kernel=False)
 sparse_prefill_p.def_abstract_eval(_abstract_eval)
-_platform.register_lowerings(sparse_prefill_p, _ffi_lowering, reference_math, cuda_kernel=False)
 
 
 # ---- vmap -------------------------------------------------------------------------------------------------
@@ -151,6 +169,231 @@ def _jvp_rule(primals, tangents, *, sm_scale, d_v):
 ad.primitive_jvps[sparse_prefill_p] = _jvp_rule
 
 
+# ---- the backward primitive ----------------------------------------------------------------------------
+
+def _bwd_abstract_eval(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse, *, sm_scale, d_v,
+                       chunk_bytes):
+    del sm_scale, d_v, chunk_bytes
+    avals = (jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray(kv.shape, kv.dtype),
+             jax.core.ShapedArray(attn_sink.shape, jnp.float32))
+    return _partition.varying_like(avals, q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse)
+
+
+# Under jit: the constants the program makes (index ranges) stay inside its call, as custom_partitioning
+# wants of the function it wraps.
+@functools.partial(jax.jit, static_argnames=("sm_scale", "d_v", "chunk_bytes", "dkv_dtype"))
+def backward_math(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse, *, sm_scale, d_v, chunk_bytes,
+                  dkv_dtype=None):
+    """sparse_prefill_bwd_p's results in pure JAX (ops/sparse_prefill_bwd.py), absent operands and d_sink
+    as empty arrays; dkv in dkv_dtype (kv's when None)."""
+    dq, dkv, d_sink = sparse_prefill_bwd.sparse_prefill_vjp_bwd(
+        q, kv, indices, _present(topk_length), _present(attn_sink), out, lse, d_out, sm_scale=sm_scale, d_v=d_v,
+        d_lse=_present(d_lse), chunk_bytes=chunk_bytes, dkv_dtype=dkv_dtype)
+    return dq, dkv, _empty_like(lse, jnp.float32) if d_sink is None else d_sink
+
+
+def _empty_like(x, dtype):
+    """An empty [0] array of `dtype` computed from x: no constant (custom_partitioning takes none), and
+    inside shard_map it varies like x."""
+    return jax.lax.slice_in_dim(x.reshape(-1), 0, 0).astype(dtype)
+
+
+def _bwd_batch_rule(args, dims, *, sm_scale, d_v, chunk_bytes):
+    """The forward's fold: one call over B * s_q tokens. kv is folded per member even when it is shared
+    (broadcast first), so each member gets its own dkv. A sink (mapped or not) is taken out of the call:
+    its factor sig = sigmoid(lse - sink) scales d_out before the call, and d_sink is computed per member
+    here, exactly as the backward computes both."""
+    size = next(x.shape[d] for x, d in zip(args, dims) if d is not NOT_MAPPED)
+    q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse = args
+    q_dim, kv_dim, i_dim, tl_dim, sink_dim, o_dim, l_dim, do_dim, dl_dim = dims
+    q, indices, out, lse, d_out = (_moved(x, d, size) for x, d in
+                                   ((q, q_dim), (indices, i_dim), (out, o_dim), (lse, l_dim), (d_out, do_dim)))
+    s_q = q.shape[1]
+    kv = _moved(kv, kv_dim, size)
+    kv_shape = kv.shape[1:]
+    kv, indices = fold_kv(kv, indices)
+    fold = lambda x: x.reshape((size * x.shape[1],) + x.shape[2:])  # noqa: E731
+    present = lambda x, d: not (d is NOT_MAPPED and x.size == 0)  # noqa: E731
+    if present(topk_length, tl_dim):
+        topk_length = fold(_moved(topk_length, tl_dim, size))
+    if present(d_lse, dl_dim):
+        d_lse = fold(_moved(d_lse, dl_dim, size))
+    d_sink, sink_dim_out = attn_sink, NOT_MAPPED
+    if present(attn_sink, sink_dim):
+        sink = _moved(attn_sink, sink_dim, size)[:, None, :].astype(jnp.float32)  # [B, 1, h_q]
+        lse32 = lse.astype(jnp.float32)
+        empty = lse32 == jnp.inf  # a token without a valid entry: no gradient from it
+        sig = jax.nn.sigmoid(lse32 - sink)
+        dout_out = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+        d_sink = jnp.sum(jnp.where(empty, 0.0, -(1.0 - sig) * dout_out), axis=1)  # [B, h_q]
+        d_out = jnp.where(empty[..., None], 0.0, sig[..., None] * d_out.astype(jnp.float32))
+        attn_sink, sink_dim_out = jnp.zeros((0,), jnp.float32), 0
+    dq, dkv, _ = sparse_prefill_bwd_p.bind(fold(q), kv, fold(indices), topk_length, attn_sink, fold(out),
+                                           fold(lse), fold(d_out), d_lse, sm_scale=sm_scale, d_v=d_v,
+                                           chunk_bytes=chunk_bytes)
+    return (dq.reshape((size, s_q) + dq.shape[1:]), dkv.reshape((size,) + kv_shape), d_sink), (0, 0, sink_dim_out)
+
+
+def _bwd_jvp_rule(primals, tangents, **params):
+    """Forward mode through the backward (second derivatives): the tangents of its pure-JAX program."""
+    tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+    return jax.jvp(functools.partial(backward_math, **params), primals, tangents)
+
+
+sparse_prefill_bwd_p.def_abstract_eval(_bwd_abstract_eval)
+batching.primitive_batchers[sparse_prefill_bwd_p] = _bwd_batch_rule
+ad.primitive_jvps[sparse_prefill_bwd_p] = _bwd_jvp_rule
+
+
+# ---- named shardings -----------------------------------------------------------------------------------
+#
+# Each custom_partitioning op takes only the operands that are present; which optional ones are absent
+# (empty arrays, always whole) is a static argument, `absent`: per optional operand, True when absent.
+# Shardy factors: s the query tokens and h the q heads (the two the partition may split), d q's and kv's
+# channels, k kv's rows, t the topk entries, v out's channels; o and i the unit kv-head dimensions.
+
+_FWD_FACTORS = ("s h d", "k o d", "s i t", "s", "h")
+_FWD_RESULTS = "s h v, s h, s h"
+_BWD_FACTORS = _FWD_FACTORS + ("s h v", "s h", "s h v", "s h")
+_BWD_RESULTS = "s h d, k o d, h"
+_SPLIT_FACTORS = ("s", "h")
+_FWD_OPTIONAL = (3, 4)  # topk_length, attn_sink
+_BWD_OPTIONAL = (3, 4, 8)  # topk_length, attn_sink, d_lse
+
+
+def _absent_of(avals, optional) -> tuple:
+    return tuple(avals[i].size == 0 for i in optional)
+
+
+def _with_absent(present, absent, optional, count) -> list:
+    """All `count` operands from the present ones, absent optional ones as empty arrays."""
+    present = list(present)
+    rest = iter(present)
+    missing = {i: a for i, a in zip(optional, absent)}
+    empty = {3: jnp.int32, 4: jnp.float32, 8: jnp.float32}
+    return [_empty_like(present[0], empty[i]) if missing.get(i) else next(rest) for i in range(count)]
+
+
+def _split(mesh, q):
+    """(token axes, head axes) of a call: how q [s_q, h_q, d] is split, where the split divides."""
+    tokens, heads = _partition.split_axes(mesh, q, 0), _partition.split_axes(mesh, q, 1)
+    return tokens, (() if set(tokens) & set(heads) else heads)
+
+
+def _specs(tokens, heads):
+    """(q-like [s_q, h_q, d] spec, [s_q, h_q] spec, [s_q, ...] spec, [h_q] spec) of a split."""
+    t, h = _partition.spec_entry(tokens), _partition.spec_entry(heads)
+    return P(t, h, None), P(t, h), P(t), P(h)
+
+
+def _fwd_shardings(mesh, arg_shapes, absent):
+    """(result shardings, present operand shardings) of a forward call."""
+    tokens, heads = _split(mesh, arg_shapes[0])
+    qs, rows, tok, hs = _specs(tokens, heads)
+    operands = (qs, P(), P(_partition.spec_entry(tokens), None, None), tok, hs)
+    keep = [i not in _FWD_OPTIONAL or not absent[_FWD_OPTIONAL.index(i)] for i in range(5)]
+    named = lambda specs: tuple(NamedSharding(mesh, s) for s in specs)  # noqa: E731
+    return named((qs, rows, rows)), named(s for s, k in zip(operands, keep) if k)
+
+
+def _fwd_body(sm_scale, d_v, absent, *present):
+    operands = _with_absent(present, absent, _FWD_OPTIONAL, 5)
+    return tuple(sparse_prefill_local_p.bind(*operands, sm_scale=sm_scale, d_v=d_v))
+
+
+def _fwd_partition(sm_scale, d_v, absent, mesh, arg_shapes, result_shape):
+    del result_shape
+    results, operands = _fwd_shardings(mesh, arg_shapes, absent)
+    return mesh, functools.partial(_fwd_body, sm_scale, d_v, absent), results, operands
+
+
+def _fwd_infer(sm_scale, d_v, absent, mesh, arg_shapes, result_shape):
+    del sm_scale, d_v, result_shape
+    return _fwd_shardings(mesh, arg_shapes, absent)[0]
+
+
+def _bwd_shardings(mesh, arg_shapes, absent):
+    tokens, heads = _split(mesh, arg_shapes[0])
+    qs, rows, tok, hs = _specs(tokens, heads)
+    operands = (qs, P(), P(_partition.spec_entry(tokens), None, None), tok, hs, qs, rows, qs, rows)
+    keep = [i not in _BWD_OPTIONAL or not absent[_BWD_OPTIONAL.index(i)] for i in range(9)]
+    named = lambda specs: tuple(NamedSharding(mesh, s) for s in specs)  # noqa: E731
+    sink = hs if keep[4] else P()  # an absent sink's d_sink is empty: whole
+    return (tokens, heads), named((qs, P(), sink)), named(s for s, k in zip(operands, keep) if k)
+
+
+def _bwd_body(sm_scale, d_v, chunk_bytes, absent, *present):
+    operands = _with_absent(present, absent, _BWD_OPTIONAL, 9)
+    return backward_math(*operands, sm_scale=sm_scale, d_v=d_v, chunk_bytes=chunk_bytes)
+
+
+def _bwd_partition(sm_scale, d_v, chunk_bytes, absent, mesh, arg_shapes, result_shape):
+    del result_shape
+    (tokens, heads), results, operands = _bwd_shardings(mesh, arg_shapes, absent)
+
+    def lower_fn(*present):
+        args = _with_absent(present, absent, _BWD_OPTIONAL, 9)
+        kv_dtype = args[1].dtype
+        dq, dkv, d_sink = backward_math(*args, sm_scale=sm_scale, d_v=d_v, chunk_bytes=chunk_bytes,
+                                        dkv_dtype=jnp.float32)
+        # This shard's dkv sums over its tokens and heads, its d_sink over its tokens: one float32
+        # all-reduce each over the split axes, then dkv is rounded once, as unsplit.
+        if tokens + heads:
+            dkv = jax.lax.psum(dkv, tokens + heads)
+        if tokens and d_sink.size:
+            d_sink = jax.lax.psum(d_sink, tokens)
+        return dq, dkv.astype(kv_dtype), d_sink
+
+    return mesh, lower_fn, results, operands
+
+
+def _bwd_infer(sm_scale, d_v, chunk_bytes, absent, mesh, arg_shapes, result_shape):
+    del sm_scale, d_v, chunk_bytes, result_shape
+    return _bwd_shardings(mesh, arg_shapes, absent)[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned_op(backward: bool, absent: tuple):
+    """The custom_partitioning op of the forward or backward calls whose optional operands are absent
+    as in `absent`."""
+    factors, results, optional = ((_BWD_FACTORS, _BWD_RESULTS, _BWD_OPTIONAL) if backward
+                                  else (_FWD_FACTORS, _FWD_RESULTS, _FWD_OPTIONAL))
+    missing = {i for i, a in zip(optional, absent) if a}
+    rule = ", ".join(f for i, f in enumerate(factors) if i not in missing) + " -> " + results
+    if backward:
+        return _partition.partitioned(_bwd_body, rule, _bwd_partition, _bwd_infer, num_static=4,
+                                      partitioned_factors=_SPLIT_FACTORS)
+    return _partition.partitioned(_fwd_body, rule, _fwd_partition, _fwd_infer, num_static=3,
+                                  partitioned_factors=_SPLIT_FACTORS)
+
+
+def _fwd_lowering(ctx, *operands, sm_scale, d_v):
+    absent = _absent_of(ctx.avals_in, _FWD_OPTIONAL)
+    fun = _partitioned_op(False, absent) if _partition.partitionable(ctx) else _fwd_body
+
+    def call(*operands):
+        present = [x for i, x in enumerate(operands) if i not in _FWD_OPTIONAL or x.size > 0]
+        return fun(sm_scale, d_v, absent, *present)
+
+    return mlir.lower_fun(call, multiple_results=True)(ctx, *operands)
+
+
+def _bwd_lowering(ctx, *operands, sm_scale, d_v, chunk_bytes):
+    absent = _absent_of(ctx.avals_in, _BWD_OPTIONAL)
+    fun = _partitioned_op(True, absent) if _partition.partitionable(ctx) else _bwd_body
+
+    def call(*operands):
+        present = [x for i, x in enumerate(operands) if i not in _BWD_OPTIONAL or x.size > 0]
+        return fun(sm_scale, d_v, chunk_bytes, absent, *present)
+
+    return mlir.lower_fun(call, multiple_results=True)(ctx, *operands)
+
+
+mlir.register_lowering(sparse_prefill_p, _fwd_lowering)
+mlir.register_lowering(sparse_prefill_bwd_p, _bwd_lowering)
+_partition.require_devices_during_lowering(sparse_prefill_p, sparse_prefill_bwd_p)
+
+
 # ---- the op on validated operands ------------------------------------------------------------------------
 
 def sparse_prefill(q, kv, indices, topk_length, attn_sink, *, sm_scale: float, d_v: int = _contract.HEAD_DIM_V):
@@ -162,9 +405,10 @@ def sparse_prefill(q, kv, indices, topk_length, attn_sink, *, sm_scale: float, d
 
 
 # ---- reverse mode: the memory-bounded backward ---------------------------------------------------------------
-# jax.grad goes through this custom VJP: the backward (ops/sparse_prefill_bwd.py) walks chunks of query
-# tokens and topk entries from the saved out and lse. max_logits has no such backward: when a loss uses it,
-# the VJP of the reference runs instead (right, but it holds the [s_q, h_q, topk] scores at once).
+# jax.grad goes through this custom VJP: the backward (sparse_prefill_bwd_p, lowered as
+# ops/sparse_prefill_bwd.py) walks chunks of query tokens and topk entries from the saved out and lse.
+# max_logits has no such backward: when a loss uses it, the VJP of the reference runs instead (right,
+# but it holds the [s_q, h_q, topk] scores at once, and XLA partitions it as it likes).
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _differentiable(q, kv, indices, topk_length, attn_sink, sm_scale, d_v):
@@ -190,10 +434,10 @@ def _vjp_bwd(sm_scale, d_v, residuals, cotangents):
         return dq, dkv, None, None, d_sink
     if d_out is None:
         d_out = jnp.zeros(out.shape, out.dtype)
-    dq, dkv, d_sink = sparse_prefill_bwd.sparse_prefill_vjp_bwd(
-        q, kv, indices, _present(topk_length), _present(attn_sink), out, lse, d_out, sm_scale=sm_scale, d_v=d_v,
-        d_lse=d_lse, chunk_bytes=sparse_prefill_bwd.CHUNK_BYTES)
-    return dq, dkv, None, None, jnp.zeros((0,), jnp.float32) if d_sink is None else d_sink
+    d_lse = jnp.zeros((0,), jnp.float32) if d_lse is None else d_lse
+    dq, dkv, d_sink = sparse_prefill_bwd_p.bind(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse,
+                                                sm_scale=sm_scale, d_v=d_v, chunk_bytes=sparse_prefill_bwd.CHUNK_BYTES)
+    return dq, dkv, None, None, d_sink
 
 
 _differentiable.defvjp(_vjp_fwd, _vjp_bwd, symbolic_zeros=True)

@@ -1,8 +1,9 @@
 """The sparse prefill's backward: memory-bounded pure JAX, for the custom VJP of flash_mla_sparse_fwd.
 
     sparse_prefill_vjp_bwd(q, kv, indices, topk_length, attn_sink, out, lse, d_out, *, sm_scale, d_v,
-                           d_lse=None, chunk_bytes=CHUNK_BYTES, q_chunk=None, topk_chunk=None)
-      -> (dq [s_q, h_q, d_qk] in q's dtype, dkv [s_kv, 1, d_qk] in kv's dtype,
+                           d_lse=None, chunk_bytes=CHUNK_BYTES, q_chunk=None, topk_chunk=None,
+                           dkv_dtype=None)
+      -> (dq [s_q, h_q, d_qk] in q's dtype, dkv [s_kv, 1, d_qk] in kv's dtype (or dkv_dtype),
           d_sink [h_q] float32, or None when attn_sink is None)
 
 Operands, in the unbatched layout of the forward: q [s_q, h_q, d_qk]; kv [s_kv, 1, d_qk]; indices
@@ -73,11 +74,12 @@ def chunk_sizes(s_q: int, h_q: int, topk: int, d_qk: int, kv_itemsize: int, chun
 
 def sparse_prefill_vjp_bwd(q, kv, indices, topk_length, attn_sink, out, lse, d_out, *, sm_scale, d_v,
                            d_lse=None, chunk_bytes: int = CHUNK_BYTES, q_chunk: int | None = None,
-                           topk_chunk: int | None = None):
+                           topk_chunk: int | None = None, dkv_dtype=None):
     """(dq, dkv, d_sink) of the sparse prefill at (q, kv, attn_sink), given its out and lse and the
     cotangent d_out (and d_lse of lse, None for zero). See the module docstring for the layout, the
     math and the memory bound; chunk_bytes, q_chunk and topk_chunk choose the step sizes only (the
-    result does not depend on them beyond float32 rounding of the order of sums)."""
+    result does not depend on them beyond float32 rounding of the order of sums). dkv_dtype (kv's
+    dtype when None) is the dtype dkv is returned in: float32 keeps partial sums unrounded."""
     s_q, h_q, d_qk = q.shape
     s_kv = kv.shape[0]
     topk = indices.shape[-1]
@@ -102,7 +104,7 @@ def sparse_prefill_vjp_bwd(q, kv, indices, topk_length, attn_sink, out, lse, d_o
     hi = jax.lax.Precision.HIGHEST
     if s_q == 0 or topk == 0:  # nothing attends to anything
         d_sink = None if attn_sink is None else jnp.zeros_like(attn_sink, dtype=f32)
-        return jnp.zeros_like(q), jnp.zeros_like(kv), d_sink
+        return jnp.zeros_like(q), jnp.zeros_like(kv, dtype=dkv_dtype), d_sink
     cq, ck = chunk_sizes(s_q, h_q, topk, d_qk, jnp.dtype(kv.dtype).itemsize, chunk_bytes, q_chunk, topk_chunk)
     n_q, n_k = -(-s_q // cq), -(-topk // ck)
 
@@ -173,4 +175,4 @@ def sparse_prefill_vjp_bwd(q, kv, indices, topk_length, attn_sink, out, lse, d_o
     dq0 = jnp.zeros_like(q) + zero.astype(q.dtype)
     dkv0 = jnp.zeros((s_kv, d_qk), f32) + zero
     dq, dkv = jax.lax.fori_loop(0, n_q, token_step, (dq0, dkv0))
-    return dq, dkv.reshape(s_kv, 1, d_qk).astype(kv.dtype), d_sink
+    return dq, dkv.reshape(s_kv, 1, d_qk).astype(kv.dtype if dkv_dtype is None else dkv_dtype), d_sink
