@@ -256,3 +256,75 @@ def test_write_places_tokens_at_their_positions_and_drops_padding():
     np.testing.assert_array_equal(pool[table[0, 0], 62:64, 0], entries[0, :2])
     np.testing.assert_array_equal(pool[table[0, 1], 0, 0], entries[0, 2])
     assert np.count_nonzero(pool.any(axis=-1)) == 3  # nothing else was written
+
+
+# --- the sparse serving example --------------------------------------------------------------------
+
+# Tiny V3.2-style model; prompts up to 80 tokens plus up to 8 new ones cross the 64-token page while
+# prefilling and decoding; topk 16 is below most contexts (the indexer really selects) and above the
+# shortest prompts (rows end in -1). 5 pages, 3 slots, 2-page requests: admissions wait for pages and
+# pages are recycled.
+SERVE_SPARSE_FLAGS = ["--layers", "2", "--batch", "3", "--requests", "5", "--prompt-len", "80", "--new-tokens", "8",
+                      "--topk", "16", "--dim", "64", "--heads", "4", "--q-lora-rank", "32", "--nope-dim", "16",
+                      "--v-dim", "16", "--index-heads", "4", "--index-dim", "32", "--mlp-dim", "128", "--vocab", "128",
+                      "--pages", "5", "--check-every", "1", "--phase-reps", "1", "--seed", "1"]
+
+
+def test_serve_sparse_decode_matches_the_masked_dense_oracle():
+    serve = _load("serve_sparse")
+    args = serve.parse_args(SERVE_SPARSE_FLAGS)
+    r = serve.run(args)
+    assert r["ok"], serve.summary(r)
+    assert r["checks"] == r["decode_steps"] > 0
+    assert 0 < r["max_abs_diff"] <= args.tolerance_factor * r["floor_abs_diff"]
+    assert r["max_rel_diff"] < 0.1  # FP8 entries and bfloat16: a few percent; a wrong slot: far more
+    assert r["pages_ok"] and r["pages_returned"] == r["pages_handed_out"] > r["num_pages"]
+    lens = [len(g) for g in r["generated"].values()]
+    assert len(lens) == 5 and all(4 <= n <= 8 for n in lens)
+    assert r["decode_tokens"] == sum(lens) - 5 and r["decode_steps"] < r["decode_tokens"]
+    assert set(r["phase_share"]) == {"indexer", "topk", "attention"} and all(v > 0 for v in r["phase_share"].values())
+
+
+def _shift_valid(indices):
+    return jnp.where(indices >= 0, indices + 1, indices)
+
+
+def test_serve_sparse_check_fails_when_a_decode_index_is_off_by_one(monkeypatch):
+    """The attention reads slot + 1 instead of the indexer's slot: the check must fail."""
+    serve = _load("serve_sparse")
+    real = nn.mla.api.flash_mla_with_kvcache
+
+    def off_by_one(*args, indices=None, **kwargs):
+        return real(*args, indices=_shift_valid(indices), **kwargs)
+
+    monkeypatch.setattr(nn.mla.api, "flash_mla_with_kvcache", off_by_one)
+    r = serve.run(serve.parse_args(SERVE_SPARSE_FLAGS + ["--requests", "3", "--check-every", "2", "--phase-reps", "0"]))
+    assert not r["decode_matches"] and not r["ok"]
+    assert r["max_abs_diff"] > 2 * r["floor_abs_diff"]
+
+
+def test_serve_sparse_check_fails_when_a_prefill_index_is_off_by_one(monkeypatch):
+    """The prompt tokens attend to row + 1 instead of the indexer's row: the check must fail."""
+    serve = _load("serve_sparse")
+    real = nn.mla.api.flash_mla_sparse_fwd
+
+    def off_by_one(q, kv, indices, *args, **kwargs):
+        return real(q, kv, _shift_valid(indices), *args, **kwargs)
+
+    monkeypatch.setattr(nn.mla.api, "flash_mla_sparse_fwd", off_by_one)
+    r = serve.run(serve.parse_args(SERVE_SPARSE_FLAGS + ["--requests", "3", "--check-every", "2", "--phase-reps", "0"]))
+    assert not r["decode_matches"] and not r["ok"]
+
+
+def test_serve_sparse_main_prints_summary_and_help(capsys):
+    serve = _load("serve_sparse")
+    assert serve.main(SERVE_SPARSE_FLAGS + ["--requests", "2", "--check-every", "3"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("serve_sparse: ") and "tokens/s" in line and "ms/step" in line and line.endswith("OK")
+    assert "indexer" in line and "attention" in line and "handed out" in line
+    with pytest.raises(SystemExit) as done:
+        serve.parse_args(["--help"])
+    assert done.value.code == 0 and "--topk" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        serve.parse_args(["--topk", "0"])
+    assert done.value.code == 2
