@@ -328,3 +328,55 @@ def test_serve_sparse_main_prints_summary_and_help(capsys):
     with pytest.raises(SystemExit) as done:
         serve.parse_args(["--topk", "0"])
     assert done.value.code == 2
+
+
+def test_write_fp8_places_quantised_tokens_at_their_slots_and_drops_padding():
+    import jax_flashmla as jfm
+
+    cache = nn.init_sparse_cache(1, 4, 2, 2, 32)
+    cache = nn.grow(cache, jnp.asarray([70, 0], jnp.int32))
+    entries = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 576), jnp.float32).astype(jnp.bfloat16)
+    pool = nn.write_fp8(cache.pools[0], cache.block_table, jnp.asarray([62, 0]), entries, jnp.asarray([3, 0]))
+    assert pool.shape == (4, 64, 1, 656) and pool.dtype == jnp.uint8
+    back = np.asarray(jfm.dequantize_kv_cache(pool, "v32", jnp.float32))
+    want = np.asarray(nn.fp8_round_trip(jnp.pad(entries[:1, :3], ((0, 0), (0, 61), (0, 0)))))[0, :3]
+    table = np.asarray(cache.block_table)
+    np.testing.assert_array_equal(back[table[0, 0], 62:64, 0], want[:2])
+    np.testing.assert_array_equal(back[table[0, 1], 0, 0], want[2])
+    assert np.count_nonzero(np.asarray(pool).reshape(4 * 64, 656).any(axis=-1)) == 3
+
+
+def test_mla_sparse_paths_match_naive_with_the_same_selection():
+    """sparse_prefill (bf16 entries) and sparse_decode (FP8 pool) against naive attention masked to
+    the same rows, in float32 over the same rounded entries."""
+    from flax import nnx
+
+    cfg = nn.MLAConfig(dim=32, num_heads=4, qk_nope_head_dim=16, v_head_dim=16)
+    attn = nn.MultiHeadLatentAttention(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    s, topk = 64, 8
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, s, 32), jnp.float32)
+    pos = jnp.arange(s, dtype=jnp.int32)[None]
+    rng = np.random.default_rng(0)
+    ids = np.full((1, s, topk), -1, np.int32)
+    for t in range(s):
+        k = min(topk, t + 1)
+        ids[0, t, :k] = rng.choice(t + 1, k, replace=False)
+    ids = jnp.asarray(ids)
+    mask = nn.selection_mask(ids, s)
+    bf16 = lambda e: e.astype(jnp.bfloat16).astype(jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        out, entries = attn.sparse_prefill(x, pos, ids)
+        want, _ = attn.naive(x, pos, mask, bf16)
+        # FlashMLA's relative bound (2.01 / 128), against the output's scale: the op rounds q and its
+        # output to bfloat16, and W_UV and wo spread that over every channel.
+        assert np.abs(np.asarray(out) - np.asarray(want)).max() < 2.01 / 128 * np.abs(np.asarray(want)).max()
+        # Decode of the last token over an FP8 pool holding all 64 entries (page 0).
+        pool = nn.write_fp8(nn.init_sparse_cache(1, 1, 1, 1).pools[0], jnp.zeros((1, 1), jnp.int32),
+                            jnp.zeros(1, jnp.int32), entries, jnp.asarray([s]))
+        got = attn.sparse_decode(x[:, -1:], pos[:, -1:], pool, ids[:, -1:])
+        want, _ = attn.naive(x, pos, mask, nn.fp8_round_trip)
+        bound = 2.01 / 128 * np.abs(np.asarray(want[:, -1])).max()
+        assert np.abs(np.asarray(got[:, 0]) - np.asarray(want[:, -1])).max() < bound
+        # Off by one: far outside that bound.
+        bad = attn.sparse_decode(x[:, -1:], pos[:, -1:], pool, jnp.where(ids[:, -1:] >= 0, (ids[:, -1:] + 1) % s, -1))
+        assert np.abs(np.asarray(bad[:, 0]) - np.asarray(want[:, -1])).max() > 10 * bound
