@@ -298,13 +298,14 @@ def test_serve_sparse_check_fails_when_a_decode_index_is_off_by_one(monkeypatch)
         return real(*args, indices=_shift_valid(indices), **kwargs)
 
     monkeypatch.setattr(nn.mla.api, "flash_mla_with_kvcache", off_by_one)
-    r = serve.run(serve.parse_args(SERVE_SPARSE_FLAGS + ["--requests", "3", "--check-every", "2", "--phase-reps", "0"]))
+    r = serve.run(serve.parse_args(SERVE_SPARSE_FLAGS + ["--layers", "1", "--requests", "2", "--check-every", "2", "--phase-reps", "0"]))
     assert not r["decode_matches"] and not r["ok"]
     assert r["max_abs_diff"] > 2 * r["floor_abs_diff"]
 
 
 def test_serve_sparse_check_fails_when_a_prefill_index_is_off_by_one(monkeypatch):
-    """The prompt tokens attend to row + 1 instead of the indexer's row: the check must fail."""
+    """The prompt tokens attend to row + 1 instead of the indexer's row: the check must fail. (Two
+    layers: with one, the prefill's attention output never reaches a decode step's logits.)"""
     serve = _load("serve_sparse")
     real = nn.mla.api.flash_mla_sparse_fwd
 
@@ -312,7 +313,7 @@ def test_serve_sparse_check_fails_when_a_prefill_index_is_off_by_one(monkeypatch
         return real(q, kv, _shift_valid(indices), *args, **kwargs)
 
     monkeypatch.setattr(nn.mla.api, "flash_mla_sparse_fwd", off_by_one)
-    r = serve.run(serve.parse_args(SERVE_SPARSE_FLAGS + ["--requests", "3", "--check-every", "2", "--phase-reps", "0"]))
+    r = serve.run(serve.parse_args(SERVE_SPARSE_FLAGS + ["--requests", "2", "--check-every", "2", "--phase-reps", "0"]))
     assert not r["decode_matches"] and not r["ok"]
 
 
