@@ -3,6 +3,8 @@ multi-device test takes, and the comparison of second derivatives against the re
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
 import jax.numpy as jnp
@@ -41,6 +43,37 @@ def devices_or_skip(n):
     if len(jax.devices()) < n:
         pytest.skip(f"needs {n} devices, this backend has {len(jax.devices())}")
     return jax.devices()[:n]
+
+
+def mesh_of(shape, names):
+    """A mesh of the first prod(shape) devices (skips the test when there are fewer)."""
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(devices_or_skip(int(np.prod(shape)))).reshape(shape), names)
+
+
+def place(mesh, call, specs):
+    """A call's arrays (a dict) on `mesh`, each with its spec in `specs` (replicated when not named)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return {k: None if v is None else jax.device_put(v, NamedSharding(mesh, specs.get(k, P())))
+            for k, v in call.items()}
+
+
+@contextlib.contextmanager
+def gspmd_partitioner():
+    """Shardy off inside the block, so XLA's GSPMD propagation calls the custom_partitioning callbacks."""
+    if not hasattr(jax.config, "jax_use_shardy_partitioner"):
+        pytest.skip("this JAX has no GSPMD propagation to fall back on")
+    previous = jax.config.jax_use_shardy_partitioner
+    try:
+        jax.config.update("jax_use_shardy_partitioner", False)
+    except Exception as e:  # noqa: BLE001  (a JAX that only keeps the flag for compatibility)
+        pytest.skip(f"cannot turn Shardy off: {e}")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
 
 
 def assert_within_eps(got, want, dtype, *, l2, max_elem=None):

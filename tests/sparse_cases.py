@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flashmla as fm
-from jax_flashmla import kv_formats
+from jax_flashmla import _ext, kv_formats
 from conftest import cos_diff
 
 # FlashMLA's checks of its sparse decode kernels (tests/test_flash_mla_sparse_decoding.py): out within
@@ -199,3 +199,18 @@ def flashmla_case(rng, fmt_name, *, batch, seqlen_q, heads, main: CachePool, ext
         pool, ids, lengths = flashmla_pool(rng, fmt, extra, **flags)
         kwargs.update(extra_k_cache=pool, extra_indices_in_kvcache=ids, extra_topk_length=lengths)
     return kwargs
+
+
+def poison_unused(pool, fmt, page_size, used):
+    """The pool with every byte of each slot outside `used` set to 0xFF: NaN latent values, NaN
+    scales and NaN RoPE values, so a read of an unused slot shows in the result."""
+    raw = np.array(jax.lax.bitcast_convert_type(pool, jnp.uint8) if pool.dtype != jnp.uint8 else pool)
+    pages = raw.reshape(raw.shape[0], -1)
+    for slot in np.flatnonzero(~used):
+        page, token = divmod(int(slot), page_size)
+        at = _ext.kv_offsets(fmt.index, page_size, token)
+        pages[page, at["record"]:at["record"] + fmt.record_bytes] = 0xFF
+        if fmt.scale_record_bytes:
+            pages[page, at["scale"]:at["scale"] + fmt.scale_record_bytes] = 0xFF
+    out = jnp.asarray(pages.reshape(raw.shape))
+    return out if pool.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(out, pool.dtype)

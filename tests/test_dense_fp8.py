@@ -14,28 +14,14 @@ import numpy as np
 import pytest
 
 import jax_flashmla as fm
-from jax_flashmla import _ext, kv_formats, reference
-from sparse_cases import INT32_MAX, INT32_MIN, assert_close
+from jax_flashmla import kv_formats, reference
+from sparse_cases import INT32_MAX, INT32_MIN, assert_close, poison_unused
 
 # FlashMLA's checks of its dense decode (tests/test_flash_mla_dense_decoding.py): out within abs 8e-4
 # or rel 2.01/128 with a cosine difference under 5e-6; lse within abs 1e-6 or rel 8.01/65536.
 OUT_TOL = dict(atol=8e-4, rtol=2.01 / 128, cos_tol=5e-6)
 LSE_TOL = dict(atol=1e-6, rtol=8.01 / 65536)
 PADDING = (2147480000, -1, INT32_MIN, INT32_MAX)  # FlashMLA's test padding, and other garbage ids
-
-
-def poison_unused(pool, fmt, page_size, used):
-    """The pool with every byte of each slot outside `used` ([num_blocks * page_size] bool) set to
-    0xFF: NaN latent values, scales and RoPE values, so a read of an unused slot shows as NaN."""
-    raw = np.array(jax.lax.bitcast_convert_type(pool, jnp.uint8))
-    pages = raw.reshape(raw.shape[0], -1)
-    for slot in np.flatnonzero(~used):
-        page, token = divmod(int(slot), page_size)
-        at = _ext.kv_offsets(fmt.index, page_size, token)
-        pages[page, at["record"]:at["record"] + fmt.record_bytes] = 0xFF
-        if fmt.scale_record_bytes:
-            pages[page, at["scale"]:at["scale"] + fmt.scale_record_bytes] = 0xFF
-    return jax.lax.bitcast_convert_type(jnp.asarray(pages.reshape(raw.shape)), pool.dtype)
 
 
 def make_case(rng, fmt_name="v32", *, lengths, seqlen_q=1, heads=4, page=64, spare_pages=2, extra_columns=1,

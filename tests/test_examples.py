@@ -256,3 +256,128 @@ def test_write_places_tokens_at_their_positions_and_drops_padding():
     np.testing.assert_array_equal(pool[table[0, 0], 62:64, 0], entries[0, :2])
     np.testing.assert_array_equal(pool[table[0, 1], 0, 0], entries[0, 2])
     assert np.count_nonzero(pool.any(axis=-1)) == 3  # nothing else was written
+
+
+# --- the sparse serving example --------------------------------------------------------------------
+
+# Tiny V3.2-style model; prompts up to 80 tokens plus up to 8 new ones cross the 64-token page while
+# prefilling and decoding; topk 16 is below most contexts (the indexer really selects) and above the
+# shortest prompts (rows end in -1). 5 pages, 3 slots, 2-page requests: admissions wait for pages and
+# pages are recycled.
+SERVE_SPARSE_FLAGS = ["--layers", "2", "--batch", "3", "--requests", "5", "--prompt-len", "80", "--new-tokens", "8",
+                      "--topk", "16", "--dim", "64", "--heads", "4", "--q-lora-rank", "32", "--nope-dim", "16",
+                      "--v-dim", "16", "--index-heads", "4", "--index-dim", "32", "--mlp-dim", "128", "--vocab", "128",
+                      "--pages", "5", "--check-every", "1", "--phase-reps", "1", "--seed", "1"]
+
+
+def test_serve_sparse_decode_matches_the_masked_dense_oracle():
+    serve = _load("serve_sparse")
+    args = serve.parse_args(SERVE_SPARSE_FLAGS)
+    r = serve.run(args)
+    assert r["ok"], serve.summary(r)
+    assert r["checks"] == r["decode_steps"] > 0
+    assert 0 < r["max_abs_diff"] <= args.tolerance_factor * r["floor_abs_diff"]
+    assert r["max_rel_diff"] < 0.1  # FP8 entries and bfloat16: a few percent; a wrong slot: far more
+    assert r["pages_ok"] and r["pages_returned"] == r["pages_handed_out"] > r["num_pages"]
+    lens = [len(g) for g in r["generated"].values()]
+    assert len(lens) == 5 and all(4 <= n <= 8 for n in lens)
+    assert r["decode_tokens"] == sum(lens) - 5 and r["decode_steps"] < r["decode_tokens"]
+    assert set(r["phase_share"]) == {"indexer", "topk", "attention"} and all(v > 0 for v in r["phase_share"].values())
+
+
+def _shift_valid(indices):
+    return jnp.where(indices >= 0, indices + 1, indices)
+
+
+def test_serve_sparse_check_fails_when_a_decode_index_is_off_by_one(monkeypatch):
+    """The attention reads slot + 1 instead of the indexer's slot: the check must fail."""
+    serve = _load("serve_sparse")
+    real = nn.mla.api.flash_mla_with_kvcache
+
+    def off_by_one(*args, indices=None, **kwargs):
+        return real(*args, indices=_shift_valid(indices), **kwargs)
+
+    monkeypatch.setattr(nn.mla.api, "flash_mla_with_kvcache", off_by_one)
+    r = serve.run(serve.parse_args(SERVE_SPARSE_FLAGS + ["--layers", "1", "--requests", "2", "--check-every", "2", "--phase-reps", "0"]))
+    assert not r["decode_matches"] and not r["ok"]
+    assert r["max_abs_diff"] > 2 * r["floor_abs_diff"]
+
+
+def test_serve_sparse_check_fails_when_a_prefill_index_is_off_by_one(monkeypatch):
+    """The prompt tokens attend to row + 1 instead of the indexer's row: the check must fail. (Two
+    layers: with one, the prefill's attention output never reaches a decode step's logits.)"""
+    serve = _load("serve_sparse")
+    real = nn.mla.api.flash_mla_sparse_fwd
+
+    def off_by_one(q, kv, indices, *args, **kwargs):
+        return real(q, kv, _shift_valid(indices), *args, **kwargs)
+
+    monkeypatch.setattr(nn.mla.api, "flash_mla_sparse_fwd", off_by_one)
+    r = serve.run(serve.parse_args(SERVE_SPARSE_FLAGS + ["--requests", "2", "--check-every", "2", "--phase-reps", "0"]))
+    assert not r["decode_matches"] and not r["ok"]
+
+
+def test_serve_sparse_main_prints_summary_and_help(capsys):
+    serve = _load("serve_sparse")
+    assert serve.main(SERVE_SPARSE_FLAGS + ["--requests", "2", "--check-every", "3"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("serve_sparse: ") and "tokens/s" in line and "ms/step" in line and line.endswith("OK")
+    assert "indexer" in line and "attention" in line and "handed out" in line
+    with pytest.raises(SystemExit) as done:
+        serve.parse_args(["--help"])
+    assert done.value.code == 0 and "--topk" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        serve.parse_args(["--topk", "0"])
+    assert done.value.code == 2
+
+
+def test_write_fp8_places_quantised_tokens_at_their_slots_and_drops_padding():
+    import jax_flashmla as jfm
+
+    cache = nn.init_sparse_cache(1, 4, 2, 2, 32)
+    cache = nn.grow(cache, jnp.asarray([70, 0], jnp.int32))
+    entries = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 576), jnp.float32).astype(jnp.bfloat16)
+    pool = nn.write_fp8(cache.pools[0], cache.block_table, jnp.asarray([62, 0]), entries, jnp.asarray([3, 0]))
+    assert pool.shape == (4, 64, 1, 656) and pool.dtype == jnp.uint8
+    back = np.asarray(jfm.dequantize_kv_cache(pool, "v32", jnp.float32))
+    want = np.asarray(nn.fp8_round_trip(jnp.pad(entries[:1, :3], ((0, 0), (0, 61), (0, 0)))))[0, :3]
+    table = np.asarray(cache.block_table)
+    np.testing.assert_array_equal(back[table[0, 0], 62:64, 0], want[:2])
+    np.testing.assert_array_equal(back[table[0, 1], 0, 0], want[2])
+    assert np.count_nonzero(np.asarray(pool).reshape(4 * 64, 656).any(axis=-1)) == 3
+
+
+def test_mla_sparse_paths_match_naive_with_the_same_selection():
+    """sparse_prefill (bf16 entries) and sparse_decode (FP8 pool) against naive attention masked to
+    the same rows, in float32 over the same rounded entries."""
+    from flax import nnx
+
+    cfg = nn.MLAConfig(dim=32, num_heads=4, qk_nope_head_dim=16, v_head_dim=16)
+    attn = nn.MultiHeadLatentAttention(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    s, topk = 64, 8
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, s, 32), jnp.float32)
+    pos = jnp.arange(s, dtype=jnp.int32)[None]
+    rng = np.random.default_rng(0)
+    ids = np.full((1, s, topk), -1, np.int32)
+    for t in range(s):
+        k = min(topk, t + 1)
+        ids[0, t, :k] = rng.choice(t + 1, k, replace=False)
+    ids = jnp.asarray(ids)
+    mask = nn.selection_mask(ids, s)
+    bf16 = lambda e: e.astype(jnp.bfloat16).astype(jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        out, entries = attn.sparse_prefill(x, pos, ids)
+        want, _ = attn.naive(x, pos, mask, bf16)
+        # FlashMLA's relative bound (2.01 / 128), against the output's scale: the op rounds q and its
+        # output to bfloat16, and W_UV and wo spread that over every channel.
+        assert np.abs(np.asarray(out) - np.asarray(want)).max() < 2.01 / 128 * np.abs(np.asarray(want)).max()
+        # Decode of the last token over an FP8 pool holding all 64 entries (page 0).
+        pool = nn.write_fp8(nn.init_sparse_cache(1, 1, 1, 1).pools[0], jnp.zeros((1, 1), jnp.int32),
+                            jnp.zeros(1, jnp.int32), entries, jnp.asarray([s]))
+        got = attn.sparse_decode(x[:, -1:], pos[:, -1:], pool, ids[:, -1:])
+        want, _ = attn.naive(x, pos, mask, nn.fp8_round_trip)
+        bound = 2.01 / 128 * np.abs(np.asarray(want[:, -1])).max()
+        assert np.abs(np.asarray(got[:, 0]) - np.asarray(want[:, -1])).max() < bound
+        # Off by one: far outside that bound.
+        bad = attn.sparse_decode(x[:, -1:], pos[:, -1:], pool, jnp.where(ids[:, -1:] >= 0, (ids[:, -1:] + 1) % s, -1))
+        assert np.abs(np.asarray(bad[:, 0]) - np.asarray(want[:, -1])).max() > 10 * bound

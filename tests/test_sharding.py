@@ -4,22 +4,17 @@ On the CPU, tests/conftest.py asks XLA for 8 host devices, so every test runs. O
 takes the devices its mesh needs and is skipped when there are fewer (a 2-GPU machine runs the
 1-D meshes of 2)."""
 
-import contextlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_flashmla as fm
 from jax_flashmla import _ffi
-from mla_cases import assert_within_eps, devices_or_skip, make_case
-
-
-def mesh_of(shape, names):
-    return Mesh(np.array(devices_or_skip(int(np.prod(shape)))).reshape(shape), names)
+from mla_cases import assert_within_eps, gspmd_partitioner, make_case, mesh_of
 
 
 def place(mesh, arrays, specs):
@@ -130,22 +125,6 @@ FALLBACKS = {
 def test_other_shardings_fall_back_to_a_correct_plan(name):
     shape, names, kw, specs = FALLBACKS[name]
     check(decode_fn(True), mesh_of(shape, names), make_case(46, **kw), specs, True)
-
-
-@contextlib.contextmanager
-def gspmd_partitioner():
-    """Shardy off inside the block, so XLA's GSPMD propagation calls the custom_partitioning callbacks."""
-    if not hasattr(jax.config, "jax_use_shardy_partitioner"):
-        pytest.skip("this JAX has no GSPMD propagation to fall back on")
-    previous = jax.config.jax_use_shardy_partitioner
-    try:
-        jax.config.update("jax_use_shardy_partitioner", False)
-    except Exception as e:  # noqa: BLE001  (a JAX that only keeps the flag for compatibility)
-        pytest.skip(f"cannot turn Shardy off: {e}")
-    try:
-        yield
-    finally:
-        jax.config.update("jax_use_shardy_partitioner", previous)
 
 
 def test_gspmd_callbacks():

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import jax_flashmla as fm
-from jax_flashmla import _ext, kv_formats
-from sparse_cases import (LSE_TOL, OUT_TOL, assert_close, check, make_indices, make_lengths, make_sink, reference,
-                          run)
+from jax_flashmla import kv_formats
+from sparse_cases import (LSE_TOL, OUT_TOL, assert_close, check, make_indices, make_lengths, make_sink, poison_unused,
+                          reference, run)
 
 D_QK = {"v32": 576, "model1": 512}
 
@@ -31,21 +31,6 @@ def used_mask(num_slots, ids, lengths):
     return used
 
 
-def poison(pool, fmt, page_size, used):
-    """The pool with every byte of each slot outside `used` set to 0xFF: NaN latent values, NaN
-    scales and NaN RoPE values, so a read of an unused slot shows in the result."""
-    raw = np.array(jax.lax.bitcast_convert_type(pool, jnp.uint8) if pool.dtype != jnp.uint8 else pool)
-    pages = raw.reshape(raw.shape[0], -1)
-    for slot in np.flatnonzero(~used):
-        page, token = divmod(int(slot), page_size)
-        at = _ext.kv_offsets(fmt.index, page_size, token)
-        pages[page, at["record"]:at["record"] + fmt.record_bytes] = 0xFF
-        if fmt.scale_record_bytes:
-            pages[page, at["scale"]:at["scale"] + fmt.scale_record_bytes] = 0xFF
-    out = jnp.asarray(pages.reshape(raw.shape))
-    return out if pool.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(out, pool.dtype)
-
-
 def make_pool(rng, fmt, *, batch, seqlen_q, page, topk, lengths, invalid, empty_rows, num_blocks=None,
               dtype=jnp.float8_e4m3fn):
     """(FP8 pool with NaN in unread slots, ids, topk_length or None)."""
@@ -57,7 +42,7 @@ def make_pool(rng, fmt, *, batch, seqlen_q, page, topk, lengths, invalid, empty_
     # Past topk_length make_indices leaves garbage, out-of-pool ids included: never read.
     kv = np.clip(rng.standard_normal((num_blocks, page, 1, fmt.d_qk)) / 10, -1, 1)
     pool = kv_formats.quantize_kv_cache(jnp.asarray(kv, jnp.bfloat16), fmt, dtype)
-    pool = poison(pool, fmt, page, used_mask(num_blocks * page, ids, lens))
+    pool = poison_unused(pool, fmt, page, used_mask(num_blocks * page, ids, lens))
     return pool, jnp.asarray(ids), None if lens is None else jnp.asarray(lens)
 
 

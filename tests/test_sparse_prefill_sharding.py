@@ -12,18 +12,17 @@ tests/conftest.py gives the CPU 8 host devices; with fewer devices a test is ski
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_flashmla as fm
 from jax_flashmla import _ffi
-from mla_cases import devices_or_skip
+from mla_cases import gspmd_partitioner, mesh_of, place
 from sparse_cases import assert_close
 from prefill_cases import SCALE, make_case
 
@@ -36,16 +35,6 @@ def sparse(call):
 
 
 SPARSE = jax.jit(sparse)
-
-
-def mesh_of(shape, names):
-    return Mesh(np.array(devices_or_skip(int(np.prod(shape)))).reshape(shape), names)
-
-
-def place(mesh, call, specs):
-    """The call's arrays on `mesh`, each with its spec in `specs` (replicated when not named)."""
-    return {k: None if v is None else jax.device_put(v, NamedSharding(mesh, specs.get(k, P())))
-            for k, v in call.items()}
 
 
 def assert_same(got, want):
@@ -191,22 +180,6 @@ def test_batched_form_with_kv_split_on_batch_gathers_it(rng):
     mesh = mesh_of((2,), ("x",))
     args = place(mesh, call, {"q": P("x"), "kv": P("x"), "indices": P("x"), "topk_length": P("x")})
     assert_same(SPARSE(args), SPARSE(call))
-
-
-@contextlib.contextmanager
-def gspmd_partitioner():
-    """Shardy off inside the block, so XLA's GSPMD propagation calls the custom_partitioning callbacks."""
-    if not hasattr(jax.config, "jax_use_shardy_partitioner"):
-        pytest.skip("this JAX has no GSPMD propagation to fall back on")
-    previous = jax.config.jax_use_shardy_partitioner
-    try:
-        jax.config.update("jax_use_shardy_partitioner", False)
-    except Exception as e:  # noqa: BLE001  (a JAX that only keeps the flag for compatibility)
-        pytest.skip(f"cannot turn Shardy off: {e}")
-    try:
-        yield
-    finally:
-        jax.config.update("jax_use_shardy_partitioner", previous)
 
 
 # ---- gradients -------------------------------------------------------------------------------------------

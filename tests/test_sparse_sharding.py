@@ -7,7 +7,6 @@ tests/conftest.py gives the CPU 8 host devices; with fewer devices a test is ski
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import jax
@@ -18,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flashmla as fm
 from jax_flashmla import _ffi, _partition, kv_formats
-from mla_cases import devices_or_skip
+from mla_cases import devices_or_skip, gspmd_partitioner, mesh_of, place
 from sparse_cases import INT32_MAX, INT32_MIN, assert_close, make_indices, make_lengths, make_sink
 
 NAMES = ("q", "k_cache", "indices", "topk_length", "attn_sink", "extra_k_cache", "extra_indices_in_kvcache",
@@ -67,16 +66,6 @@ def sparse(call):
 
 
 SPARSE = jax.jit(sparse)
-
-
-def mesh_of(shape, names):
-    return Mesh(np.array(devices_or_skip(int(np.prod(shape)))).reshape(shape), names)
-
-
-def place(mesh, call, specs):
-    """The call's arrays on `mesh`, each with its spec in `specs` (replicated when not named)."""
-    return {k: None if v is None else jax.device_put(v, NamedSharding(mesh, specs.get(k, P())))
-            for k, v in call.items()}
 
 
 def assert_same(got, want):
@@ -238,22 +227,6 @@ def test_other_shardings_fall_back_to_the_unsharded_result(rng, name):
     shape, names, kwargs, specs = FALLBACKS[name]
     call = make_call(rng, **kwargs)
     assert_same(SPARSE(place(mesh_of(shape, names), call, specs)), SPARSE(call))
-
-
-@contextlib.contextmanager
-def gspmd_partitioner():
-    """Shardy off inside the block, so XLA's GSPMD propagation calls the custom_partitioning callbacks."""
-    if not hasattr(jax.config, "jax_use_shardy_partitioner"):
-        pytest.skip("this JAX has no GSPMD propagation to fall back on")
-    previous = jax.config.jax_use_shardy_partitioner
-    try:
-        jax.config.update("jax_use_shardy_partitioner", False)
-    except Exception as e:  # noqa: BLE001  (a JAX that only keeps the flag for compatibility)
-        pytest.skip(f"cannot turn Shardy off: {e}")
-    try:
-        yield
-    finally:
-        jax.config.update("jax_use_shardy_partitioner", previous)
 
 
 def test_gspmd_callbacks(rng):

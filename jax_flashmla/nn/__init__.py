@@ -1,6 +1,7 @@
 """Flax NNX building blocks around the decode kernel: an MLA layer, a paged KV cache, a small
-DeepSeek-style decoder (used by examples/serve.py and examples/train.py) and DeepSeek-V3.2's
-lightning indexer with its FP8 key cache.
+DeepSeek-style decoder (used by examples/serve.py and examples/train.py), DeepSeek-V3.2's
+lightning indexer with its FP8 key cache, and a DeepSeek-V3.2-style sparse decoder over an FP8 cache
+(used by examples/serve_sparse.py).
 
 Needs flax (``pip install flax``, or the package's ``examples`` extra); ``import jax_flashmla`` alone
 does not import this subpackage.
@@ -14,10 +15,14 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from .decoder import DecoderBlock, DecoderConfig, MLADecoder, SwiGLU
 from .indexer import IndexerConfig, LightningIndexer, init_index_pools, rotate_activation, write_index_keys
 from .mla import KV_LORA_RANK, ROPE_DIM, MLAConfig, MultiHeadLatentAttention, apply_rope
-from .paged_cache import PagedKVCache, grow, init_cache, pages_needed, release, write
+from .paged_cache import (PagedKVCache, SparseKVCache, grow, init_cache, init_sparse_cache, pages_needed, release,
+                          write, write_fp8)
+from .sparse_decoder import SparseDecoderBlock, SparseDecoderConfig, SparseMLADecoder, fp8_round_trip, selection_mask
 
 __all__ = [
     "DecoderBlock", "DecoderConfig", "IndexerConfig", "KV_LORA_RANK", "LightningIndexer", "MLAConfig", "MLADecoder",
     "MultiHeadLatentAttention", "PagedKVCache", "ROPE_DIM", "SwiGLU", "apply_rope", "grow", "init_cache",
     "init_index_pools", "pages_needed", "release", "rotate_activation", "write", "write_index_keys",
+    "SparseDecoderBlock", "SparseDecoderConfig", "SparseKVCache", "SparseMLADecoder", "fp8_round_trip",
+    "init_sparse_cache", "selection_mask", "write_fp8",
 ]

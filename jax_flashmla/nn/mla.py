@@ -10,6 +10,11 @@ entry a paged cache stores and the kernel reads.
   scores are q_latent . c_kv + q_rope . k_rope, a dot with the cached 576-vector itself; the
   kernel's output is a 512-latent per head, and W_UV is applied after it. Used for decode (and for
   training through the kernel). Both paths compute the same function.
+- The sparse paths of DeepSeek-V3.2 (DSA), absorbed the same way, each query token attending to the
+  tokens an indexer picked: ``sparse_prefill`` (a batch of prompts over their own entries, through
+  ``flash_mla_sparse_fwd``) and ``sparse_decode`` (over an FP8 "v32" pool, through
+  ``flash_mla_with_kvcache``'s sparse mode). ``naive`` with a mask of the same picks is their
+  oracle.
 
 Compute dtype follows the input activations (the layers use ``dtype=None``): bfloat16 activations
 over bfloat16 weights run in bfloat16, float32 activations over the same weights run in float32
@@ -95,10 +100,15 @@ class MultiHeadLatentAttention(nnx.Module):
         self.wkv_b = linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim))  # W_UK ++ W_UV
         self.wo = linear(h * cfg.v_head_dim, cfg.dim)
 
+    def compressed_query(self, x):
+        """x [b, s, dim] -> the normalised compressed query [b, s, q_lora_rank] (what DeepSeek-V3.2's
+        indexer reads), or None when the layer has no query compression."""
+        return self.q_norm(self.wq_a(x)) if self.cfg.q_lora_rank else None
+
     def query(self, x, positions):
         """x [b, s, dim] -> (q_nope [b, s, h, nope], q_rope [b, s, h, 64] rotated to `positions`)."""
         cfg = self.cfg
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if cfg.q_lora_rank else self.wq(x)
+        q = self.wq_b(self.compressed_query(x)) if cfg.q_lora_rank else self.wq(x)
         q = q.reshape(*x.shape[:2], cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
         q_nope, q_rope = jnp.split(q, [cfg.qk_nope_head_dim], axis=-1)
         return q_nope, apply_rope(q_rope, positions, cfg.rope_theta)
@@ -114,25 +124,47 @@ class MultiHeadLatentAttention(nnx.Module):
         w = self.wkv_b.kernel[...].astype(dtype).reshape(cfg.kv_lora_rank, cfg.num_heads, -1)
         return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
 
-    def naive(self, x, positions, mask):
+    def naive(self, x, positions, mask, round_entries=None):
         """Full attention of the tokens of x over themselves, keys and values decompressed per head.
 
         x [b, s, dim], positions int [b, s], mask bool [b, s, s] (query, key) -> (out [b, s, dim],
-        cache entries [b, s, 576]). Softmax in float32, everything else in x's dtype.
+        cache entries [b, s, 576]). Softmax in float32, everything else in x's dtype. A query whose
+        mask row is all False gets out 0 (as the sparse ops give a token with no valid index).
+        round_entries: None, or a function applied to the entries [b, s, 576] before they are used
+        (e.g. a round trip through an FP8 cache format); the returned entries are the unrounded ones.
         """
         cfg = self.cfg
         b, s, _ = x.shape
         q_nope, q_rope = self.query(x, positions)
-        entries = self.latent_kv(x, positions)
-        c_kv, k_rope = entries[..., :cfg.kv_lora_rank], entries[..., cfg.kv_lora_rank:]
+        entries = used = self.latent_kv(x, positions)
+        if round_entries is not None:
+            used = round_entries(entries).astype(entries.dtype)
+        c_kv, k_rope = used[..., :cfg.kv_lora_rank], used[..., cfg.kv_lora_rank:]
         kv = self.wkv_b(c_kv).reshape(b, s, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
         k_nope, v = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
         scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
                   + jnp.einsum("bqhr,bkr->bhqk", q_rope, k_rope, preferred_element_type=jnp.float32))
         scores = jnp.where(mask[:, None], scores * cfg.softmax_scale, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = jnp.where(jnp.any(mask, axis=-1)[:, None, :, None], probs, 0.0).astype(x.dtype)
         out = jnp.einsum("bhqk,bkhv->bqhv", probs, v).reshape(b, s, cfg.num_heads * cfg.v_head_dim)
         return self.wo(out), entries
+
+    def absorbed_query(self, x, positions):
+        """x [b, s, dim] -> the absorbed query [b, s, h, 576] in x's dtype: q_nope @ W_UK^T (512) ++ q_rope
+        (64), so that a score is a dot with a cache entry."""
+        q_nope, q_rope = self.query(x, positions)
+        w_uk, _ = self._up_projections(x.dtype)
+        q_latent = jnp.einsum("bshd,chd->bshc", q_nope, w_uk)  # absorb W_UK: score = q_latent . c_kv
+        return jnp.concatenate([q_latent, q_rope], axis=-1)
+
+    def _output(self, latent_out, x):
+        """The kernels' per-head latents [b, s, h, 512] -> out [b, s, dim] in x's dtype (W_UV, then wo)."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        _, w_uv = self._up_projections(x.dtype)
+        out = jnp.einsum("bshc,chv->bshv", latent_out.astype(x.dtype), w_uv)  # apply W_UV after attention
+        return self.wo(out.reshape(b, s, cfg.num_heads * cfg.v_head_dim))
 
     def absorbed(self, x, positions, k_cache, block_table, cache_seqlens, tile_md=None, num_splits=None,
                  causal=False):
@@ -144,13 +176,36 @@ class MultiHeadLatentAttention(nnx.Module):
         block_table / cache_seqlens / tile_md / num_splits as in flash_mla_with_kvcache.
         Returns out [b, s, dim] in x's dtype.
         """
-        cfg = self.cfg
-        b, s, _ = x.shape
-        q_nope, q_rope = self.query(x, positions)
-        w_uk, w_uv = self._up_projections(x.dtype)
-        q_latent = jnp.einsum("bshd,chd->bshc", q_nope, w_uk)  # absorb W_UK: score = q_latent . c_kv
-        q = jnp.concatenate([q_latent, q_rope], axis=-1).astype(k_cache.dtype)
+        q = self.absorbed_query(x, positions).astype(k_cache.dtype)
         out, _ = api.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, tile_md,
-                                            num_splits, softmax_scale=cfg.softmax_scale, causal=causal)
-        out = jnp.einsum("bshc,chv->bshv", out.astype(x.dtype), w_uv)  # apply W_UV after attention
-        return self.wo(out.reshape(b, s, cfg.num_heads * cfg.v_head_dim))
+                                            num_splits, softmax_scale=self.cfg.softmax_scale, causal=causal)
+        return self._output(out, x)
+
+    def sparse_prefill(self, x, positions, indices, entries=None):
+        """DSA prefill of a batch of prompts, through ``flash_mla_sparse_fwd``'s batched form.
+
+        x [b, s, dim], positions int [b, s], indices int32 [b, s, topk]: the rows of its own prompt
+        (0 .. s - 1) each token attends to (-1: unused; an indexer's causal top-k). entries: the
+        prompts' cache entries [b, s, 576] if already computed (else latent_kv). The entries and the
+        query go to the op in bfloat16. Returns (out [b, s, dim] in x's dtype, entries [b, s, 576]);
+        a token with no valid index (padding) gets the output of a zero latent.
+        """
+        if entries is None:
+            entries = self.latent_kv(x, positions)
+        q = self.absorbed_query(x, positions).astype(jnp.bfloat16)
+        kv = entries.astype(jnp.bfloat16)[:, :, None, :]
+        out, _, _ = api.flash_mla_sparse_fwd(q, kv, indices[:, :, None, :], self.cfg.softmax_scale, HEAD_DIM_V)
+        return self._output(out, x), entries
+
+    def sparse_decode(self, x, positions, fp8_pool, indices):
+        """DSA decode over an FP8 "v32" pool, through ``flash_mla_with_kvcache``'s sparse mode.
+
+        x [b, s, dim] (the newest s tokens of each request, their entries already in the pool),
+        positions int [b, s], fp8_pool [num_pages, rows, 1, 656] uint8 or float8_e4m3fn
+        (``kv_formats.write_tokens``), indices int32 [b, s, topk]: global slots page * page_size +
+        offset of the tokens each query attends to, -1 unused. Returns out [b, s, dim] in x's dtype.
+        """
+        q = self.absorbed_query(x, positions).astype(jnp.bfloat16)
+        out, _ = api.flash_mla_with_kvcache(q, fp8_pool, None, None, HEAD_DIM_V, softmax_scale=self.cfg.softmax_scale,
+                                            is_fp8_kvcache=True, indices=indices)
+        return self._output(out, x)

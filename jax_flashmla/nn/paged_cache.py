@@ -17,6 +17,11 @@ All three have fixed shapes, so one compiled step serves any mix of lengths; cal
 admission policy (``pages_needed`` gives the count to budget for); serving code keeps it on the host,
 where requests are admitted. Recycled pages keep their old contents: the kernel never reads slots
 past a request's length, so they need no clearing.
+
+``SparseKVCache`` is the cache of a DeepSeek-V3.2-style (DSA) model: the same allocator, block table
+and lengths, but each layer's latent pool is FP8 ("v32", 656 bytes a token, uint8; ``write_fp8``) and
+each layer also has an index-key pool on the same pages (``jax_flashmla.nn.write_index_keys``, 132
+bytes a token). ``grow`` and ``release`` serve it unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from .. import indexer as index_ops
+from .. import kv_formats
 from .._contract import HEAD_DIM, PAGE_SIZE
+
+FP8_FORMAT = "v32"  # the latent pools of SparseKVCache
 
 
 @jax.tree_util.register_dataclass
@@ -43,6 +52,15 @@ class PagedKVCache:
         return self.free_pages.shape[0]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SparseKVCache(PagedKVCache):
+    """A PagedKVCache whose ``pools`` are FP8 "v32" latent pools (per layer [num_pages, 64, 1, 656]
+    uint8) with an index-key pool per layer beside them on the same pages."""
+
+    index_pools: tuple  # per layer: [num_pages, 64, 1, index_head_dim + 4] uint8
+
+
 def pages_needed(num_tokens):
     """Pages that hold num_tokens tokens (works on ints and arrays)."""
     return -(-num_tokens // PAGE_SIZE)
@@ -57,6 +75,19 @@ def init_cache(num_layers: int, num_pages: int, slots: int, max_pages_per_seq: i
         seq_lens=jnp.zeros((slots,), jnp.int32),
         free_pages=jnp.arange(num_pages, dtype=jnp.int32)[::-1],  # page 0 on top
         num_free=jnp.asarray(num_pages, jnp.int32),
+    )
+
+
+def init_sparse_cache(num_layers: int, num_pages: int, slots: int, max_pages_per_seq: int,
+                      index_head_dim: int = index_ops.INDEX_HEAD_DIM) -> SparseKVCache:
+    """An empty SparseKVCache: all pages free, all slots empty, pools zeroed."""
+    shape = kv_formats.kv_cache_format(FP8_FORMAT).pool_shape(num_pages, PAGE_SIZE)
+    dense = init_cache(0, num_pages, slots, max_pages_per_seq)
+    return SparseKVCache(
+        pools=tuple(jnp.zeros(shape, jnp.uint8) for _ in range(num_layers)),
+        block_table=dense.block_table, seq_lens=dense.seq_lens, free_pages=dense.free_pages,
+        num_free=dense.num_free,
+        index_pools=tuple(index_ops.init_key_pool(num_pages, PAGE_SIZE, index_head_dim) for _ in range(num_layers)),
     )
 
 
@@ -98,3 +129,14 @@ def write(pool, block_table, start, entries, num_valid):
     valid = jnp.arange(s)[None, :] < num_valid[:, None]
     page = jnp.where(valid, page, pool.shape[0])  # out of range: the scatter drops it
     return pool.at[page, pos % PAGE_SIZE, 0].set(entries.astype(pool.dtype), mode="drop")
+
+
+def write_fp8(pool, block_table, start, entries, num_valid):
+    """``write`` for an FP8 "v32" pool: entries [n, s, 576] (bfloat16; quantised by
+    ``kv_formats.write_tokens``) go to positions start[i] + j of the requests whose pages are
+    block_table[i]; entries with j >= num_valid[i] are dropped. The positions must have pages."""
+    n, s, _ = entries.shape
+    pos = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+    slots = index_ops.slots_of(block_table, pos, PAGE_SIZE)
+    slots = jnp.where(jnp.arange(s)[None, :] < num_valid[:, None], slots, -1).reshape(n * s)
+    return kv_formats.write_tokens(pool, FP8_FORMAT, slots, entries.reshape(n * s, -1).astype(jnp.bfloat16))
