@@ -1,10 +1,9 @@
-// The sparse FP8 decode kernel (config.h describes the work unit and the warp roles).
+// The sparse FP8 decode kernel (config.h describes the work unit, sparse_common/tile.h the warp roles).
 #pragma once
 
 #include "common/sparse_params.h"
-#include "cuda/sparse_decode/epilogue.cuh"
+#include "cuda/sparse_common/tile_math.cuh"
 #include "cuda/sparse_decode/loads.cuh"
-#include "cuda/sparse_decode/softmax.cuh"
 #include "cuda/sparse_decode/traits.h"
 
 namespace jax_flashmla {
@@ -15,7 +14,6 @@ namespace sparse_sm90 {
 template <KvFormat kFormat>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid_constant__ SparseDecodeParams p) {
   using Tr = Traits<kFormat>;
-  using TiledMma = typename Tr::TiledMma;
   extern __shared__ uint8_t smem_raw[];
   auto& smem = *reinterpret_cast<SharedStorage<Tr::kDqk>*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~static_cast<uintptr_t>(127));
@@ -36,41 +34,11 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid
 
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Elem*>(smem.q)), typename Tr::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Elem*>(smem.k)), typename Tr::SmemLayoutK{});
-  Tensor sVt = make_tensor(make_smem_ptr(reinterpret_cast<Elem*>(smem.k)), typename Tr::SmemLayoutVt{});
 
   load_q_tile<Tr>(sQ, p.q + qo_row0 * Tr::kDqk, rows);
 
-  TiledMma mma;
-  auto thr_mma = mma.get_slice(ltid);
-  // S = Q K^T, one k-step (16 channels) of fragments at a time.
-  Tensor acc_s = partition_fragment_C(mma, Shape<Int<kRows>, Int<kBlockN>>{});  // (4, 1, 8)
-  Tensor rQ = make_tensor<Elem>(partition_shape_A(mma, Shape<Int<kRows>, _16>{}));
-  Tensor rK = make_tensor<Elem>(partition_shape_B(mma, Shape<Int<kBlockN>, _16>{}));
-  auto copy_q = make_tiled_copy_A(typename Tr::CopyQK{}, mma);
-  auto copy_k = make_tiled_copy_B(typename Tr::CopyQK{}, mma);
-  auto thr_copy_q = copy_q.get_slice(ltid);
-  auto thr_copy_k = copy_k.get_slice(ltid);
-  Tensor sQ_parts = thr_copy_q.partition_S(sQ);  // (CPY, 1, kKSteps)
-  Tensor sK_parts = thr_copy_k.partition_S(sK);  // (CPY, N, kKSteps)
-  Tensor rQ_copy = thr_copy_q.retile_D(rQ);
-  Tensor rK_copy = thr_copy_k.retile_D(rK);
-  // O += P V over this half's 256 channels; V^T fragments one (16 channels x 16 tokens) copy at a time.
-  Tensor acc_o = partition_fragment_C(mma, Shape<Int<kRows>, Int<kHalfV>>{});  // (4, 1, 32)
-  Tensor rVt = make_tensor<Elem>(partition_shape_B(mma, Shape<Int<kHalfV>, _16>{}));
-  auto copy_v = make_tiled_copy_B(typename Tr::CopyVt{}, mma);
-  auto thr_copy_v = copy_v.get_slice(ltid);
-  Tensor sVt_parts = thr_copy_v.partition_S(local_tile(sVt, Shape<Int<kHalfV>, Int<kBlockN>>{}, make_coord(half, 0)));
-  Tensor rVt_copy = thr_copy_v.retile_D(rVt);
-  // P as bfloat16 in the A layout of P V: the C fragment of two adjacent n8 tiles is the A fragment of
-  // one k16 step, value for value, so the converted scores are reused with the A shape.
-  Tensor rP = make_tensor<Elem>(partition_shape_A(mma, Shape<Int<kRows>, Int<kBlockN>>{}));  // ((2,2,2), 1, 4)
-  static_assert(size(decltype(rP){}) == size(decltype(acc_s){}), "P has the scores' shape");
-  // The (row, column) each accumulator value stands for.
-  Tensor cS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kBlockN>>{}));
-  Tensor cO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kHalfV>>{}));
-  clear(acc_o);
-
-  RowState st{{-INFINITY, -INFINITY}, {0.f, 0.f}};
+  TileAccumulator<Tr> acc;
+  acc.init();
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   const int n_main = entries_of(p.pool, req);
   const int n_extra = entries_of(p.extra, req);
@@ -96,36 +64,21 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid
     __syncthreads();
     if (!live || valid == 0) continue;
 
-    // 3. S = Q K^T.
-    clear(acc_s);
-#pragma unroll
-    for (int ks = 0; ks < Tr::kKSteps; ++ks) {
-      copy(copy_q, sQ_parts(_, _, ks), rQ_copy(_, _, 0));
-      copy(copy_k, sK_parts(_, _, ks), rK_copy(_, _, 0));
-      gemm(mma, rQ(_, _, 0), rK(_, _, 0), acc_s);
-    }
-    // 4. Online softmax; P = 2^(s - m) replaces the scores.
-    online_softmax(acc_s, acc_o, cS, cO, valid, scale_log2, st);
-#pragma unroll
-    for (int e = 0; e < size(acc_s); ++e) rP(e) = static_cast<Elem>(acc_s(e));
-    // 5. O += P V, one 16-channel pair of n8 tiles at a time.
-#pragma unroll
-    for (int kk = 0; kk < size<2>(rP); ++kk) {
-#pragma unroll
-      for (int nb = 0; nb < size<1>(rVt_copy); ++nb) {
-        copy(copy_v, sVt_parts(_, nb, kk), rVt_copy(_, nb, 0));
-#pragma unroll
-        for (int n = 2 * nb; n < 2 * nb + 2; ++n) {
-          gemm(mma, acc_o(_, 0, n), rP(_, 0, kk), rVt(_, n, 0), acc_o(_, 0, n));
-        }
-      }
-    }
+    // 3. S = Q K^T, the online softmax, O += P V.
+    attend_block(sQ, sK, ltid, half, valid, scale_log2, acc);
   }
 
   if (!live) return;
-  const float* sink = p.attn_sink;
-  store_tile(acc_o, cO, st, sink, head0, rows, half * kHalfV, p.seqlen_q, p.out + qo_row0 * kHeadDimV,
-             p.lse + (static_cast<int64_t>(req) * p.num_heads_q + head0) * p.seqlen_q + token, half == 0);
+  TileOutput to;
+  to.sink = p.attn_sink;
+  to.head0 = head0;
+  to.rows = rows;
+  to.channel0 = half * kHalfV;
+  to.out_row0 = p.out + qo_row0 * kHeadDimV;
+  to.lse_row0 = p.lse + (static_cast<int64_t>(req) * p.num_heads_q + head0) * p.seqlen_q + token;  // [b, h_q, s_q]
+  to.stat_stride = p.seqlen_q;
+  to.write_stats = half == 0;
+  finish_tile(acc, ltid, to);
 }
 
 }  // namespace sparse_sm90

@@ -1,4 +1,4 @@
-// The online softmax of the sparse decode kernel over one block's score fragment. A thread holds two
+// The online softmax of a sparse tile (tile.h) over one block's score fragment. A thread holds two
 // rows of its warp's 16 (the rows differ by 8) and, in each, a quarter of the block's 64 columns; the
 // four threads of a quad hold the rest of those rows. Scores are kept in log2 units (raw score times
 // softmax_scale * log2(e)); m is the running max, l this thread's partial sum of 2^(s - m).
@@ -6,7 +6,7 @@
 
 #include <cmath>
 
-#include "cuda/sparse_decode/traits.h"
+#include "cuda/sparse_common/tile.h"
 
 namespace jax_flashmla {
 namespace sparse_sm90 {
