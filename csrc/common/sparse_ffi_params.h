@@ -1,7 +1,7 @@
-// Reads the operands of the sparse decode FFI call into SparseDecodeParams, checking every shape and
-// dtype the Python layer promises (a mismatch between the two is an FFI error, never a bad memory
-// access). Shared by the CPU and CUDA handlers; index values are not read here (they may live on the
-// device).
+// Reads the operands of the sparse decode and sparse prefill FFI calls into SparseDecodeParams and
+// SparsePrefillParams, checking every shape and dtype the Python layer promises (a mismatch between
+// the two is an FFI error, never a bad memory access). Shared by the CPU and CUDA handlers; index
+// values are not read here (they may live on the device).
 #pragma once
 
 #include <cstdint>
@@ -123,6 +123,76 @@ inline ffi::Error read_sparse_decode_params(ffi::AnyBuffer q, ffi::AnyBuffer k_c
       .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()   /* extra_topk_length */        \
       .Ret<::xla::ffi::AnyBuffer>()                 /* out */                      \
       .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()   /* lse */                      \
+      .Attr<float>("softmax_scale")
+
+// Operands: q, kv, indices, topk_length, attn_sink; results out, max_logits and lse. An optional
+// operand that is absent is an empty buffer. Index values are not read here (they may live on the
+// device): ids outside [0, s_kv) are unused entries wherever they are read.
+inline ffi::Error read_sparse_prefill_params(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> indices,
+                                             ffi::Buffer<ffi::S32> topk_length, ffi::Buffer<ffi::F32> attn_sink,
+                                             ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32> max_logits,
+                                             ffi::ResultBuffer<ffi::F32> lse, float softmax_scale,
+                                             SparsePrefillParams& p) {
+  auto qd = q.dimensions();
+  if (q.element_type() != ffi::DataType::BF16 || qd.size() != 3 || (qd[2] != 576 && qd[2] != 512)) {
+    return invalid("q must be bfloat16 [s_q, h_q, 576 or 512]");
+  }
+  p.seqlen_q = qd[0];
+  p.num_heads_q = static_cast<int>(qd[1]);
+  p.head_dim = static_cast<int>(qd[2]);
+  p.head_dim_v = kHeadDimV;
+  auto kd = kv.dimensions();
+  if (kv.element_type() != ffi::DataType::BF16 || kd.size() != 3 || kd[1] != 1 || kd[2] != p.head_dim) {
+    return invalid("kv must be bfloat16 [s_kv, 1, d_qk of q]");
+  }
+  p.seqlen_kv = kd[0];
+  auto id = indices.dimensions();
+  if (id.size() != 3 || id[0] != p.seqlen_q || id[1] != 1 || id[2] < 1 ||
+      id[2] > std::numeric_limits<int32_t>::max()) {
+    return invalid("indices must be [s_q, 1, topk >= 1]");
+  }
+  p.topk = static_cast<int>(id[2]);
+  if (topk_length.element_count() != 0) {
+    if (topk_length.dimensions().size() != 1 || topk_length.dimensions()[0] != p.seqlen_q) {
+      return invalid("topk_length must be [s_q] or empty");
+    }
+    p.topk_length = topk_length.typed_data();
+  }
+  if (attn_sink.element_count() != 0) {
+    if (attn_sink.dimensions().size() != 1 || attn_sink.dimensions()[0] != p.num_heads_q) {
+      return invalid("attn_sink must be [h_q] or empty");
+    }
+    p.attn_sink = attn_sink.typed_data();
+  }
+  auto od = out->dimensions();
+  if (out->element_type() != ffi::DataType::BF16 || od.size() != 3 || od[0] != p.seqlen_q ||
+      od[1] != p.num_heads_q || od[2] != kHeadDimV) {
+    return invalid("out must be bfloat16 [s_q, h_q, 512]");
+  }
+  const size_t rows = static_cast<size_t>(p.seqlen_q) * p.num_heads_q;
+  if (max_logits->element_count() != rows || lse->element_count() != rows) {
+    return invalid("max_logits and lse must be [s_q, h_q]");
+  }
+  p.q = static_cast<const uint16_t*>(q.untyped_data());
+  p.kv = static_cast<const uint16_t*>(kv.untyped_data());
+  p.indices = indices.typed_data();
+  p.softmax_scale = softmax_scale;
+  p.out = static_cast<uint16_t*>(out->untyped_data());
+  p.max_logits = max_logits->typed_data();
+  p.lse = lse->typed_data();
+  return ffi::Error::Success();
+}
+
+// The sparse prefill handlers' signature, bound identically on every platform.
+#define JFM_BIND_SPARSE_PREFILL_ARGS(binding)                        \
+  binding.Arg<::xla::ffi::AnyBuffer>()             /* q */           \
+      .Arg<::xla::ffi::AnyBuffer>()                /* kv */          \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()  /* indices */     \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()  /* topk_length */ \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()  /* attn_sink */   \
+      .Ret<::xla::ffi::AnyBuffer>()                /* out */         \
+      .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()  /* max_logits */  \
+      .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()  /* lse */         \
       .Attr<float>("softmax_scale")
 
 }  // namespace jax_flashmla

@@ -1,6 +1,6 @@
-// Parameters of the sparse decode over FP8 token pools (kv_formats.h), shared by the CPU handler and
-// the SM90 kernel: plain pointers into the call's buffers (host memory on the CPU, device memory on
-// the GPU) and the shapes read from them.
+// Parameters of the sparse ops, shared by the CPU handlers and the SM90 kernels: plain pointers into
+// the call's buffers (host memory on the CPU, device memory on the GPU) and the shapes read from
+// them. The sparse decode reads FP8 token pools (kv_formats.h); the sparse prefill a bfloat16 kv.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +34,26 @@ struct SparseDecodeParams {
   float softmax_scale = 0.f;
   uint16_t* out = nullptr;              // bf16 [batch, seqlen_q, num_heads_q, head_dim_v]
   float* lse = nullptr;                 // [batch, num_heads_q, seqlen_q]
+};
+
+// The sparse prefill (FlashMLA's flash_mla_sparse_fwd): every query token attends, with every head,
+// to the kv rows its row of indices names.
+struct SparsePrefillParams {
+  int64_t seqlen_q = 0;
+  int64_t seqlen_kv = 0;
+  int num_heads_q = 0;
+  int head_dim = 0;    // d_qk: 576 or 512
+  int head_dim_v = 0;  // d_v: 512, V being the first d_v channels of a kv row
+  int topk = 0;
+  const uint16_t* q = nullptr;            // bf16 [seqlen_q, num_heads_q, head_dim]
+  const uint16_t* kv = nullptr;           // bf16 [seqlen_kv, head_dim] (one kv head)
+  const int32_t* indices = nullptr;       // [seqlen_q, topk]; ids outside [0, seqlen_kv) are unused entries
+  const int32_t* topk_length = nullptr;   // [seqlen_q] or null: token i reads its first topk_length[i] entries
+  const float* attn_sink = nullptr;       // [num_heads_q] or null
+  float softmax_scale = 0.f;
+  uint16_t* out = nullptr;                // bf16 [seqlen_q, num_heads_q, head_dim_v]
+  float* max_logits = nullptr;            // [seqlen_q, num_heads_q]
+  float* lse = nullptr;                   // [seqlen_q, num_heads_q], natural log
 };
 
 }  // namespace jax_flashmla

@@ -63,53 +63,11 @@ ffi::Error sparse_prefill_cpu_handler(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::
                                       ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32> max_logits,
                                       ffi::ResultBuffer<ffi::F32> lse, float softmax_scale) {
   SparsePrefillParams p;
-  auto qd = q.dimensions();
-  if (q.element_type() != ffi::DataType::BF16 || qd.size() != 3 || (qd[2] != 576 && qd[2] != 512)) {
-    return invalid("q must be bfloat16 [s_q, h_q, 576 or 512]");
+  if (auto err = read_sparse_prefill_params(q, kv, indices, topk_length, attn_sink, out, max_logits, lse,
+                                            softmax_scale, p);
+      err.failure()) {
+    return err;
   }
-  p.seqlen_q = qd[0];
-  p.num_heads_q = static_cast<int>(qd[1]);
-  p.head_dim = static_cast<int>(qd[2]);
-  p.head_dim_v = kHeadDimV;
-  auto kd = kv.dimensions();
-  if (kv.element_type() != ffi::DataType::BF16 || kd.size() != 3 || kd[1] != 1 || kd[2] != p.head_dim) {
-    return invalid("kv must be bfloat16 [s_kv, 1, d_qk of q]");
-  }
-  p.seqlen_kv = kd[0];
-  auto id = indices.dimensions();
-  if (id.size() != 3 || id[0] != p.seqlen_q || id[1] != 1 || id[2] < 1 ||
-      id[2] > std::numeric_limits<int32_t>::max()) {
-    return invalid("indices must be [s_q, 1, topk >= 1]");
-  }
-  p.topk = static_cast<int>(id[2]);
-  if (topk_length.element_count() != 0) {
-    if (topk_length.dimensions().size() != 1 || topk_length.dimensions()[0] != p.seqlen_q) {
-      return invalid("topk_length must be [s_q] or empty");
-    }
-    p.topk_length = topk_length.typed_data();
-  }
-  if (attn_sink.element_count() != 0) {
-    if (attn_sink.dimensions().size() != 1 || attn_sink.dimensions()[0] != p.num_heads_q) {
-      return invalid("attn_sink must be [h_q] or empty");
-    }
-    p.attn_sink = attn_sink.typed_data();
-  }
-  auto od = out->dimensions();
-  if (out->element_type() != ffi::DataType::BF16 || od.size() != 3 || od[0] != p.seqlen_q ||
-      od[1] != p.num_heads_q || od[2] != kHeadDimV) {
-    return invalid("out must be bfloat16 [s_q, h_q, 512]");
-  }
-  const size_t rows = static_cast<size_t>(p.seqlen_q) * p.num_heads_q;
-  if (max_logits->element_count() != rows || lse->element_count() != rows) {
-    return invalid("max_logits and lse must be [s_q, h_q]");
-  }
-  p.q = static_cast<const uint16_t*>(q.untyped_data());
-  p.kv = static_cast<const uint16_t*>(kv.untyped_data());
-  p.indices = indices.typed_data();
-  p.softmax_scale = softmax_scale;
-  p.out = static_cast<uint16_t*>(out->untyped_data());
-  p.max_logits = max_logits->typed_data();
-  p.lse = lse->typed_data();
   sparse_prefill_cpu(p);
   return ffi::Error::Success();
 }
@@ -122,13 +80,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmDecodeCpu, jax_flashmla::decode_cpu, JFM_BIND_D
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparseDecodeCpu, jax_flashmla::sparse_decode_cpu_handler,
                               JFM_BIND_SPARSE_DECODE_ARGS(xla::ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparsePrefillCpu, jax_flashmla::sparse_prefill_cpu_handler,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()              // q
-                                  .Arg<xla::ffi::AnyBuffer>()              // kv
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // indices
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // topk_length
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // attn_sink
-                                  .Ret<xla::ffi::AnyBuffer>()              // out
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // max_logits
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // lse
-                                  .Attr<float>("softmax_scale"));
+                              JFM_BIND_SPARSE_PREFILL_ARGS(xla::ffi::Ffi::Bind()));
