@@ -25,9 +25,9 @@ class BazelExtensionTest(unittest.TestCase):
 
         self.assertEqual(bool(_ext.built_with_cuda()), EXPECT_CUDA)
         self.assertEqual(_ffi.HAS_CUDA_KERNELS, EXPECT_CUDA)
-        gpu_ops = {_ffi.METADATA_TARGET, _ffi.DECODE_TARGET, _ffi.SPARSE_DECODE_TARGET}
-        self.assertEqual(set(_ext.cpu_targets()), gpu_ops | {_ffi.SPARSE_PREFILL_TARGET})
-        self.assertEqual(set(_ext.cuda_targets()), gpu_ops if EXPECT_CUDA else set())
+        ops = {_ffi.METADATA_TARGET, _ffi.DECODE_TARGET, _ffi.SPARSE_DECODE_TARGET, _ffi.SPARSE_PREFILL_TARGET}
+        self.assertEqual(set(_ext.cpu_targets()), ops)
+        self.assertEqual(set(_ext.cuda_targets()), ops if EXPECT_CUDA else set())
 
 
 if __name__ == "__main__":

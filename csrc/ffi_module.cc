@@ -17,6 +17,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparsePrefillCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmMetadataCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmDecodeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparseDecodeCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparsePrefillCuda);
 #endif
 
 namespace nb = nanobind;
@@ -61,6 +62,7 @@ NB_MODULE(_ext, m) {
     targets["jax_flashmla_metadata"] = handler_capsule(JfmMetadataCuda);
     targets["jax_flashmla_decode"] = handler_capsule(JfmDecodeCuda);
     targets["jax_flashmla_sparse_decode"] = handler_capsule(JfmSparseDecodeCuda);
+    targets["jax_flashmla_sparse_prefill"] = handler_capsule(JfmSparsePrefillCuda);
 #endif
     return targets;
   });

@@ -105,6 +105,24 @@ ffi::Error sparse_decode_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuf
   return ffi::Error::Success();
 }
 
+// Same operands, attributes and checks as the CPU handler (read_sparse_prefill_params). Index values
+// stay on the device: the kernel masks ids outside [0, s_kv) instead of rejecting them.
+ffi::Error sparse_prefill_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> indices,
+                               ffi::Buffer<ffi::S32> topk_length, ffi::Buffer<ffi::F32> attn_sink,
+                               ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32> max_logits,
+                               ffi::ResultBuffer<ffi::F32> lse, float softmax_scale) {
+  SparsePrefillParams p;
+  if (auto err = read_sparse_prefill_params(q, kv, indices, topk_length, attn_sink, out, max_logits, lse,
+                                            softmax_scale, p);
+      err.failure()) {
+    return err;
+  }
+  if (cudaError_t err = launch_sparse_prefill(p, stream); err != cudaSuccess) {
+    return cuda_error("sparse prefill kernel launch", err);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jax_flashmla
 
@@ -116,5 +134,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmDecodeCuda, jax_flashmla::decode_cuda,
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparseDecodeCuda, jax_flashmla::sparse_decode_cuda,
                               JFM_BIND_SPARSE_DECODE_ARGS(
+                                  xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparsePrefillCuda, jax_flashmla::sparse_prefill_cuda,
+                              JFM_BIND_SPARSE_PREFILL_ARGS(
                                   xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -28,4 +28,9 @@ cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream);
 // their pool and entries past topk_length are masked and never dereferenced.
 cudaError_t launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream);
 
+// Sparse prefill over a bfloat16 kv (sparse_prefill/): one CTA per (query token, 64-head tile), no
+// split over the entries. Index values are read on the device: -1, other negative ids, ids >= s_kv
+// and entries past topk_length are masked and never dereferenced.
+cudaError_t launch_sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream);
+
 }  // namespace jax_flashmla
