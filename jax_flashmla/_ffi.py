@@ -13,7 +13,7 @@ from . import _ext  # built by CMake (csrc/ffi_module.cc)
 METADATA_TARGET = "jax_flashmla_metadata"
 DECODE_TARGET = "jax_flashmla_decode"
 SPARSE_DECODE_TARGET = "jax_flashmla_sparse_decode"  # CPU and CUDA (SM90)
-SPARSE_PREFILL_TARGET = "jax_flashmla_sparse_prefill"  # CPU only: no GPU kernel yet
+SPARSE_PREFILL_TARGET = "jax_flashmla_sparse_prefill"  # CPU and CUDA (SM90)
 
 # True when the extension was built with nvcc, i.e. it carries the SM90 kernels.
 HAS_CUDA_KERNELS: bool = bool(_ext.built_with_cuda())

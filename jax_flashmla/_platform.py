@@ -57,28 +57,26 @@ def kernel_path(platform: str | None = None) -> str:
     return FALLBACK_PATH
 
 
-def _warn_fallback_once(platform: str, why: str | None = None) -> None:
+def _warn_fallback_once(platform: str) -> None:
     global _warned_fallback
     if not _warned_fallback:
         _warned_fallback = True
-        if why is None:
-            why = ("the extension was built without CUDA" if not _ffi.HAS_CUDA_KERNELS
-                   else f"{FORCE_FALLBACK_ENV}=1" if fallback_forced()
-                   else "the GPU is not SM90 (Hopper)")
+        why = ("the extension was built without CUDA" if not _ffi.HAS_CUDA_KERNELS
+               else f"{FORCE_FALLBACK_ENV}=1" if fallback_forced()
+               else "the GPU is not SM90 (Hopper)")
         warnings.warn(f"jax_flashmla: no SM90 kernel for platform {platform!r} ({why}); "
                       "running the pure-JAX reference instead", RuntimeWarning, stacklevel=3)
 
 
-def register_lowerings(prim, ffi_rule, fallback, *, cuda_kernel: bool = True) -> None:
+def register_lowerings(prim, ffi_rule, fallback) -> None:
     """Lowers `prim` with `ffi_rule` (an MLIR lowering rule calling the FFI target) on the CPU and on an
-    SM90 GPU, and with `fallback` (a JAX function of the same operands and parameters) elsewhere.
-    With cuda_kernel=False the op has only a CPU handler, and every GPU runs the fallback."""
+    SM90 GPU, and with `fallback` (a JAX function of the same operands and parameters) elsewhere."""
     fallback_rule = mlir.lower_fun(fallback, multiple_results=prim.multiple_results)
 
     def cuda_rule(ctx, *operands, **params):
-        if cuda_kernel and kernel_path("cuda") == SM90_PATH:
+        if kernel_path("cuda") == SM90_PATH:
             return ffi_rule(ctx, *operands, **params)
-        _warn_fallback_once("cuda", None if cuda_kernel else f"the op {prim.name} has no GPU kernel yet")
+        _warn_fallback_once("cuda")
         return fallback_rule(ctx, *operands, **params)
 
     mlir.register_lowering(prim, ffi_rule, platform="cpu")

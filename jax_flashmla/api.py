@@ -238,9 +238,9 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float | None, d_v: int = _con
       max_logits -inf and lse +inf. Scores and sums are float32. kv rows that no valid entry names
       are never read, NaN there included.
 
-    Runs the CPU handler on the CPU and the pure-JAX reference elsewhere (no GPU kernel yet; a
-    one-time warning on CUDA). Works under jax.jit, jax.vmap (kv may be mapped) and shard_map, and is
-    differentiable in q, kv and attn_sink (the reference's derivatives).
+    Runs the CPU handler on the CPU, the SM90 kernel on a Hopper GPU, and the pure-JAX reference
+    elsewhere (a one-time warning on other CUDA GPUs). Works under jax.jit, jax.vmap (kv may be
+    mapped) and shard_map, and is differentiable in q, kv and attn_sink (the reference's derivatives).
     """
     q, kv, indices = (_contract.as_array(name, x) for name, x in (("q", q), ("kv", kv), ("indices", indices)))
     attn_sink = None if attn_sink is None else _contract.as_array("attn_sink", attn_sink)

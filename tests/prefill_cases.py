@@ -1,12 +1,18 @@
 """Problems of the sparse prefill tests (a Bazel test sees helper modules, not other test files): FlashMLA's
-tolerances and scale, its invalid ids, and `make_case`, which builds operands as FlashMLA's test does."""
+tolerances and scale, its invalid ids, `make_case`, which builds operands as FlashMLA's test does, and
+`check`, the public call against the float32 reference with those tolerances."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_cases import INT32_MAX, INT32_MIN, make_sink
+import jax_flashmla as fm
+from jax_flashmla import reference
+from sparse_cases import INT32_MAX, INT32_MIN, assert_close, make_sink
 
 # FlashMLA's checks of its prefill kernel (tests/test_flash_mla_sparse_prefill.py): out (bf16) against
 # the reference's float32 out within abs 8e-4 or rel 3.01/128 with a cosine difference under 7e-6;
@@ -47,3 +53,36 @@ def make_case(rng, *, s_q, s_kv, topk, h_q, d_qk, sink=False, lengths=False, emp
                 indices=jnp.asarray(ids.reshape(s_q, 1, topk), jnp.int32),
                 attn_sink=jnp.asarray(make_sink(rng, h_q)) if sink else None,
                 topk_length=None if topk_length is None else jnp.asarray(topk_length, jnp.int32))
+
+
+def run(case, sm_scale=SCALE):
+    return fm.flash_mla_sparse_fwd(case["q"], case["kv"], case["indices"], sm_scale, attn_sink=case["attn_sink"],
+                                   topk_length=case["topk_length"])
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def _reference_f32(q, kv, indices, topk_length, attn_sink, sm_scale):
+    # float32 operands (the bf16 values exactly), so out stays float32, as FlashMLA's reference out.
+    return reference.sparse_prefill_reference_math(q.astype(jnp.float32), kv.astype(jnp.float32), indices,
+                                                   topk_length, attn_sink, sm_scale=sm_scale)
+
+
+def reference_f32(case, sm_scale=SCALE):
+    return _reference_f32(case["q"], case["kv"], case["indices"], case["topk_length"], case["attn_sink"],
+                          sm_scale=sm_scale)
+
+
+def check(case, sm_scale=SCALE):
+    """Shapes and dtypes, then out, max_logits and lse against the reference with FlashMLA's tolerances."""
+    out, max_logits, lse = run(case, sm_scale)
+    s_q, h_q, _ = case["q"].shape
+    assert out.shape == (s_q, h_q, 512) and out.dtype == jnp.bfloat16
+    assert max_logits.shape == lse.shape == (s_q, h_q)
+    assert max_logits.dtype == lse.dtype == jnp.float32
+    want_out, want_max, want_lse = reference_f32(case, sm_scale)
+    assert_close("max_logits", max_logits, want_max, **STAT_TOL)
+    assert_close("lse", lse, want_lse, **STAT_TOL)
+    assert_close("out", np.asarray(out, np.float32), want_out, **OUT_TOL)
+    # NaN fills every kv row nobody reads: none of it may leak.
+    assert not np.isnan(np.asarray(out, np.float32)).any() and not np.isnan(np.asarray(lse)).any()
+    return out, max_logits, lse

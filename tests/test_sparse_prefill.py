@@ -20,40 +20,7 @@ from jax_flashmla import reference
 from jax_flashmla.ops import sparse_prefill
 from sparse_cases import INT32_MAX, INT32_MIN, assert_close, make_sink
 
-from prefill_cases import OUT_TOL, SCALE, STAT_TOL, make_case
-
-
-def run(case, sm_scale=SCALE):
-    return fm.flash_mla_sparse_fwd(case["q"], case["kv"], case["indices"], sm_scale, attn_sink=case["attn_sink"],
-                                   topk_length=case["topk_length"])
-
-
-@functools.partial(jax.jit, static_argnames=("sm_scale",))
-def _reference_f32(q, kv, indices, topk_length, attn_sink, sm_scale):
-    # float32 operands (the bf16 values exactly), so out stays float32, as FlashMLA's reference out.
-    return reference.sparse_prefill_reference_math(q.astype(jnp.float32), kv.astype(jnp.float32), indices,
-                                                   topk_length, attn_sink, sm_scale=sm_scale)
-
-
-def reference_f32(case, sm_scale=SCALE):
-    return _reference_f32(case["q"], case["kv"], case["indices"], case["topk_length"], case["attn_sink"],
-                          sm_scale=sm_scale)
-
-
-def check(case, sm_scale=SCALE):
-    """Shapes and dtypes, then out, max_logits and lse against the reference with FlashMLA's tolerances."""
-    out, max_logits, lse = run(case, sm_scale)
-    s_q, h_q, _ = case["q"].shape
-    assert out.shape == (s_q, h_q, 512) and out.dtype == jnp.bfloat16
-    assert max_logits.shape == lse.shape == (s_q, h_q)
-    assert max_logits.dtype == lse.dtype == jnp.float32
-    want_out, want_max, want_lse = reference_f32(case, sm_scale)
-    assert_close("max_logits", max_logits, want_max, **STAT_TOL)
-    assert_close("lse", lse, want_lse, **STAT_TOL)
-    assert_close("out", np.asarray(out, np.float32), want_out, **OUT_TOL)
-    # NaN fills every kv row nobody reads: none of it may leak.
-    assert not np.isnan(np.asarray(out, np.float32)).any() and not np.isnan(np.asarray(lse)).any()
-    return out, max_logits, lse
+from prefill_cases import OUT_TOL, SCALE, STAT_TOL, check, make_case, reference_f32, run
 
 
 # (d_qk, h_q, s_q, s_kv, topk, sink, topk_length, empty rows): FlashMLA's prefill shapes cut to CI size.

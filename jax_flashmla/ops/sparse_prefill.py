@@ -7,9 +7,11 @@ with the static parameters sm_scale and d_v.
     are unused entries, never an error), topk_length int32 [s_q], attn_sink float32 [h_q]. An optional
     operand that is absent is an empty array of shape [0] (`absent_operands`).
   - Results: out bfloat16 [s_q, h_q, d_v], max_logits and lse float32 [s_q, h_q] (lse a natural log).
-  - Lowering: the CPU FFI handler (csrc/cpu/sparse_prefill_cpu.cc); elsewhere the pure-JAX reference
-    (reference.sparse_prefill_reference_math), with the library's one-time fallback warning on CUDA
-    (no GPU kernel yet). Bound only inside the public op's lowering.
+  - Lowering: the CPU FFI handler (csrc/cpu/sparse_prefill_cpu.cc); on an SM90 GPU the CUDA handler
+    (csrc/cuda/sparse_prefill/, same operands and attribute); elsewhere, and on CUDA when
+    JAX_FLASHMLA_FORCE_FALLBACK=1 or the extension has no CUDA kernels, the pure-JAX reference
+    (reference.sparse_prefill_reference_math), with the library's one-time fallback warning on CUDA.
+    Bound only inside the public op's lowering.
 
 sparse_prefill_p, the public op: the same operands, parameters and results.
   - vmap: the mapped axis folds into the query tokens, one call over B * s_q tokens. A mapped kv is
@@ -92,7 +94,7 @@ def reference_math(q, kv, indices, topk_length, attn_sink, *, sm_scale, d_v):
 
 
 sparse_prefill_local_p.def_abstract_eval(_abstract_eval)
-_platform.register_lowerings(sparse_prefill_local_p, _ffi_lowering, reference_math, cuda_kernel=False)
+_platform.register_lowerings(sparse_prefill_local_p, _ffi_lowering, reference_math)
 sparse_prefill_p.def_abstract_eval(_abstract_eval)
 
 
