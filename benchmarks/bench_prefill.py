@@ -338,7 +338,7 @@ def run_prefill(jax, timer, settings, cases, opts, fm=None, on_row=None) -> list
         results.append(rec)
         if on_row is not None:
             on_row(rec, c is cases[0])
-        del fwd_results, grads, pullback, q, d_out
+        fwd_results = grads = pullback = None  # the device arrays of this case go before the next is made
     return results
 
 
@@ -439,8 +439,8 @@ def render(report: dict, markdown: bool) -> str:
 # ==== the command line ============================================================================
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="all", help="comma-separated suites: v32, v4, all (default all)")
     p.add_argument("--cases", help=f"filter, e.g. 's_kv=8192,h_q=128' (keys {', '.join(FILTER_KEYS)}; a value of "
                                    f"{'/'.join(ADDABLE)} outside a suite adds it)")

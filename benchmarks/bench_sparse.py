@@ -341,8 +341,9 @@ def side_by_side(jax, fm, case, call, out, q, pool, indices, sink, extra_pool, e
         theirs = FlashMLACall(flash_mla, torch, case, q, pool, indices, sink, extra_pool, extra_indices,
                               case.d_qk ** -0.5)
         diff = mla_bench.cos_diff(np.asarray(out, np.float32), theirs.out())
-        times = mla_bench.interleaved_wall_ms({"ours": (call, jax.block_until_ready), "flashmla": (theirs.call, theirs.sync)},
-                                    opts.sbs_calls, opts.sbs_repeats)
+        times = mla_bench.interleaved_wall_ms({"ours": (call, jax.block_until_ready),
+                                               "flashmla": (theirs.call, theirs.sync)},
+                                              opts.sbs_calls, opts.sbs_repeats)
     except Exception as e:  # noqa: BLE001  (a case FlashMLA refuses or fails: the row keeps ours)
         return {"fm_error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
     ours, fm_ms = mla_bench.median(times["ours"]), mla_bench.median(times["flashmla"])
