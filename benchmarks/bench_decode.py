@@ -18,9 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # mla_bench beside this file
 import mla_bench  # noqa: E402
@@ -53,14 +51,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from(args) -> mla_bench.Settings:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(mla_bench.Settings)}
-    if not args.smoke:
-        return mla_bench.Settings(**given)
-    sizes = ("iters", "ref_iters", "baseline_iters", "copy_mib", "matmul_n", "flush_mib")
-    return mla_bench.Settings.smoke(**{k: v for k, v in given.items() if k not in sizes})
-
-
 def print_report(report: dict, markdown: bool) -> None:
     base = report.get("baselines", {})
     print("\n==== summary ====")
@@ -88,16 +78,10 @@ def main(argv=None) -> int:
                                        mla_bench.parse_filter(args.cases))
     except ValueError as e:
         raise SystemExit(f"--cases: {e}")
-    settings = settings_from(args)
+    settings = mla_bench.settings_from(args)
 
     import jax
-    jfm = mla_bench.jfm
-    dev = jax.devices()[0]
-    env = {"device": f"{dev.platform}:{getattr(dev, 'device_kind', '?')}", "jax": jax.__version__,
-           "jax_flashmla": getattr(jfm, "__version__", "?"), "jax_flashmla_file": jfm.__file__,
-           "kernel_path": jfm.kernel_path(), "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "iters": settings.iters, "flush_mib": settings.flush_mib,
-           "flush_kind": settings.flush_kind, "seed": settings.seed, "smoke": args.smoke}
+    env = mla_bench.environment(jax, settings, smoke=args.smoke)
     print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     if env["kernel_path"] != "cuda-sm90":
         print(f"NOTE: decode lowers to {env['kernel_path']!r}, not the SM90 kernel: the 'kernel' figures "
@@ -105,20 +89,14 @@ def main(argv=None) -> int:
 
     timer = mla_bench.Timer(jax, settings)
     report = {"env": env, "settings": dataclasses.asdict(settings), "cases": args.cases}
-    print("\n[baselines]")
-    report["baselines"] = mla_bench.measure_baselines(jax, timer, settings)
-    for k, v in report["baselines"].items():
-        print(f"  {k}: {json.dumps(v)}")
+    report["baselines"] = mla_bench.run_baselines(jax, timer, settings)
     print(f"\n[matrix] {len(cases)} cases")
     cols = mla_bench._columns([dataclasses.asdict(c) for c in cases])
     report["matrix"] = mla_bench.run_matrix(
         jax, timer, settings, cases,
         on_row=lambda rec, first: print(mla_bench.format_row(rec, report["baselines"], header=first, columns=cols)))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, default=str)
-        print(f"\nwrote {args.json}")
+        mla_bench.write_json(args.json, report)
     print_report(report, args.markdown)
     return 0
 

@@ -34,9 +34,7 @@ import collections
 import dataclasses
 import json
 import os
-import platform
 import sys
-import time
 
 import numpy as np
 
@@ -216,33 +214,7 @@ def unique_valid(*index_arrays) -> int:
     return sum(int(np.unique(a[a >= 0]).size) for a in index_arrays if a is not None)
 
 
-def lowered_path(jitted, *args) -> str:
-    """'ffi' when the jitted call lowers to one of this package's custom calls on the default
-    backend, else 'jax' (the pure-JAX reference the GPU falls back to where there is no kernel)."""
-    try:
-        text = jitted.lower(*args).as_text()
-    except Exception as e:  # noqa: BLE001
-        return f"? ({type(e).__name__})"
-    return "ffi" if "@jax_flashmla" in text or 'call_target_name = "jax_flashmla' in text else "jax"
-
-
 # ==== FlashMLA in the same process ================================================================
-
-def load_flashmla():
-    """(flash_mla module, torch module, None) when a FlashMLA build and a CUDA torch import here,
-    else (None, None, why)."""
-    try:
-        import torch
-    except ImportError as e:
-        return None, None, f"torch does not import ({e})"
-    try:
-        import flash_mla
-    except ImportError as e:
-        return None, None, f"flash_mla does not import ({e}); build it with tools/flashmla_build.sh"
-    if not torch.cuda.is_available():
-        return None, None, "torch sees no CUDA device"
-    return flash_mla, torch, None
-
 
 def torch_pool(torch, pool, fmt: str, page: int):
     """FlashMLA's view of one of our pools, sharing its memory (DLPack): v32 as it is
@@ -294,32 +266,6 @@ class FlashMLACall:
         self.torch.cuda.synchronize()
 
 
-def interleaved_wall_ms(sides: dict, calls: int, repeats: int) -> dict:
-    """sides: {name: (call, sync)}. Each repeat times `calls` back-to-back calls of every side (wall
-    clock from a synchronised start to the last call's end, over calls), the order of the sides
-    reversed every other repeat; returns {name: [ms per call of each repeat]}."""
-    names = list(sides)
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            call, sync = sides[n]
-            for other in sides.values():
-                other[1](None)
-            t0 = time.perf_counter()
-            last = None
-            for _ in range(calls):
-                last = call()
-            sync(last)
-            times[n].append((time.perf_counter() - t0) * 1e3 / calls)
-    return times
-
-
-def cos_diff(x, y) -> float:
-    x = np.asarray(x, np.float64).ravel()
-    y = np.asarray(y, np.float64).ravel()
-    return float(1 - 2 * np.dot(x, y) / max(np.dot(x, x) + np.dot(y, y), 1e-12))
-
-
 # ==== the measurements ============================================================================
 
 def run_sparse(jax, timer, settings, cases, opts, fm=None, on_row=None) -> list[dict]:
@@ -361,7 +307,7 @@ def run_sparse(jax, timer, settings, cases, opts, fm=None, on_row=None) -> list[
             dev = timer.device_ms([("sparse", call, settings.iters, "bench_sparse_call")])
 
             rec = dataclasses.asdict(c)
-            rec.update(d_qk=c.d_qk, sum_len=int(pool.lengths.sum()), path=lowered_path(call_fn, *args),
+            rec.update(d_qk=c.d_qk, sum_len=int(pool.lengths.sum()), path=mla_bench.lowered_path(call_fn, *args),
                        attn_sink=sink is not None)
             rec.update(sparse_flops_and_bytes(c, unique_valid(idx_np, extra_np)))
             t = dev.get("sparse")
@@ -394,9 +340,10 @@ def side_by_side(jax, fm, case, call, out, q, pool, indices, sink, extra_pool, e
     try:
         theirs = FlashMLACall(flash_mla, torch, case, q, pool, indices, sink, extra_pool, extra_indices,
                               case.d_qk ** -0.5)
-        diff = cos_diff(np.asarray(out, np.float32), theirs.out())
-        times = interleaved_wall_ms({"ours": (call, jax.block_until_ready), "flashmla": (theirs.call, theirs.sync)},
-                                    opts.sbs_calls, opts.sbs_repeats)
+        diff = mla_bench.cos_diff(np.asarray(out, np.float32), theirs.out())
+        times = mla_bench.interleaved_wall_ms({"ours": (call, jax.block_until_ready),
+                                               "flashmla": (theirs.call, theirs.sync)},
+                                              opts.sbs_calls, opts.sbs_repeats)
     except Exception as e:  # noqa: BLE001  (a case FlashMLA refuses or fails: the row keeps ours)
         return {"fm_error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
     ours, fm_ms = mla_bench.median(times["ours"]), mla_bench.median(times["flashmla"])
@@ -438,7 +385,7 @@ def run_dense_fp8(jax, timer, settings, cases, on_row=None) -> list[dict]:
             dev = timer.device_ms([("bf16", bf16, settings.iters, "bench_bf16_call"),
                                    ("fp8", fp8_call, settings.iters, "bench_fp8_call")])
             rec = {"b": c.b, "s_k": c.s_k, "h_q": c.h_q, "s_q": c.s_q, "sum_len": int(pool.lengths.sum()),
-                   "path": lowered_path(fp8_fn, q, fp8, pool.block_table, pool.cache_seqlens)}
+                   "path": mla_bench.lowered_path(fp8_fn, q, fp8, pool.block_table, pool.cache_seqlens)}
             for side, fn in (("bf16", bf16), ("fp8", fp8_call)):
                 t = dev.get(side)
                 if t is not None:
@@ -454,7 +401,7 @@ def run_dense_fp8(jax, timer, settings, cases, on_row=None) -> list[dict]:
                        fp8_tflops=flops / (rec["fp8_ms"] * 1e-3) / 1e12,
                        bf16_gbps=bf16_bytes / (rec["bf16_ms"] * 1e-3) / 1e9,
                        fp8_gbps=fp8_bytes / (rec["fp8_ms"] * 1e-3) / 1e9,
-                       cos_diff_fp8_vs_bf16=cos_diff(np.asarray(out_fp8, np.float32), np.asarray(out_bf16, np.float32)))
+                       cos_diff_fp8_vs_bf16=mla_bench.cos_diff(np.asarray(out_fp8, np.float32), np.asarray(out_bf16, np.float32)))
             rec["meets_target"] = rec["fp8_over_bf16"] <= rec["target"]
             results.append(rec)
             if on_row is not None:
@@ -497,29 +444,12 @@ def with_ratios(rec: dict, baselines: dict | None) -> dict:
     return row
 
 
-def _cell(v, fmt):
-    if isinstance(v, bool):
-        return "yes" if v else "NO"
-    return mla_bench._f(v, fmt)
-
-
 def sparse_columns(records):
     return SPARSE_COLUMNS + (SBS_COLUMNS if any("fm_wall_ms" in r or "fm_error" in r for r in records) else [])
 
 
 def table(records, columns, baselines, markdown=False) -> str:
-    rows = [[_cell(with_ratios(r, baselines).get(k), f) for _, k, f in columns] for r in records]
-    heads = [h for h, _, _ in columns]
-    if markdown:
-        return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] +
-                         ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [heads] + rows)
-
-
-def geomean(xs):
-    xs = [x for x in xs if x]
-    return float(np.exp(np.mean(np.log(xs)))) if xs else None
+    return mla_bench.table([with_ratios(r, baselines) for r in records], columns, markdown)
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -532,7 +462,7 @@ def summary_lines(report: dict) -> list[str]:
         rows = [r for r in sbs if keep(r)]
         if rows:
             worst = min(rows, key=lambda r: r["fm_over_ours"])
-            out.append(f"FlashMLA/ours, {label}: geomean {geomean([r['fm_over_ours'] for r in rows]):.3f} over "
+            out.append(f"FlashMLA/ours, {label}: geomean {mla_bench.geomean([r['fm_over_ours'] for r in rows]):.3f} over "
                        f"{len(rows)} rows, min {worst['fm_over_ours']:.3f} ({worst['fmt']} b={worst['b']} "
                        f"h_q={worst['h_q']} s_q={worst['s_q']} topk {worst['topk']}+{worst['extra_topk']})")
     failed = [r for r in report.get("sparse", []) if r.get("fm_error")]
@@ -552,9 +482,7 @@ def render(report: dict, markdown: bool) -> str:
     env, base = report.get("env", {}), report.get("baselines", {})
     lines = [f"Device: {env.get('device')} | jax {env.get('jax')} | {env.get('date')}"]
     if base:
-        c, m = base.get("copy", {}), base.get("matmul", {})
-        lines.append(f"Same run: device-to-device copy {mla_bench._f(c.get('gbps'), 'num')} GB/s ({c.get('size')}), "
-                     f"{m.get('size')} matmul {mla_bench._f(m.get('tflops'), 'num')} TFLOPS.")
+        lines.append(mla_bench.baselines_line(base))
     if report.get("flashmla"):
         lines.append(f"FlashMLA: {report['flashmla']}")
     if report.get("sparse"):
@@ -573,21 +501,11 @@ def render(report: dict, markdown: bool) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    d = mla_bench.Settings()
     p.add_argument("--suite", default="all", help="comma-separated suites: v32, v4, peak, all, none (default all)")
     p.add_argument("--cases", help=f"filter, e.g. 'h_q=16/32,s_q=2' (keys {', '.join(FILTER_KEYS)}; a value of "
                                    f"{'/'.join(ADDABLE)} outside a suite adds it)")
-    p.add_argument("--iters", type=int, default=d.iters, help="timed iterations of each call")
-    p.add_argument("--baseline-iters", type=int, default=d.baseline_iters, help="of the copy and the matmul")
-    p.add_argument("--copy-mib", type=int, default=d.copy_mib, help="the copy-bandwidth buffer")
-    p.add_argument("--matmul-n", type=int, default=d.matmul_n, help="the bf16 n^3 matmul")
-    p.add_argument("--flush-mib", type=int, default=d.flush_mib,
-                   help="L2 flush buffer touched before each iteration (0: off)")
-    p.add_argument("--flush-kind", choices=("write", "read"), default=d.flush_kind)
-    p.add_argument("--seed", type=int, default=d.seed)
+    mla_bench.add_settings_args(p)
     p.add_argument("--no-sink", action="store_true", help="no attn_sink (FlashMLA's timed cases have one)")
-    p.add_argument("--no-trace", action="store_true", help="wall clock only (no profiler)")
-    p.add_argument("--trace-dir", help="keep the profiler traces here (default: temporary, deleted)")
     p.add_argument("--dense-fp8", action="store_true",
                    help="add the dense FP8 decode against the bf16 dense kernel over the standard matrix")
     p.add_argument("--dense-cases", help="filter of the dense rows (mla_bench's keys b, s_k, h_q, s_q)")
@@ -599,17 +517,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", action="store_true", help="print markdown tables at the end")
     p.add_argument("--from-json", help="print the tables of a saved --json file and exit (no measuring)")
-    p.add_argument("--verbose", action="store_true", help="per-trace attribution of the kernels")
     return p
-
-
-def settings_from(args) -> mla_bench.Settings:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(mla_bench.Settings) if hasattr(args, f.name)}
-    given["no_ref"] = True
-    if not args.smoke:
-        return mla_bench.Settings(**given)
-    sizes = ("iters", "baseline_iters", "copy_mib", "matmul_n", "flush_mib")
-    return mla_bench.Settings.smoke(**{k: v for k, v in given.items() if k not in sizes})
 
 
 def suite_names(text: str) -> list[str]:
@@ -653,37 +561,17 @@ def main(argv=None) -> int:
         sparse_cases, dense_cases = plan(args)
     except ValueError as e:
         raise SystemExit(str(e))
-    settings = settings_from(args)
+    settings = mla_bench.settings_from(args, no_ref=True)
 
     import jax
-    dev = jax.devices()[0]
-    env = {"device": f"{dev.platform}:{getattr(dev, 'device_kind', '?')}", "jax": jax.__version__,
-           "jax_flashmla": getattr(jfm, "__version__", "?"), "jax_flashmla_file": jfm.__file__,
-           "kernel_path": jfm.kernel_path(), "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "iters": settings.iters, "flush_mib": settings.flush_mib,
-           "flush_kind": settings.flush_kind, "seed": settings.seed, "smoke": args.smoke}
+    env = mla_bench.environment(jax, settings, smoke=args.smoke)
     print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     report = {"env": env, "settings": dataclasses.asdict(settings), "suite": args.suite, "cases": args.cases,
               "dense_cases": args.dense_cases if args.dense_fp8 else None}
 
-    fm = None
-    if args.flashmla:
-        flash_mla, torch, why = load_flashmla()
-        if why:
-            report["flashmla"] = f"not run: {why}"
-            print(f"NOTE: --flashmla: {why}; timing ours only")
-        else:
-            fm = (flash_mla, torch)
-            report["flashmla"] = (f"flash_mla {getattr(flash_mla, '__version__', '?')} ({flash_mla.__file__}), "
-                                  f"torch {torch.__version__}; wall clock per call over {args.sbs_calls} back-to-back "
-                                  f"calls, median of {args.sbs_repeats} alternating repeats, no L2 flush")
-            print(f"FlashMLA: {report['flashmla']}")
-
+    fm = mla_bench.open_flashmla(report, args.sbs_calls, args.sbs_repeats) if args.flashmla else None
     timer = mla_bench.Timer(jax, settings)
-    print("\n[baselines]")
-    report["baselines"] = mla_bench.measure_baselines(jax, timer, settings)
-    for k, v in report["baselines"].items():
-        print(f"  {k}: {json.dumps(v)}")
+    report["baselines"] = mla_bench.run_baselines(jax, timer, settings)
 
     def printer(columns):
         def on_row(rec, first):
@@ -699,10 +587,7 @@ def main(argv=None) -> int:
         print(f"\n[dense fp8] {len(dense_cases)} cases")
         report["dense_fp8"] = run_dense_fp8(jax, timer, settings, dense_cases, on_row=printer(DENSE_COLUMNS))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, default=str)
-        print(f"\nwrote {args.json}")
+        mla_bench.write_json(args.json, report)
     print("\n==== summary ====")
     print(render(report, args.markdown))
     return 0

@@ -1,7 +1,9 @@
 """The decode benchmark's machinery: problems, timing, the same run's ceilings, and the report.
 
-benchmarks/bench_decode.py is its command line (benchmarks/bench_sparse.py, the sparse one, shares its timer,
-ceilings and filters); docs/performance.md gives the method and figures.
+benchmarks/bench_decode.py is its command line; benchmarks/bench_sparse.py (sparse decode) and
+benchmarks/bench_prefill.py (sparse prefill) share its timer, ceilings, filters, the FlashMLA side by
+side's loader and timer, and the command lines' common options and report helpers (the end of this
+file); docs/performance.md gives the method and figures.
 Only the package's public API is used (plus jax_flashmla.testing, taken from this checkout when the
 imported build predates it), so the same harness times any build put first on PYTHONPATH.
 
@@ -37,8 +39,10 @@ import collections
 import dataclasses
 import glob
 import importlib.util
+import json
 import math
 import os
+import platform
 import re
 import shutil
 import statistics
@@ -670,3 +674,158 @@ def markdown(report: dict) -> str:
             row = with_ratios(rec, base)
             out.append("| " + " | ".join(_f(row.get(k), f) for _, k, f in cols) + " |")
     return "\n".join(out)
+
+
+# ==== shared by the command lines ================================================================
+
+SMOKE_SIZES = ("iters", "ref_iters", "baseline_iters", "copy_mib", "matmul_n", "flush_mib")  # Settings.smoke's
+
+
+def add_settings_args(p, iters: int | None = None) -> None:
+    """The options of Settings that every command line takes (timing, ceilings, flush, trace)."""
+    d = Settings()
+    p.add_argument("--iters", type=int, default=iters or d.iters, help="timed iterations of each call")
+    p.add_argument("--baseline-iters", type=int, default=d.baseline_iters, help="of the copy and the matmul")
+    p.add_argument("--copy-mib", type=int, default=d.copy_mib, help="the copy-bandwidth buffer")
+    p.add_argument("--matmul-n", type=int, default=d.matmul_n, help="the bf16 n^3 matmul")
+    p.add_argument("--flush-mib", type=int, default=d.flush_mib,
+                   help="L2 flush buffer touched before each iteration (0: off)")
+    p.add_argument("--flush-kind", choices=("write", "read"), default=d.flush_kind,
+                   help="rewrite the flush buffer (FlashMLA's tests' way) or only read it (leaves no dirty lines)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-trace", action="store_true", help="wall clock only (no profiler)")
+    p.add_argument("--trace-dir", help="keep the profiler traces here (default: temporary, deleted)")
+    p.add_argument("--verbose", action="store_true", help="per-trace attribution of the kernels")
+
+
+def settings_from(args, **fixed) -> Settings:
+    """Settings from the parsed options (those it has) and `fixed`; --smoke takes Settings.smoke's sizes."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+    given.update(fixed)
+    if not getattr(args, "smoke", False):
+        return Settings(**given)
+    return Settings.smoke(**{k: v for k, v in given.items() if k not in SMOKE_SIZES})
+
+
+def environment(jax, settings: Settings, **extra) -> dict:
+    """What a report says of the machine, the versions and the settings."""
+    dev = jax.devices()[0]
+    return {"device": f"{dev.platform}:{getattr(dev, 'device_kind', '?')}", "jax": jax.__version__,
+            "jax_flashmla": getattr(jfm, "__version__", "?"), "jax_flashmla_file": jfm.__file__,
+            "kernel_path": jfm.kernel_path(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "iters": settings.iters, "flush_mib": settings.flush_mib,
+            "flush_kind": settings.flush_kind, "seed": settings.seed, **extra}
+
+
+def run_baselines(jax, timer: Timer, settings: Settings) -> dict:
+    """measure_baselines, printed as it ends."""
+    print("\n[baselines]")
+    base = measure_baselines(jax, timer, settings)
+    for k, v in base.items():
+        print(f"  {k}: {json.dumps(v)}")
+    return base
+
+
+def write_json(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"\nwrote {path}")
+
+
+def baselines_line(base: dict) -> str:
+    c, m = base.get("copy", {}), base.get("matmul", {})
+    return (f"Same run: device-to-device copy {_f(c.get('gbps'), 'num')} GB/s ({c.get('size')}), "
+            f"{m.get('size')} matmul {_f(m.get('tflops'), 'num')} TFLOPS.")
+
+
+def cell(v, fmt) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    return _f(v, fmt)
+
+
+def table(rows, columns, markdown=False) -> str:
+    """rows (dicts) under columns [(heading, key, format)]: aligned text, or a markdown table."""
+    cells = [[cell(r.get(k), f) for _, k, f in columns] for r in rows]
+    heads = [h for h, _, _ in columns]
+    if markdown:
+        return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] +
+                         ["| " + " | ".join(r) + " |" for r in cells])
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(heads)]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [heads] + cells)
+
+
+def geomean(xs):
+    xs = [x for x in xs if x]
+    return float(np.exp(np.mean(np.log(xs)))) if xs else None
+
+
+def cos_diff(x, y) -> float:
+    """1 - 2<x, y> / (|x|^2 + |y|^2) in float64 (FlashMLA's tests' measure): 0 for equal arrays."""
+    x = np.asarray(x, np.float64).ravel()
+    y = np.asarray(y, np.float64).ravel()
+    return float(1 - 2 * np.dot(x, y) / max(np.dot(x, x) + np.dot(y, y), 1e-12))
+
+
+def lowered_path(jitted, *args) -> str:
+    """'ffi' when the jitted call lowers to one of this package's custom calls on the default
+    backend, else 'jax' (the pure-JAX reference the GPU falls back to where there is no kernel)."""
+    try:
+        text = jitted.lower(*args).as_text()
+    except Exception as e:  # noqa: BLE001
+        return f"? ({type(e).__name__})"
+    return "ffi" if "@jax_flashmla" in text or 'call_target_name = "jax_flashmla' in text else "jax"
+
+
+# ---- FlashMLA in the same process (the side by side of bench_sparse.py and bench_prefill.py) ----------
+
+def load_flashmla():
+    """(flash_mla module, torch module, None) when a FlashMLA build and a CUDA torch import here,
+    else (None, None, why)."""
+    try:
+        import torch
+    except ImportError as e:
+        return None, None, f"torch does not import ({e})"
+    try:
+        import flash_mla
+    except ImportError as e:
+        return None, None, f"flash_mla does not import ({e}); build it with tools/flashmla_build.sh"
+    if not torch.cuda.is_available():
+        return None, None, "torch sees no CUDA device"
+    return flash_mla, torch, None
+
+
+def open_flashmla(report: dict, calls: int, repeats: int):
+    """--flashmla: (flash_mla, torch), or None when they do not import here; either way the report's
+    "flashmla" entry says what ran (the build and the side by side's timing) or why not."""
+    flash_mla, torch, why = load_flashmla()
+    if why:
+        report["flashmla"] = f"not run: {why}"
+        print(f"NOTE: --flashmla: {why}; timing ours only")
+        return None
+    report["flashmla"] = (f"flash_mla {getattr(flash_mla, '__version__', '?')} ({flash_mla.__file__}), "
+                          f"torch {torch.__version__}; wall clock per call over {calls} back-to-back "
+                          f"calls, median of {repeats} alternating repeats, no L2 flush")
+    print(f"FlashMLA: {report['flashmla']}")
+    return flash_mla, torch
+
+
+def interleaved_wall_ms(sides: dict, calls: int, repeats: int) -> dict:
+    """sides: {name: (call, sync)}. Each repeat times `calls` back-to-back calls of every side (wall
+    clock from a synchronised start to the last call's end, over calls), the order of the sides
+    reversed every other repeat; returns {name: [ms per call of each repeat]}."""
+    names = list(sides)
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            call, sync = sides[n]
+            for other in sides.values():
+                other[1](None)
+            t0 = time.perf_counter()
+            last = None
+            for _ in range(calls):
+                last = call()
+            sync(last)
+            times[n].append((time.perf_counter() - t0) * 1e3 / calls)
+    return times

@@ -112,7 +112,7 @@ def test_side_by_side_alternates_and_times_each_side_alike():
     calls = []
     sides = {"ours": (lambda: calls.append("o"), lambda _: calls.append("so")),
              "flashmla": (lambda: calls.append("f"), lambda _: calls.append("sf"))}
-    times = bench_sparse.interleaved_wall_ms(sides, calls=3, repeats=2)
+    times = mla_bench.interleaved_wall_ms(sides, calls=3, repeats=2)
     assert {k: len(v) for k, v in times.items()} == {"ours": 2, "flashmla": 2}
     timed = [c for c in calls if c in ("o", "f")]
     assert timed == ["o"] * 3 + ["f"] * 3 + ["f"] * 3 + ["o"] * 3  # reversed every other repeat

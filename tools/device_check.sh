@@ -2,7 +2,7 @@
 # One command for a GPU machine (run from anywhere; it works in the repository root):
 # build and install the package, run the GPU tests, run the benchmark; logs and results in $OUT.
 #
-#   bash tools/device_check.sh [build] [test] [bench] [quick] [sanitize] [mesh] [all] [-- PYTEST_ARGS...]
+#   bash tools/device_check.sh [build] [test] [bench] [prefill] [quick] [sanitize] [mesh] [all] [-- PYTEST_ARGS...]
 #
 #   no step named = all (build, test, bench). quick runs benchmarks/quick_check.py (nine correctness
 #   cases, then three wall-clock timings) in a process of its own under a timeout.
@@ -10,14 +10,19 @@
 #   racecheck; decode kernel only) once per tool: out-of-bounds accesses, misused barriers and
 #   shared-memory races that a passing test can hide. XLA's command buffers and GEMM autotuning are
 #   off there (see do_sanitize). Racecheck's reports on this kernel: docs/kernel.md, "Verification".
+#   prefill runs benchmarks/bench_prefill.py (the sparse prefill's forward and backward; with
+#   PREFILL_ARGS=--flashmla and a FlashMLA build on PYTHONPATH, FlashMLA's forward side by side) under
+#   PREFILL_TIMEOUT.
 #   mesh runs the sharding and transformation tests (test_sharding.py, test_transforms.py) on this
 #   machine's GPUs: data- and head-parallel decode on real meshes against the reference, with the
 #   no-all-gather checks on the HLO. Each test skips when it needs more devices than there are, so
 #   a 2-GPU machine runs the 1-D meshes of 2 and a 1-GPU machine only the single-device ones.
-#   test, bench, quick, sanitize and mesh build first when the installed package
+#   test, bench, prefill, quick, sanitize and mesh build first when the installed package
 #   is missing or lacks the CUDA kernels (a fresh machine). Arguments after `--` go to pytest
 #   (e.g. -- -x -k heavy). Environment:
 #     BENCH_ARGS   extra benchmark arguments, e.g. BENCH_ARGS="--cases s_k=4096 --mode matrix"
+#     PREFILL_ARGS extra arguments of the prefill step, e.g. PREFILL_ARGS="--flashmla --suite v32"
+#     PREFILL_TIMEOUT seconds the prefill step may run (default 540)
 #     BUILD_ARGS   extra pip arguments (default: -C cmake.define.JAX_FLASHMLA_CUDA=ON)
 #     ANCHORS      FlashMLA's figures (markdown; tools/flashmla_anchors.py) to set beside the bench's
 #     OUT          where logs go (default /tmp/jax_flashmla_device_out)
@@ -30,7 +35,7 @@
 # test_matches_reference cases took 104 s.
 #
 # Files in $OUT: env.txt, build.log (full pip/CMake/ptxas log), ptxas.txt (register and spill report
-# per kernel), gpu_tests.log, bench.log, bench.json, clocks.csv (SM clock and power during the bench,
+# per kernel), gpu_tests.log, bench.log, bench.json, prefill.log, prefill.json, clocks.csv (SM clock and power during the bench,
 # every 200 ms), quick.log, sanitize_<tool>.log, mesh_tests.log. The last lines printed
 # are short summaries.
 set -uo pipefail
@@ -45,11 +50,11 @@ steps=()
 pytest_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    build|test|bench|quick|sanitize|mesh) steps+=("$1") ;;
+    build|test|bench|prefill|quick|sanitize|mesh) steps+=("$1") ;;
     all) steps+=(build test bench) ;;
     --) shift; pytest_args=("$@"); break ;;
     -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (steps: build test bench quick sanitize mesh all; pytest args after --)"; exit 2 ;;
+    *) echo "device_check.sh: unknown argument '$1' (steps: build test bench prefill quick sanitize mesh all; pytest args after --)"; exit 2 ;;
   esac
   shift
 done
@@ -161,6 +166,19 @@ do_bench() {
   echo "bench rc=${rc[bench]} (${dur[bench]} s); log: bench.log, results: bench.json"
 }
 
+# ---- sparse prefill benchmark --------------------------------------------------------------------
+do_prefill() {
+  local t0=$SECONDS
+  echo; echo "==== prefill ===="
+  ensure_built
+  # shellcheck disable=SC2086
+  (cd /tmp && timeout -k 10 "${PREFILL_TIMEOUT:-540}" python3 "$REPO/benchmarks/bench_prefill.py" \
+     --json "$OUT/prefill.json" --markdown ${PREFILL_ARGS:-}) >"$OUT/prefill.log" 2>&1
+  rc[prefill]=$?
+  dur[prefill]=$((SECONDS - t0))
+  echo "prefill rc=${rc[prefill]}$([ "${rc[prefill]}" = 124 ] && echo ' (timed out)') (${dur[prefill]} s); log: prefill.log, results: prefill.json"
+}
+
 # ---- quick check ----------------------------------------------------------------------------------
 do_quick() {
   local t0=$SECONDS
@@ -196,6 +214,7 @@ do_sanitize() {
 want build && do_build
 want test && do_test
 want bench && do_bench
+want prefill && do_prefill
 want quick && do_quick
 want sanitize && do_sanitize
 want mesh && do_mesh
@@ -235,6 +254,15 @@ if [ -n "${rc[bench]+x}" ]; then
     sed -n '/^Device: /,$p' "$OUT/bench.log"
   else
     tail -n 30 "$OUT/bench.log"
+  fi
+fi
+if [ -n "${rc[prefill]+x}" ]; then
+  echo "-- prefill: rc=${rc[prefill]} (${dur[prefill]} s)"
+  grep -E "^NOTE|_error: " "$OUT/prefill.log" | cut -c1-200 | head -n 5
+  if grep -q "^Device: " "$OUT/prefill.log"; then
+    sed -n '/^Device: /,$p' "$OUT/prefill.log"
+  else
+    tail -n 30 "$OUT/prefill.log"
   fi
 fi
 if [ -n "${rc[quick]+x}" ]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds FlashMLA's SM90 kernels (deepseek-ai/FlashMLA, a source folder brought to the GPU machine)
-# into a scratch prefix, for benchmarks/bench_sparse.py --flashmla; nothing of FlashMLA is part of
-# this repository, and nothing is fetched: the machine needs no package registry.
+# into a scratch prefix, for benchmarks/bench_sparse.py and bench_prefill.py --flashmla; nothing of
+# FlashMLA is part of this repository, and nothing is fetched: the machine needs no package registry.
 #
 #   bash tools/flashmla_build.sh [SRC]            # then: export PYTHONPATH=$PREFIX/site:$PYTHONPATH
 #
@@ -115,4 +115,4 @@ meta, _ = flash_mla.get_mla_metadata()
 print('flashmla_build.sh: import ok:', flash_mla.__file__, '| torch', torch.__version__, '| GPU',
       torch.cuda.get_device_name() if torch.cuda.is_available() else None)") ||
   die "the build does not import (log: $LOG)"
-echo "flashmla_build.sh: source $PREFIX/env.sh (or PYTHONPATH=$PREFIX/site) before benchmarks/bench_sparse.py --flashmla"
+echo "flashmla_build.sh: source $PREFIX/env.sh (or PYTHONPATH=$PREFIX/site) before benchmarks/bench_sparse.py or bench_prefill.py --flashmla"
