@@ -68,14 +68,16 @@ def _warn_fallback_once(platform: str) -> None:
                       "running the pure-JAX reference instead", RuntimeWarning, stacklevel=3)
 
 
-def register_lowerings(prim, ffi_rule, fallback) -> None:
+def register_lowerings(prim, ffi_rule, fallback, cuda_ffi_rule=None) -> None:
     """Lowers `prim` with `ffi_rule` (an MLIR lowering rule calling the FFI target) on the CPU and on an
-    SM90 GPU, and with `fallback` (a JAX function of the same operands and parameters) elsewhere."""
+    SM90 GPU (there `cuda_ffi_rule` instead, when given), and with `fallback` (a JAX function of the
+    same operands and parameters) elsewhere."""
     fallback_rule = mlir.lower_fun(fallback, multiple_results=prim.multiple_results)
+    gpu_rule = cuda_ffi_rule or ffi_rule
 
     def cuda_rule(ctx, *operands, **params):
         if kernel_path("cuda") == SM90_PATH:
-            return ffi_rule(ctx, *operands, **params)
+            return gpu_rule(ctx, *operands, **params)
         _warn_fallback_once("cuda")
         return fallback_rule(ctx, *operands, **params)
 

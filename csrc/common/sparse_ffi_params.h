@@ -111,7 +111,31 @@ inline ffi::Error read_sparse_decode_params(ffi::AnyBuffer q, ffi::AnyBuffer k_c
   return ffi::Error::Success();
 }
 
-// The sparse decode handlers' signature, bound identically on every platform.
+// The split workspace of the CUDA sparse decode handler (results the op discards): o_accum
+// [S, b, s_q, h_q, 512] and lse_accum [S, b, s_q, h_q], float32, or both empty (S = 0: the kernel
+// may not split). Sets `splits` to S; p.o_accum and p.lse_accum to the buffers.
+inline ffi::Error read_sparse_decode_workspace(ffi::ResultBuffer<ffi::F32> o_accum, ffi::ResultBuffer<ffi::F32> lse_accum,
+                                               SparseDecodeParams& p, int64_t& splits) {
+  splits = 0;
+  if (o_accum->element_count() == 0 && lse_accum->element_count() == 0) return ffi::Error::Success();
+  auto od = o_accum->dimensions();
+  auto ld = lse_accum->dimensions();
+  if (od.size() != 5 || ld.size() != 4 || od[0] != ld[0] || od[0] < 1 || od[0] > std::numeric_limits<int32_t>::max()) {
+    return invalid("the split workspace must be [S, b, s_q, h_q, 512] and [S, b, s_q, h_q]");
+  }
+  for (int i = 1; i < 4; ++i) {
+    const int64_t want = i == 1 ? p.batch : i == 2 ? p.seqlen_q : p.num_heads_q;
+    if (od[i] != want || ld[i] != want) return invalid("the split workspace does not match q's [b, s_q, h_q]");
+  }
+  if (od[4] != kHeadDimV) return invalid("the split workspace must hold 512 channels a row");
+  splits = od[0];
+  p.o_accum = o_accum->typed_data();
+  p.lse_accum = lse_accum->typed_data();
+  return ffi::Error::Success();
+}
+
+// The sparse decode CPU handler's signature. The CUDA handler binds the same operands and
+// attribute, and two more results and one more attribute (JFM_BIND_SPARSE_DECODE_CUDA_ARGS).
 #define JFM_BIND_SPARSE_DECODE_ARGS(binding)                                   \
   binding.Arg<::xla::ffi::AnyBuffer>()              /* q */                        \
       .Arg<::xla::ffi::AnyBuffer>()                 /* k_cache */                  \
@@ -124,6 +148,24 @@ inline ffi::Error read_sparse_decode_params(ffi::AnyBuffer q, ffi::AnyBuffer k_c
       .Ret<::xla::ffi::AnyBuffer>()                 /* out */                      \
       .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()   /* lse */                      \
       .Attr<float>("softmax_scale")
+
+// The CUDA handler's: the CPU handler's operands, then the split workspace (o_accum, lse_accum),
+// and the attribute num_splits (0: the handler chooses; N > 0: exactly N, a test hook).
+#define JFM_BIND_SPARSE_DECODE_CUDA_ARGS(binding)                              \
+  binding.Arg<::xla::ffi::AnyBuffer>()              /* q */                        \
+      .Arg<::xla::ffi::AnyBuffer>()                 /* k_cache */                  \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()   /* indices */                  \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()   /* topk_length */              \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()   /* attn_sink */                \
+      .Arg<::xla::ffi::AnyBuffer>()                 /* extra_k_cache */            \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()   /* extra_indices_in_kvcache */ \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()   /* extra_topk_length */        \
+      .Ret<::xla::ffi::AnyBuffer>()                 /* out */                      \
+      .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()   /* lse */                      \
+      .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()   /* o_accum */                  \
+      .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()   /* lse_accum */                \
+      .Attr<float>("softmax_scale")                                                \
+      .Attr<int32_t>("num_splits")
 
 // Operands: q, kv, indices, topk_length, attn_sink; results out, max_logits and lse. An optional
 // operand that is absent is an empty buffer. Index values are not read here (they may live on the

@@ -22,6 +22,9 @@ struct SparsePool {
   JFM_HOST_DEVICE int64_t num_slots() const { return static_cast<int64_t>(num_blocks) * page_size; }
 };
 
+// Heads of one query token that one CTA of the SM90 sparse decode kernel computes (its tile's rows).
+constexpr int kSparseDecodeHeadsPerCta = 64;
+
 struct SparseDecodeParams {
   int batch = 0;
   int seqlen_q = 0;
@@ -34,6 +37,14 @@ struct SparseDecodeParams {
   float softmax_scale = 0.f;
   uint16_t* out = nullptr;              // bf16 [batch, seqlen_q, num_heads_q, head_dim_v]
   float* lse = nullptr;                 // [batch, num_heads_q, seqlen_q]
+  // Split over the entries (SM90 kernel only; the CPU handler ignores these): each (request, query
+  // token) walks its entry blocks in num_splits contiguous ranges, each range's partial result going
+  // to the workspace, then a combine writes out and lse. num_splits 1: out and lse directly, no
+  // workspace. Rows of the workspace are the rows of out, (request, token, head); split s's rows
+  // start at s * batch * seqlen_q * num_heads_q.
+  int num_splits = 1;
+  float* o_accum = nullptr;             // [>= num_splits, batch, seqlen_q, num_heads_q, 512]: O / l per split
+  float* lse_accum = nullptr;           // [>= num_splits, batch, seqlen_q, num_heads_q]: its lse, -inf if empty
 };
 
 // The sparse prefill (FlashMLA's flash_mla_sparse_fwd): every query token attends, with every head,

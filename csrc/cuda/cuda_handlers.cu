@@ -5,6 +5,8 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
 #include <string>
 
 #include "common/ffi_params.h"
@@ -86,18 +88,61 @@ ffi::Error decode_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
   return ffi::Error::Success();
 }
 
-// Same operands, attributes and checks as the CPU handler (read_sparse_decode_params). Index values
-// stay on the device: the kernel masks ids outside their pool instead of rejecting them.
+// SMs of the current device, read once per device.
+cudaError_t current_sm_count(int& count) {
+  static std::atomic<int> counts[64] = {};
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  const bool tracked = device >= 0 && device < 64;
+  count = tracked ? counts[device].load(std::memory_order_relaxed) : 0;
+  if (count > 0) return cudaSuccess;
+  if (cudaError_t err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device); err != cudaSuccess) {
+    return err;
+  }
+  if (tracked) counts[device].store(count, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+// Splits of each query token's entries. The kernel runs one CTA an SM (255 registers, 148.5 KB of
+// shared memory), so a grid of `ctas` < SMs leaves SMs idle: split until the grid fills one wave,
+// no further (a second wave costs as much as it saves). `workspace_splits` (the op's bound, from the
+// static shapes: it also keeps each split at several blocks) caps it; 0 means no workspace.
+int choose_sparse_splits(int64_t ctas, int sm_count, int64_t workspace_splits) {
+  if (workspace_splits < 2 || ctas < 1) return 1;
+  const int64_t fill = sm_count / ctas;
+  return static_cast<int>(std::max<int64_t>(1, std::min(fill, workspace_splits)));
+}
+
+// Same operands, attribute and checks as the CPU handler (read_sparse_decode_params), plus the
+// split workspace and num_splits (0: chosen here from the grid and the SM count; N > 0: exactly N,
+// the workspace holding at least N when N > 1). Index values stay on the device: the kernel masks
+// ids outside their pool instead of rejecting them.
 ffi::Error sparse_decode_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                               ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> topk_length,
                               ffi::Buffer<ffi::F32> attn_sink, ffi::AnyBuffer extra_k_cache,
                               ffi::Buffer<ffi::S32> extra_indices, ffi::Buffer<ffi::S32> extra_topk_length,
-                              ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32> lse, float softmax_scale) {
+                              ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32> lse,
+                              ffi::ResultBuffer<ffi::F32> o_accum, ffi::ResultBuffer<ffi::F32> lse_accum,
+                              float softmax_scale, int32_t num_splits) {
   SparseDecodeParams p;
   if (auto err = read_sparse_decode_params(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
                                            extra_topk_length, out, lse, softmax_scale, p);
       err.failure()) {
     return err;
+  }
+  int64_t workspace_splits = 0;
+  if (auto err = read_sparse_decode_workspace(o_accum, lse_accum, p, workspace_splits); err.failure()) return err;
+  if (num_splits < 0) return invalid("num_splits must be >= 0");
+  if (num_splits > 0) {
+    if (num_splits > 1 && workspace_splits < num_splits) {
+      return invalid("the split workspace holds fewer splits than num_splits");
+    }
+    p.num_splits = num_splits;
+  } else {
+    int sm_count = 0;
+    if (cudaError_t err = current_sm_count(sm_count); err != cudaSuccess) return cuda_error("SM count", err);
+    const int64_t ctas = static_cast<int64_t>(p.batch) * p.seqlen_q * ceil_div(p.num_heads_q, kSparseDecodeHeadsPerCta);
+    p.num_splits = choose_sparse_splits(ctas, sm_count, workspace_splits);
   }
   if (cudaError_t err = launch_sparse_decode(p, stream); err != cudaSuccess) {
     return cuda_error("sparse decode kernel launch", err);
@@ -133,7 +178,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmDecodeCuda, jax_flashmla::decode_cuda,
                               JFM_BIND_DECODE_ARGS(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparseDecodeCuda, jax_flashmla::sparse_decode_cuda,
-                              JFM_BIND_SPARSE_DECODE_ARGS(
+                              JFM_BIND_SPARSE_DECODE_CUDA_ARGS(
                                   xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparsePrefillCuda, jax_flashmla::sparse_prefill_cuda,

@@ -23,10 +23,14 @@ cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& k_map, cudaS
 // The combine kernel alone (combine/combine.cu); launch_decode runs it after the decode kernel.
 cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream);
 
-// Sparse decode over FP8 pools (sparse_decode/): one CTA per (request, query token, 64-head tile),
-// no split over the entries, so no combine. Index values are read on the device: -1, ids outside
-// their pool and entries past topk_length are masked and never dereferenced.
+// Sparse decode over FP8 pools (sparse_decode/): one CTA per (request, query token, split, 64-head
+// tile), then, when p.num_splits > 1, the combine of the splits' partials (into out and lse, with
+// the sink). Index values are read on the device: -1, ids outside their pool and entries past
+// topk_length are masked and never dereferenced.
 cudaError_t launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream);
+
+// The sparse decode's combine alone (sparse_decode/combine.cu); launch_sparse_decode runs it.
+cudaError_t launch_sparse_combine(const SparseDecodeParams& p, cudaStream_t stream);
 
 // Sparse prefill over a bfloat16 kv (sparse_prefill/): one CTA per (query token, 64-head tile), no
 // split over the entries. Index values are read on the device: -1, other negative ids, ids >= s_kv

@@ -11,6 +11,17 @@ sparse_decode_p, per device: (q, k_cache, indices, topk_length, attn_sink, extra
     index (never reads it), as the reference does; elsewhere, or with JAX_FLASHMLA_FORCE_FALLBACK=1,
     the pure-JAX reference over the dequantised pools, with the library's one-time fallback warning
     on CUDA. Bound only inside the public op's lowering.
+  - Split workspace (CUDA only): the CUDA custom call has two more results, the split-KV workspace
+    o_accum float32 [S, b, s_q, h_q, 512] and lse_accum float32 [S, b, s_q, h_q], which the lowering
+    drops (XLA allocates them per call, like any temporary). S = `workspace_splits(...)` from the
+    static shapes: the most splits the handler may choose, 0 (empty buffers) when it may not split.
+    Its size, S * b * s_q * h_q * 2052 bytes, is at most 132 * 64 * 2052 = 17,335,296 bytes: S > 1
+    only where the unsplit grid b * s_q * ceil(h_q / 64) leaves SMs of a 132-SM GPU idle, and S times
+    that grid is at most 132. The handler picks the splits for the GPU it runs on (its SM count)
+    within S; splits of 1 write out and lse directly and never touch the workspace.
+  - Test hook: JAX_FLASHMLA_SPARSE_SPLITS=N (N >= 1), read when a call is lowered, forces exactly N
+    splits on the CUDA kernel (the workspace is then sized for N, any N, even more splits than the
+    entries have blocks); unset or 0 lets the handler choose. Meant for tests, not for tuning.
 
 sparse_attention_p, the public op: the same operands, parameter and results, indices being global
 slot ids (page * page_size + offset).
@@ -33,6 +44,7 @@ slot ids (page * page_size + offset).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +87,56 @@ def _ffi_lowering(ctx, *operands, softmax_scale):
     return _ffi_call(ctx, *operands, softmax_scale=np.float32(softmax_scale))
 
 
+SPLITS_ENV = "JAX_FLASHMLA_SPARSE_SPLITS"  # test hook: force N splits on the CUDA kernel
+SPLIT_SM_BOUND = 132  # SMs of the largest SM90 parts (H100/H200 SXM): the workspace is sized for these
+SPLIT_BLOCK = 64  # entries per block of the kernel's walk
+MIN_BLOCKS_PER_SPLIT = 4  # fewer and a split's Q load, partial store and combine outweigh its blocks
+MAX_SPLITS = 64
+
+
+def forced_splits() -> int:
+    """The split count JAX_FLASHMLA_SPARSE_SPLITS forces (0: unset, the handler chooses)."""
+    text = os.environ.get(SPLITS_ENV, "").strip()
+    if not text:
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{SPLITS_ENV} must be a non-negative integer, got {text!r}")
+    return value
+
+
+def workspace_splits(b: int, s_q: int, h_q: int, topk: int, extra_topk: int, forced: int = 0) -> int:
+    """S of the CUDA handler's split workspace (its dimension 0; 0 when the kernel may not split):
+    `forced` when it is more than 1, else the most splits the handler may choose for these static
+    shapes: the unsplit grid times S fits 132 SMs, S at most MAX_SPLITS and at most the entry blocks
+    over MIN_BLOCKS_PER_SPLIT."""
+    if forced > 0:
+        return forced if forced > 1 else 0
+    ctas = b * s_q * -(-h_q // 64)
+    blocks = -(-(topk + extra_topk) // SPLIT_BLOCK)
+    if ctas == 0:
+        return 0
+    splits = min(MAX_SPLITS, SPLIT_SM_BOUND // ctas, blocks // MIN_BLOCKS_PER_SPLIT)
+    return splits if splits > 1 else 0
+
+
+def _cuda_ffi_lowering(ctx, *operands, softmax_scale):
+    """The CUDA custom call: out and lse, and the split workspace it drops."""
+    q, _, indices, _, _, _, extra_indices, _ = ctx.avals_in
+    b, s_q, h_q, _ = q.shape
+    forced = forced_splits()
+    splits = workspace_splits(b, s_q, h_q, indices.shape[-1], extra_indices.shape[-1], forced)
+    rows = (splits, b, s_q, h_q) if splits else (0,)
+    workspace = (jax.core.ShapedArray(rows + ((_contract.HEAD_DIM_V,) if splits else ()), jnp.float32),
+                 jax.core.ShapedArray(rows, jnp.float32))
+    results = _ffi_call(ctx.replace(avals_out=tuple(ctx.avals_out) + workspace), *operands,
+                        softmax_scale=np.float32(softmax_scale), num_splits=np.int32(forced))
+    return results[:2]
+
+
 def reference_over_pools(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
                          extra_topk_length, *, softmax_scale):
     """The contract in pure JAX: the reference over the pools dequantised to bfloat16, as the
@@ -97,7 +159,7 @@ def _fallback(*operands, softmax_scale):
 
 
 sparse_decode_p.def_abstract_eval(_abstract_eval)
-_platform.register_lowerings(sparse_decode_p, _ffi_lowering, _fallback)
+_platform.register_lowerings(sparse_decode_p, _ffi_lowering, _fallback, cuda_ffi_rule=_cuda_ffi_lowering)
 
 sparse_attention_p = _ffi.primitive("jax_flashmla_sparse_attention")
 sparse_attention_p.def_abstract_eval(_abstract_eval)

@@ -1,5 +1,6 @@
 // The epilogue of a sparse tile (tile.h): O / l, the attention sink, the bfloat16 store of out, the
-// natural-log lse and, where asked, max_logits (the row max of the scaled scores). A row with no read
+// natural-log lse and, where asked, max_logits (the row max of the scaled scores); or, for a tile
+// that walked one split of its entries, the fp32 partial O and lse (store_partial). A row with no read
 // token (l = 0) gets out 0, lse +inf and max_logits -inf, whatever the sink; NaN in l (NaN in q, or in
 // a token the row reads) gives NaN in out, lse and max_logits.
 #pragma once
@@ -58,6 +59,45 @@ __device__ __forceinline__ void store_tile(const AccO& acc_o, const CoordO& cO, 
     const float f = inv[row_slot(cO, e)];
     const __nv_bfloat162 v = __floats2bfloat162_rn(acc_o(e) * f, acc_o(e + 1) * f);
     *reinterpret_cast<__nv_bfloat162*>(to.out_row0 + static_cast<int64_t>(r) * kHeadDimV + to.channel0 + c) = v;
+  }
+}
+
+// Where one split's partial results go (a tile that walked only part of its entries): row r of the
+// tile is row r of o_row0 / lse_row0; rows past `rows` are never written.
+struct PartialOutput {
+  int rows = 0;                  // live rows of the tile
+  int channel0 = 0;              // the warp's first output channel
+  float* o_row0 = nullptr;       // fp32 partial O at (row 0, channel 0); rows kHeadDimV apart
+  float* lse_row0 = nullptr;     // partial lse of row 0; rows 1 apart
+  bool write_stats = false;      // whether this thread's warp writes the lse
+};
+
+// The partial epilogue: O / l in fp32 and the natural-log lse of the split's entries, without the
+// sink (the combine applies it once, to the whole row). A row that read nothing here (l = 0) stores
+// O 0 and lse -inf, a weight of 0 in the combine; NaN in l stores NaN in O and lse.
+template <class AccO, class CoordO>
+__device__ __forceinline__ void store_partial(const AccO& acc_o, const CoordO& cO, RowState& st,
+                                              const PartialOutput& po) {
+  float inv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float l = quad_sum(st.l[i]);
+    const int r = get<0>(cO(0)) + 8 * i;
+    float lse = -INFINITY;
+    inv[i] = 0.f;
+    if (!(l == 0.f)) {  // l > 0, or NaN
+      lse = (st.m[i] + log2f(l)) * 0.6931471805599453f;
+      inv[i] = 1.f / l;
+    }
+    if (po.write_stats && r < po.rows && (threadIdx.x & 3) == 0) po.lse_row0[r] = lse;
+  }
+#pragma unroll
+  for (int e = 0; e < size(acc_o); e += 2) {
+    const int r = get<0>(cO(e)), c = get<1>(cO(e));
+    if (r >= po.rows) continue;
+    const float f = inv[row_slot(cO, e)];
+    *reinterpret_cast<float2*>(po.o_row0 + static_cast<int64_t>(r) * kHeadDimV + po.channel0 + c) =
+        make_float2(acc_o(e) * f, acc_o(e + 1) * f);
   }
 }
 

@@ -100,5 +100,11 @@ __device__ __forceinline__ void finish_tile(TileAccumulator<Tr>& acc, int ltid, 
   store_tile(acc.o, output_coords<Tr>(ltid), acc.st, to);
 }
 
+// One split's partial epilogue (epilogue.cuh) at the thread's own coordinates.
+template <class Tr>
+__device__ __forceinline__ void finish_partial(TileAccumulator<Tr>& acc, int ltid, const PartialOutput& po) {
+  store_partial(acc.o, output_coords<Tr>(ltid), acc.st, po);
+}
+
 }  // namespace sparse_sm90
 }  // namespace jax_flashmla

@@ -10,6 +10,7 @@
 
 #include "common/kv_formats.h"
 #include "common/mla_contract.h"
+#include "common/sparse_params.h"
 #include "cuda/sparse_common/tile.h"
 
 namespace jax_flashmla {
@@ -19,6 +20,7 @@ constexpr int kThreadsPerToken = kThreads / kBlockN;  // 4 threads dequantise on
 constexpr int kChunk = 16;          // bytes per vector load of the token data
 
 static_assert(kThreadsPerToken == 4, "the dequantisation assumes 4 threads a token");
+static_assert(kRows == kSparseDecodeHeadsPerCta, "the handler sizes the grid with kSparseDecodeHeadsPerCta");
 
 // The token data of one block and the Q tile, as bfloat16 in the swizzled layout of sparse_common/tile.h, and the
 // block's resolved entries.

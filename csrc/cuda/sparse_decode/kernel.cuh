@@ -2,6 +2,7 @@
 #pragma once
 
 #include "common/sparse_params.h"
+#include "cuda/ptx/sm90_ptx.cuh"
 #include "cuda/sparse_common/tile_math.cuh"
 #include "cuda/sparse_decode/loads.cuh"
 #include "cuda/sparse_decode/traits.h"
@@ -9,8 +10,11 @@
 namespace jax_flashmla {
 namespace sparse_sm90 {
 
-// Grid: one CTA per (request, query token, head tile), head tiles innermost, then query tokens, so
-// the CTAs that read the same request's tokens run side by side and share them through L2.
+// Grid: one CTA per (request, query token, split, head tile), head tiles innermost, then splits,
+// then query tokens, so the CTAs that read the same tokens run side by side and share them through
+// L2. Split s of num_splits walks entry blocks [s nb / num_splits, (s + 1) nb / num_splits) of its
+// token's nb = ceil((n_main + n_extra) / 64) blocks (main then extra entries as one sequence), so a
+// split may hold no block at all (nb < num_splits) and a block may straddle the two pools.
 template <KvFormat kFormat>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid_constant__ SparseDecodeParams p) {
   using Tr = Traits<kFormat>;
@@ -18,10 +22,13 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid
   auto& smem = *reinterpret_cast<SharedStorage<Tr::kDqk>*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~static_cast<uintptr_t>(127));
 
+  // With splits, the combine grid may launch now: it waits for this grid's completion itself.
+  sm90::allow_dependent_launch();
   const int head_tiles = ceil_div(p.num_heads_q, kRows);
   const int head_tile = blockIdx.x % head_tiles;
-  const int token = (blockIdx.x / head_tiles) % p.seqlen_q;
-  const int req = blockIdx.x / head_tiles / p.seqlen_q;
+  const int split = (blockIdx.x / head_tiles) % p.num_splits;
+  const int token = (blockIdx.x / head_tiles / p.num_splits) % p.seqlen_q;
+  const int req = blockIdx.x / head_tiles / p.num_splits / p.seqlen_q;
   const int head0 = head_tile * kRows;
   const int rows = min(kRows, p.num_heads_q - head0);
   const int64_t qo_row0 = (static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head0;
@@ -43,8 +50,11 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid
   const int n_main = entries_of(p.pool, req);
   const int n_extra = entries_of(p.extra, req);
   const int n_entries = n_main + n_extra;
+  const int64_t n_blocks = ceil_div(n_entries, kBlockN);
+  const int e_begin = static_cast<int>(split * n_blocks / p.num_splits) * kBlockN;
+  const int e_end = min(static_cast<int>((split + 1) * n_blocks / p.num_splits) * kBlockN, n_entries);
 
-  for (int e0 = 0; e0 < n_entries; e0 += kBlockN) {
+  for (int e0 = e_begin; e0 < e_end; e0 += kBlockN) {
     // 1. Resolve the block's entries (threads 0..63, one each).
     if (tid < kBlockN) {
       const uint8_t* record;
@@ -69,6 +79,18 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid
   }
 
   if (!live) return;
+  if (p.num_splits > 1) {
+    const int64_t rows_total = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads_q;
+    const int64_t row0 = split * rows_total + qo_row0;
+    PartialOutput po;
+    po.rows = rows;
+    po.channel0 = half * kHalfV;
+    po.o_row0 = p.o_accum + row0 * kHeadDimV;
+    po.lse_row0 = p.lse_accum + row0;
+    po.write_stats = half == 0;
+    finish_partial(acc, ltid, po);
+    return;
+  }
   TileOutput to;
   to.sink = p.attn_sink;
   to.head0 = head0;

@@ -1,4 +1,5 @@
-// Launch of the sparse decode kernel for one cache format: the grid and the shared-memory attribute.
+// Launch of the sparse decode kernel for one cache format: the grid (times num_splits) and the
+// shared-memory attribute.
 // sparse_decode_v32.cu and sparse_decode_model1.cu instantiate launch_sparse_decode_kernel;
 // launch_sparse_decode (sparse_decode.cu) picks by format.
 #pragma once
@@ -19,7 +20,7 @@ cudaError_t launch_sparse_decode_kernel(const SparseDecodeParams& p, cudaStream_
       err != cudaSuccess) {
     return err;
   }
-  const int64_t ctas = static_cast<int64_t>(p.batch) * p.seqlen_q * ceil_div(p.num_heads_q, kRows);
+  const int64_t ctas = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_splits * ceil_div(p.num_heads_q, kRows);
   if (ctas == 0) return cudaSuccess;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   sparse_decode_kernel<kFormat><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);

@@ -1,4 +1,5 @@
-// launch_sparse_decode: the sparse decode kernel of the pools' format.
+// launch_sparse_decode: the sparse decode kernel of the pools' format, then, when it split the
+// entries, the combine (combine.cu).
 #include "cuda/mla_kernels.h"
 
 namespace jax_flashmla {
@@ -13,8 +14,14 @@ extern template cudaError_t launch_sparse_decode_kernel<KvFormat::kModel1>(const
 }  // namespace sparse_sm90
 
 cudaError_t launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
-  return p.pool.format == KvFormat::kV32 ? sparse_sm90::launch_sparse_decode_kernel<KvFormat::kV32>(p, stream)
-                                         : sparse_sm90::launch_sparse_decode_kernel<KvFormat::kModel1>(p, stream);
+  if (p.num_splits < 1 || (p.num_splits > 1 && (p.o_accum == nullptr || p.lse_accum == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  const cudaError_t err = p.pool.format == KvFormat::kV32
+                              ? sparse_sm90::launch_sparse_decode_kernel<KvFormat::kV32>(p, stream)
+                              : sparse_sm90::launch_sparse_decode_kernel<KvFormat::kModel1>(p, stream);
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  return launch_sparse_combine(p, stream);
 }
 
 }  // namespace jax_flashmla
