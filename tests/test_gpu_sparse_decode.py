@@ -19,11 +19,18 @@ rel 2.01/128 and a cosine difference under 5e-6; lse within abs 1e-6 or rel 8.01
   - NaN in every slot no entry reads (make_case's pools: all bytes 0xFF, so NaN values, scales and
     RoPE), never leaking; NaN in q propagating to that row only; rows with no valid entry giving
     out 0 and lse +inf whatever the sink;
-  - the kernel against the fallback the same call runs with JAX_FLASHMLA_FORCE_FALLBACK=1.
+  - the kernel against the fallback the same call runs with JAX_FLASHMLA_FORCE_FALLBACK=1;
+  - the split over the entries, forced with the test hook JAX_FLASHMLA_SPARSE_SPLITS=N (the handler
+    otherwise splits only where the grid leaves SMs idle, which small batches with topk >= 512 above
+    already do): splits with no read entry (more splits than blocks, short topk lengths, rows that
+    read nothing), splits whose blocks straddle the main/extra boundary, NaN read in one split only
+    (the whole row NaN, no other row touched), the sink applied once after the combine, uneven
+    splits of DeepSeek-V3.2's shape, and N = 1 (the direct path) against the splits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -34,8 +41,9 @@ import pytest
 
 import jax_flashmla as jfm
 from jax_flashmla import kv_formats
+from jax_flashmla.ops import sparse_decode as sparse_op
 from sparse_cases import (INT32_MAX, INT32_MIN, LSE_TOL, OUT_TOL, CachePool, assert_close, check, flashmla_case,
-                          run)
+                          poison_unused, run)
 from test_sparse_decode import make_case
 from test_sparse_matrix import CASES as MATRIX_CASES
 from test_sparse_matrix import D_QK, _case_id
@@ -199,3 +207,112 @@ def test_kernel_matches_forced_fallback(rng, monkeypatch):
     assert jfm.kernel_path() == "cuda-sm90"
     assert_close("lse", lse, want_lse, **LSE_TOL)
     assert_close("out", out, want_out, **OUT_TOL)
+
+
+# ---- the split over the entries ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def forced_splits(monkeypatch, n):
+    """Calls lowered inside run the kernel with exactly n splits (on the CPU handler: unsplit)."""
+    monkeypatch.setenv(sparse_op.SPLITS_ENV, str(n))
+    jax.clear_caches()  # lower again, now with the forced count
+    try:
+        yield
+    finally:
+        monkeypatch.delenv(sparse_op.SPLITS_ENV)
+        jax.clear_caches()
+
+
+def split_and_direct(monkeypatch, kwargs, n):
+    """(out, lse) with n splits, checked against the reference, and with the direct path (1 split)."""
+    with forced_splits(monkeypatch, n):
+        got = jax.block_until_ready(check(kwargs))
+    with forced_splits(monkeypatch, 1):
+        direct = jax.block_until_ready(run(kwargs))
+    # The splits and the direct path differ only in fp32 rounding (and the bf16 rounding it moves).
+    assert_close("lse", got[1], direct[1], **LSE_TOL)
+    assert_close("out", got[0], direct[0], **OUT_TOL)
+    return got
+
+
+@pytest.mark.parametrize("fmt", ["v32", "model1"])
+@pytest.mark.parametrize("splits", [2, 3, 8, 40])
+def test_splits_with_no_read_entry(rng, monkeypatch, fmt, splits):
+    """topk 130 (3 blocks) with topk lengths (some 0), an extra pool of 60 for MODEL1, rows whose
+    entries are all -1: most splits read nothing; empty rows stay out 0, lse +inf under the sink."""
+    extra = (64, 60, True) if fmt == "model1" else None
+    kwargs = make_case(rng, fmt, batch=4, seqlen_q=2, heads=24, page=61, topk=130, lengths=True, sink=True,
+                       extra=extra, empty_rows=2, invalid=0.3)
+    for name in ("indices", "extra_indices_in_kvcache"):
+        if name in kwargs:
+            ids = np.array(kwargs[name])
+            ids[1, 0] = -1
+            kwargs[name] = jnp.asarray(ids)
+    out, lse = split_and_direct(monkeypatch, kwargs, splits)
+    out, lse = _f32(out), np.asarray(lse)
+    assert np.all(out[1, 0] == 0) and np.all(lse[1, :, 0] == np.inf)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_splits_straddle_the_main_extra_boundary(rng, monkeypatch, splits):
+    """Main topk 100 and extra 200 with per-request lengths: the block that holds the last main
+    entries holds the first extra ones, and the split boundaries fall on either side of it."""
+    # Built without lengths (every entry a pool slot or -1), then shortened: nothing past a length is
+    # read, and nothing before it is garbage.
+    kwargs = make_case(rng, "model1", batch=5, seqlen_q=2, heads=64, page=64, topk=100, sink=True,
+                       extra=(61, 200, False), invalid=0.1)
+    kwargs["topk_length"] = jnp.asarray([100, 37, 64, 1, 90], jnp.int32)
+    kwargs["extra_topk_length"] = jnp.asarray([200, 150, 27, 130, 0], jnp.int32)
+    split_and_direct(monkeypatch, kwargs, splits)
+
+
+@pytest.mark.parametrize("fmt", ["v32", "model1"])
+def test_nan_read_in_one_split_only(rng, monkeypatch, fmt):
+    """Slot X poisoned (NaN bytes) and read once by (request 0, token 0), in its last block: with
+    four splits only the last split of that row reads NaN; the whole row is NaN (every head, out and
+    lse) and only rows that read X are."""
+    kwargs = make_case(rng, fmt, batch=2, seqlen_q=2, heads=32, page=64, topk=256, sink=True, invalid=0.0)
+    ids = np.array(kwargs["indices"])
+    row = ids[0, 0]
+    j = next(j for j in range(255, 191, -1) if np.count_nonzero(row == row[j]) == 1)
+    x = int(row[j])
+    pool = kwargs["k_cache"]
+    fmt_ = kv_formats.kv_cache_format_of(pool)
+    page = fmt_.page_size_of(pool.shape[1])
+    used = np.ones(pool.shape[0] * page, bool)
+    used[x] = False
+    kwargs["k_cache"] = poison_unused(pool, fmt_, page, used)
+    reads_x = (ids == x).any(axis=-1)  # [b, s_q]
+    assert reads_x[0, 0]
+    out, lse = split_and_direct(monkeypatch, kwargs, 4)
+    out, lse = _f32(out), np.asarray(lse)
+    for b in range(2):
+        for t in range(2):
+            assert np.all(np.isnan(out[b, t])) == reads_x[b, t] and np.all(np.isnan(lse[b, :, t])) == reads_x[b, t]
+            if not reads_x[b, t]:
+                assert np.all(np.isfinite(out[b, t])) and not np.isnan(lse[b, :, t]).any()
+
+
+@pytest.mark.parametrize("splits", [2, 7])
+def test_splits_apply_the_sink_once(rng, monkeypatch, splits):
+    """Finite sinks that weigh about as much as the row (a sink per split would scale out by the
+    factor once per split): the reference's out, and the sink's effect against the same call without
+    it, exp(lse) / (exp(lse) + exp(sink)), lse unchanged."""
+    kwargs = make_case(rng, "v32", batch=2, seqlen_q=1, heads=16, page=64, topk=512, sink=False, invalid=0.05)
+    no_sink = split_and_direct(monkeypatch, kwargs, splits)
+    _, lse = no_sink
+    sink = np.asarray(lse).mean(axis=(0, 2)).astype(np.float32) + rng.uniform(-1, 1, 16).astype(np.float32)
+    kwargs["attn_sink"] = jnp.asarray(sink)
+    out, lse_sink = split_and_direct(monkeypatch, kwargs, splits)
+    np.testing.assert_array_equal(np.asarray(lse_sink), np.asarray(lse))
+    factor = 1 / (1 + np.exp(sink[None, :, None] - np.asarray(lse, np.float64)))  # [b, h_q, s_q]
+    want = _f32(no_sink[0]) * np.swapaxes(factor, 1, 2)[..., None]
+    assert_close("out", out, want, **OUT_TOL)
+
+
+@pytest.mark.parametrize("splits", [5, 32])
+def test_splits_of_the_deepseek_v32_shape(rng, monkeypatch, splits):
+    """h_q 128 (two head tiles per split), s_q 2, topk 2048: 32 blocks in 5 uneven splits, or one each."""
+    kwargs = make_case(rng, "v32", batch=2, seqlen_q=2, heads=128, page=64, topk=2048, lengths=True, sink=True,
+                       invalid=0.05)
+    split_and_direct(monkeypatch, kwargs, splits)

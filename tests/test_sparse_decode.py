@@ -361,3 +361,78 @@ def test_named_shardings_give_the_unsharded_result(rng):
                    indices=jax.device_put(kwargs["indices"], NamedSharding(mesh, P("data"))))
     for a, b in zip(f(sharded), want):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+# ---- the CUDA lowering's split workspace ---------------------------------------------------------------
+
+def test_workspace_splits_bound():
+    """The splits the CUDA handler may use (ops/sparse_decode.workspace_splits) on FlashMLA's decode
+    shapes, and the workspace bound the op documents (S * b * s_q * h_q * 2052 bytes, at most
+    17,335,296) over a sweep of shapes."""
+    from jax_flashmla.ops.sparse_decode import workspace_splits
+
+    # b, s_q, h_q, topk, extra topk -> S (0: no workspace)
+    table = [((64, 1, 64, 2048, 0), 2), ((64, 1, 16, 2048, 0), 2), ((64, 1, 128, 2048, 0), 0),
+             ((128, 1, 64, 2048, 0), 0), ((64, 2, 64, 2048, 0), 0), ((1, 1, 128, 2048, 0), 8),
+             ((1, 1, 16, 16384, 0), 64), ((64, 1, 64, 128, 512), 2), ((2, 1, 8, 64, 0), 0),
+             ((4, 1, 64, 100, 37), 0), ((0, 1, 64, 2048, 0), 0)]
+    for shape, want in table:
+        assert workspace_splits(*shape) == want, shape
+    assert workspace_splits(64, 2, 64, 2048, 0, forced=5) == 5
+    assert workspace_splits(1, 1, 8, 64, 0, forced=40) == 40  # more splits than blocks: a test hook
+    assert workspace_splits(1, 1, 8, 2048, 0, forced=1) == 0
+    worst = 0
+    for b in range(1, 140):
+        for s_q in (1, 2, 3):
+            for h_q in (1, 16, 64, 65, 128):
+                for topk, extra in ((64, 0), (512, 0), (2048, 0), (16384, 0), (128, 1024)):
+                    splits = workspace_splits(b, s_q, h_q, topk, extra)
+                    assert splits == 0 or splits * b * s_q * -(-h_q // 64) <= 132
+                    worst = max(worst, splits * b * s_q * h_q * (512 + 1) * 4)
+    assert 0 < worst <= 132 * 64 * 2052 == 17_335_296
+
+
+def _cuda_custom_call(monkeypatch, kwargs):
+    """The sparse decode custom call of `run` lowered for CUDA as on an SM90 GPU (no GPU needed)."""
+    from jax_flashmla import _platform
+
+    monkeypatch.setattr(_platform, "kernel_path", lambda platform=None: _platform.SM90_PATH)
+    jax.clear_caches()
+    try:
+        text = jax.jit(run).trace(kwargs).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        jax.clear_caches()
+    calls = [line for line in text.splitlines() if "custom_call @jax_flashmla_sparse_decode" in line]
+    assert len(calls) == 1, calls
+    return calls[0]
+
+
+@pytest.mark.parametrize("forced,batch,want_splits,want_attr", [
+    (None, 2, 8, 0),   # S = min(132 // 2, 2048 // 64 // 4) = 8, the handler choosing
+    (None, 128, 0, 0),  # a full grid: no workspace (empty buffers)
+    ("3", 128, 3, 3),   # the test hook: exactly 3 splits, the workspace sized for them
+    ("1", 2, 0, 1),     # the direct path forced
+])
+def test_cuda_lowering_carries_the_workspace(rng, monkeypatch, forced, batch, want_splits, want_attr):
+    """The CUDA custom call has out, lse and the split workspace (o_accum [S, b, s_q, h_q, 512], lse_accum
+    [S, b, s_q, h_q], or both [0]) as results, and num_splits from JAX_FLASHMLA_SPARSE_SPLITS."""
+    kwargs = make_case(rng, "v32", batch=batch, seqlen_q=1, heads=64, page=64, topk=2048, invalid=0.0)
+    if forced is None:
+        monkeypatch.delenv("JAX_FLASHMLA_SPARSE_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("JAX_FLASHMLA_SPARSE_SPLITS", forced)
+    call = _cuda_custom_call(monkeypatch, kwargs)
+    assert f"num_splits = {want_attr} : i32" in call
+    results = call.rsplit("-> (", 1)[1]
+    workspace = ((f"tensor<{want_splits}x{batch}x1x64x512xf32>", f"tensor<{want_splits}x{batch}x1x64xf32>")
+                 if want_splits else ("tensor<0xf32>", "tensor<0xf32>"))
+    assert results == (f"tensor<{batch}x1x64x512xbf16>, tensor<{batch}x64x1xf32>, "
+                       f"{workspace[0]}, {workspace[1]})"), results
+
+
+@pytest.mark.parametrize("value", ["-2", "two"])
+def test_bad_split_switch_is_an_error(rng, monkeypatch, value):
+    kwargs = make_case(rng, "v32", batch=2, seqlen_q=1, heads=8, page=64, topk=64, invalid=0.0)
+    monkeypatch.setenv("JAX_FLASHMLA_SPARSE_SPLITS", value)
+    with pytest.raises(ValueError, match="JAX_FLASHMLA_SPARSE_SPLITS"):
+        _cuda_custom_call(monkeypatch, kwargs)
