@@ -1,9 +1,10 @@
 // The sparse FP8 decode kernel's shared-memory plan and dequantisation split.
 //
-// Work unit: one CTA per (request, query token, tile of up to 64 heads). The CTA walks its query
-// token's entries (the main pool's, then the extra pool's) in blocks of 64: it resolves each entry to
-// a pool slot (or masks it), dequantises the named tokens into shared memory as bfloat16, then runs
-// the tile math shared with the prefill kernel (sparse_common/: warp roles in tile.h).
+// Work unit: one CTA per (request, query token, split, tile of up to 64 heads). The CTA walks its
+// split of its query token's entries (the main pool's, then the extra pool's, as one sequence; all
+// of them with one split) in blocks of 64: it resolves each entry to a pool slot (or masks it),
+// dequantises the named tokens into shared memory as bfloat16, then runs the tile math shared with
+// the prefill kernel (sparse_common/: warp roles in tile.h).
 #pragma once
 
 #include <cstdint>
