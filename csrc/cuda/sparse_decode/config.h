@@ -14,8 +14,17 @@
 #include "common/sparse_params.h"
 #include "cuda/sparse_common/tile.h"
 
+// 1 (default): block b + 1's token records are copied into a staging buffer (cp.async) while block b
+// computes, then dequantised from shared memory. 0: every block loads and dequantises straight from
+// global memory, then computes (the kernel before the pipeline, kept for A/B timing).
+#ifndef JAX_FLASHMLA_SPARSE_DECODE_PIPELINE
+#define JAX_FLASHMLA_SPARSE_DECODE_PIPELINE 1
+#endif
+
 namespace jax_flashmla {
 namespace sparse_sm90 {
+
+constexpr bool kPipeline = JAX_FLASHMLA_SPARSE_DECODE_PIPELINE != 0;
 
 constexpr int kThreadsPerToken = kThreads / kBlockN;  // 4 threads dequantise one token
 constexpr int kChunk = 16;          // bytes per vector load of the token data
@@ -40,6 +49,41 @@ constexpr int smem_bytes() {
 }
 
 static_assert(smem_bytes<576>() <= 227 * 1024, "the V3.2 tile must fit one SM's shared memory");
+
+// The pipelined kernel's staging of one block: each token's record (V3.2: its scales inside) at a
+// stride of 64 mod 128 bytes, so the four threads of one token and those of the next cover all 32
+// banks in one 16-byte access phase; MODEL1's 8-byte scale records beside them.
+template <KvFormat kFormat>
+struct StageLayout {
+  static constexpr KvFormatLayout kLayout = kv_format_layout(kFormat);
+  static constexpr int kRecordBytes = kLayout.record_bytes;                                  // 656 or 576
+  static constexpr int kStride = (kRecordBytes + 64 + 127) / 128 * 128 - 64;                  // 704 or 576
+  static constexpr int kScaleBytes = kLayout.scale_record_bytes == 0 ? 1 : kLayout.scale_record_bytes;  // V3.2: unused
+  static_assert(kRecordBytes % kChunk == 0 && kStride % 128 == 64 && kStride >= kRecordBytes, "stage stride");
+};
+
+// The pipelined kernel's shared memory: the Q tile and the bfloat16 tokens as above, the raw records
+// of the next block, and the index ring: the ids of block b + 1 (read to resolve its entries) and of
+// block b + 2 (in flight), by block parity.
+template <KvFormat kFormat>
+struct StagedStorage {
+  using SL = StageLayout<kFormat>;
+  static constexpr int kDqk = SL::kLayout.d_qk;
+  alignas(128) uint16_t q[kRows * kDqk];
+  alignas(128) uint16_t k[kBlockN * kDqk];
+  alignas(128) uint8_t stage[kBlockN * SL::kStride];
+  alignas(16) uint8_t stage_scales[kBlockN * SL::kScaleBytes];  // MODEL1's scale records
+  int32_t ids[2][kBlockN];
+  uint32_t valid[kBlockN / 32];  // of the staged block, as SharedStorage::valid
+};
+
+template <KvFormat kFormat>
+constexpr int staged_smem_bytes() {
+  return static_cast<int>(sizeof(StagedStorage<kFormat>)) + 128;
+}
+
+static_assert(staged_smem_bytes<KvFormat::kV32>() <= 227 * 1024 && staged_smem_bytes<KvFormat::kModel1>() <= 227 * 1024,
+              "the pipelined tile must fit one SM's shared memory");
 
 }  // namespace sparse_sm90
 }  // namespace jax_flashmla

@@ -1,6 +1,8 @@
 // The sparse FP8 decode kernel (config.h describes the work unit, sparse_common/tile.h the warp roles).
 #pragma once
 
+#include <type_traits>
+
 #include "common/sparse_params.h"
 #include "cuda/ptx/sm90_ptx.cuh"
 #include "cuda/sparse_common/tile_math.cuh"
@@ -18,8 +20,9 @@ namespace sparse_sm90 {
 template <KvFormat kFormat>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid_constant__ SparseDecodeParams p) {
   using Tr = Traits<kFormat>;
+  using Storage = std::conditional_t<kPipeline, StagedStorage<kFormat>, SharedStorage<Tr::kDqk>>;
   extern __shared__ uint8_t smem_raw[];
-  auto& smem = *reinterpret_cast<SharedStorage<Tr::kDqk>*>(
+  auto& smem = *reinterpret_cast<Storage*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~static_cast<uintptr_t>(127));
 
   // With splits, the combine grid may launch now: it waits for this grid's completion itself.
@@ -42,40 +45,83 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Elem*>(smem.q)), typename Tr::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Elem*>(smem.k)), typename Tr::SmemLayoutK{});
 
-  load_q_tile<Tr>(sQ, p.q + qo_row0 * Tr::kDqk, rows);
-
   TileAccumulator<Tr> acc;
-  acc.init();
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const int n_main = entries_of(p.pool, req);
-  const int n_extra = entries_of(p.extra, req);
-  const int n_entries = n_main + n_extra;
-  const int64_t n_blocks = ceil_div(n_entries, kBlockN);
-  const int e_begin = static_cast<int>(split * n_blocks / p.num_splits) * kBlockN;
-  const int e_end = min(static_cast<int>((split + 1) * n_blocks / p.num_splits) * kBlockN, n_entries);
-
-  for (int e0 = e_begin; e0 < e_end; e0 += kBlockN) {
-    // 1. Resolve the block's entries (threads 0..63, one each).
-    if (tid < kBlockN) {
-      const uint8_t* record;
-      const uint8_t* scales;
-      resolve_entry<kFormat>(p, req, token, e0 + tid, n_main, n_extra, record, scales);
-      smem.record[tid] = record;
-      smem.scales[tid] = scales;
-      const uint32_t bits = __ballot_sync(0xffffffffu, record != nullptr);
-      if (tid % 32 == 0) smem.valid[tid / 32] = bits;
+  if constexpr (kPipeline) {
+    // Pipelined: block b + 1's ids were copied one block earlier, so its entries are resolved and its
+    // records copied (cp.async, into the stage) right after block b is dequantised, and land while
+    // block b computes. Per block: wait + barrier (the stage holds block b), dequantise it from the
+    // stage, barrier (sK holds block b; the stage and the mask slot are free), stage block b + 1 and
+    // the ids of block b + 2, then block b's math.
+    const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+    const int n_main = entries_of(p.pool, req);
+    const int n_extra = entries_of(p.extra, req);
+    const int n_entries = n_main + n_extra;
+    const int64_t n_blocks = ceil_div(n_entries, kBlockN);
+    const int e_begin = static_cast<int>(split * n_blocks / p.num_splits) * kBlockN;
+    const int e_end = min(static_cast<int>((split + 1) * n_blocks / p.num_splits) * kBlockN, n_entries);
+    // Block k's ids live in ids[k % 2], k counted from e_begin.
+    if (e_begin < e_end) stage_ids(p, req, token, e_begin, n_main, n_extra, smem.ids[0]);
+    load_q_tile<Tr>(sQ, p.q + qo_row0 * Tr::kDqk, rows);
+    acc.init();
+    if (e_begin < e_end) {
+      sm90::cp_async_wait_all();
+      __syncthreads();  // block 0's ids are visible
+      if (e_begin + kBlockN < e_end) stage_ids(p, req, token, e_begin + kBlockN, n_main, n_extra, smem.ids[1]);
+      stage_block<kFormat>(p, e_begin, n_main, n_extra, smem.ids[0], smem.stage, smem.stage_scales, smem.valid);
     }
-    // The previous block's P V is done with sK, and the entries are visible.
-    __syncthreads();
-    // Read before the next barrier: past it, a warp that skips the math may overwrite the entries.
-    const uint64_t valid = smem.valid[0] | (static_cast<uint64_t>(smem.valid[1]) << 32);
-    // 2. Dequantise the named tokens (masked ones as zero rows).
-    dequant_block<Tr>(sK, smem.record, smem.scales);
-    __syncthreads();
-    if (!live || valid == 0) continue;
+    for (int e0 = e_begin, k = 0; e0 < e_end; e0 += kBlockN, ++k) {
+      sm90::cp_async_wait_all();  // this thread's copies of block k (and of block k + 1's ids)
+      // Block k's records, mask and block k + 1's ids are visible; the previous block's P V is done
+      // with sK.
+      __syncthreads();
+      // Read before the next barrier: past it, block k + 1's mask replaces it.
+      const uint64_t valid = smem.valid[0] | (static_cast<uint64_t>(smem.valid[1]) << 32);
+      if (valid != 0) dequant_staged<Tr>(sK, smem.stage, smem.stage_scales, valid);
+      __syncthreads();  // sK holds block k; every thread is done with the stage and block k's ids
+      const int e1 = e0 + kBlockN;
+      if (e1 < e_end) {
+        if (e1 + kBlockN < e_end) stage_ids(p, req, token, e1 + kBlockN, n_main, n_extra, smem.ids[k % 2]);
+        stage_block<kFormat>(p, e1, n_main, n_extra, smem.ids[(k + 1) % 2], smem.stage, smem.stage_scales,
+                             smem.valid);
+      }
+      if (!live || valid == 0) continue;
+      attend_block(sQ, sK, ltid, half, valid, scale_log2, acc);
+    }
+  } else {
+    load_q_tile<Tr>(sQ, p.q + qo_row0 * Tr::kDqk, rows);
 
-    // 3. S = Q K^T, the online softmax, O += P V.
-    attend_block(sQ, sK, ltid, half, valid, scale_log2, acc);
+    acc.init();
+    const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+    const int n_main = entries_of(p.pool, req);
+    const int n_extra = entries_of(p.extra, req);
+    const int n_entries = n_main + n_extra;
+    const int64_t n_blocks = ceil_div(n_entries, kBlockN);
+    const int e_begin = static_cast<int>(split * n_blocks / p.num_splits) * kBlockN;
+    const int e_end = min(static_cast<int>((split + 1) * n_blocks / p.num_splits) * kBlockN, n_entries);
+
+    for (int e0 = e_begin; e0 < e_end; e0 += kBlockN) {
+      // 1. Resolve the block's entries (threads 0..63, one each).
+      if (tid < kBlockN) {
+        const uint8_t* record;
+        const uint8_t* scales;
+        resolve_entry<kFormat>(p, req, token, e0 + tid, n_main, n_extra, record, scales);
+        smem.record[tid] = record;
+        smem.scales[tid] = scales;
+        const uint32_t bits = __ballot_sync(0xffffffffu, record != nullptr);
+        if (tid % 32 == 0) smem.valid[tid / 32] = bits;
+      }
+      // The previous block's P V is done with sK, and the entries are visible.
+      __syncthreads();
+      // Read before the next barrier: past it, a warp that skips the math may overwrite the entries.
+      const uint64_t valid = smem.valid[0] | (static_cast<uint64_t>(smem.valid[1]) << 32);
+      // 2. Dequantise the named tokens (masked ones as zero rows).
+      dequant_block<Tr>(sK, smem.record, smem.scales);
+      __syncthreads();
+      if (!live || valid == 0) continue;
+
+      // 3. S = Q K^T, the online softmax, O += P V.
+      attend_block(sQ, sK, ltid, half, valid, scale_log2, acc);
+    }
   }
 
   if (!live) return;

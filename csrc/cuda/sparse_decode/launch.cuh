@@ -13,7 +13,7 @@ namespace sparse_sm90 {
 
 template <KvFormat kFormat>
 cudaError_t launch_sparse_decode_kernel(const SparseDecodeParams& p, cudaStream_t stream) {
-  constexpr int kSmem = smem_bytes<Traits<kFormat>::kDqk>();
+  constexpr int kSmem = kPipeline ? staged_smem_bytes<kFormat>() : smem_bytes<Traits<kFormat>::kDqk>();
   // The attribute belongs to the current device; setting it again is cheap and keeps this stateless.
   if (cudaError_t err = cudaFuncSetAttribute(sparse_decode_kernel<kFormat>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);

@@ -7,6 +7,7 @@
 #include <cuda_fp8.h>
 
 #include "common/sparse_params.h"
+#include "cuda/ptx/sm90_ptx.cuh"
 #include "cuda/sparse_decode/traits.h"
 
 namespace jax_flashmla {
@@ -129,6 +130,122 @@ __device__ __forceinline__ void dequant_block(SmemTensor& sK, const uint8_t* con
   for (int i = 0; i < kRopeChunks / kThreadsPerToken; ++i) {
     const int chunk = i * kThreadsPerToken + part;  // 8 bf16: channels d_nope + 8 chunk ..
     *reinterpret_cast<uint4*>(&sK(j, L.d_nope + chunk * 8)) = rope[i];
+  }
+}
+
+// ---- The pipelined kernel's loads (kPipeline): ids and records are copied into shared memory with
+// cp.async one block ahead, then dequantised from there. --------------------------------------------
+
+// Where entry `e` of (req, token) takes its id from, or null past the lengths (as resolve_entry).
+__device__ __forceinline__ const int32_t* entry_id_ptr(const SparseDecodeParams& p, int req, int token, int e,
+                                                       int n_main, int n_extra) {
+  if (e >= n_main + n_extra) return nullptr;
+  const bool main = e < n_main;
+  const SparsePool& pool = main ? p.pool : p.extra;
+  const int j = main ? e : e - n_main;
+  return pool.indices + (static_cast<int64_t>(req) * p.seqlen_q + token) * pool.topk + j;
+}
+
+// Copies the ids of the block at entry e0 into `ids` (threads 0..63, one entry each; none past the
+// lengths). The caller commits and waits.
+__device__ __forceinline__ void stage_ids(const SparseDecodeParams& p, int req, int token, int e0, int n_main,
+                                          int n_extra, int32_t* ids) {
+  if (threadIdx.x >= kBlockN) return;
+  const int32_t* src = entry_id_ptr(p, req, token, e0 + threadIdx.x, n_main, n_extra);
+  if (src != nullptr) sm90::cp_async_4(ids + threadIdx.x, src);
+}
+
+// resolve_entry with the entry's id already at hand (`id`, read only when e is within the lengths):
+// the same masks, the same addresses.
+template <KvFormat kFormat>
+__device__ __forceinline__ const uint8_t* resolve_staged(const SparseDecodeParams& p, int e, int n_main, int n_extra,
+                                                         int32_t id, const uint8_t*& scales) {
+  scales = nullptr;
+  if (e >= n_main + n_extra) return nullptr;
+  const SparsePool& pool = e < n_main ? p.pool : p.extra;
+  if (id < 0 || static_cast<int64_t>(id) >= pool.num_slots()) return nullptr;
+  const int page = id / pool.page_size, slot = id % pool.page_size;
+  const uint8_t* base = pool.bytes + static_cast<int64_t>(page) * kv_page_bytes(kFormat, pool.page_size);
+  scales = base + kv_scale_offset(kFormat, pool.page_size, slot);
+  return base + kv_record_offset(kFormat, slot);
+}
+
+// Resolves the block at entry e0 (its ids in `ids`) and copies the records of its read entries into
+// the stage, four threads a token (thread `part` copies 16-byte chunks part, part + 4, ...: four
+// adjacent threads, 64 adjacent bytes); a masked entry is not copied at all (its stage row keeps
+// whatever it held and is never read). Threads 0..63 publish the block's read mask in `valid`.
+// The caller commits and waits.
+template <KvFormat kFormat>
+__device__ __forceinline__ void stage_block(const SparseDecodeParams& p, int e0, int n_main, int n_extra,
+                                            const int32_t* ids, uint8_t* stage, uint8_t* stage_scales,
+                                            uint32_t* valid) {
+  using SL = StageLayout<kFormat>;
+  constexpr int kChunks = SL::kRecordBytes / kChunk;  // 41 or 36
+  const int tid = threadIdx.x;
+  if (tid < kBlockN) {
+    const uint8_t* scales;
+    const bool read = resolve_staged<kFormat>(p, e0 + tid, n_main, n_extra, ids[tid], scales) != nullptr;
+    const uint32_t bits = __ballot_sync(0xffffffffu, read);
+    if (tid % 32 == 0) valid[tid / 32] = bits;
+  }
+  const int j = tid / kThreadsPerToken, part = tid % kThreadsPerToken;
+  const uint8_t* scales;
+  const uint8_t* record = resolve_staged<kFormat>(p, e0 + j, n_main, n_extra, ids[j], scales);
+  if (record == nullptr) return;
+  uint8_t* dst = stage + j * SL::kStride;
+#pragma unroll
+  for (int c = part; c < kChunks; c += kThreadsPerToken) sm90::cp_async_16(dst + c * kChunk, record + c * kChunk, true);
+  if constexpr (SL::kLayout.scale_record_bytes == 8) {
+    if (part == 0) sm90::cp_async_8(stage_scales + j * SL::kScaleBytes, scales);
+  } else {
+    static_assert(SL::kLayout.scale_record_bytes == 0, "V3.2 scales sit in the record");
+  }
+}
+
+// group_scale from the staged scales (shared memory): the same values.
+template <KvFormat kFormat>
+__device__ __forceinline__ float staged_group_scale(const uint8_t* scales, int g) {
+  if constexpr (kv_format_layout(kFormat).scale_bytes == 4) {
+    return reinterpret_cast<const float*>(scales)[g];
+  } else {
+    const uint32_t byte = scales[g];
+    if (byte == 0xFFu) return __int_as_float(0x7fc00000);
+    return __uint_as_float(byte == 0 ? 0x00400000u : byte << 23);
+  }
+}
+
+// dequant_block from the stage: the same threads, chunks, conversion and zero rows for the entries
+// that `valid` does not read.
+template <class Tr, class SmemTensor>
+__device__ __forceinline__ void dequant_staged(SmemTensor& sK, const uint8_t* stage, const uint8_t* stage_scales,
+                                               uint64_t valid) {
+  using SL = StageLayout<Tr::kFormatValue>;
+  constexpr KvFormatLayout L = Tr::kLayout;
+  constexpr int kFp8Chunks = L.d_nope / kChunk;
+  constexpr int kRopeChunks = L.d_rope * 2 / kChunk;
+  const int j = threadIdx.x / kThreadsPerToken, part = threadIdx.x % kThreadsPerToken;
+  if (((valid >> j) & 1u) == 0) {
+    for (int c = part; c < Tr::kDqk / 8; c += kThreadsPerToken) {
+      *reinterpret_cast<uint4*>(&sK(j, c * 8)) = make_uint4(0, 0, 0, 0);
+    }
+    return;
+  }
+  const uint8_t* record = stage + j * SL::kStride;
+  const uint8_t* scales = L.scale_record_bytes == 0 ? record + kv_scale_offset(Tr::kFormatValue, 0, 0)
+                                                    : stage_scales + j * SL::kScaleBytes;
+#pragma unroll
+  for (int i = 0; i < kFp8Chunks / kThreadsPerToken; ++i) {
+    const int chunk = i * kThreadsPerToken + part;
+    const uint4 raw = *reinterpret_cast<const uint4*>(record + chunk * kChunk);
+    const float scale = staged_group_scale<Tr::kFormatValue>(scales, chunk * kChunk / L.group_size);
+    dequant16(raw, scale, reinterpret_cast<uint16_t*>(&sK(j, chunk * kChunk)),
+              reinterpret_cast<uint16_t*>(&sK(j, chunk * kChunk + 8)));
+  }
+#pragma unroll
+  for (int i = 0; i < kRopeChunks / kThreadsPerToken; ++i) {
+    const int chunk = i * kThreadsPerToken + part;
+    *reinterpret_cast<uint4*>(&sK(j, L.d_nope + chunk * 8)) =
+        *reinterpret_cast<const uint4*>(record + kv_rope_offset(Tr::kFormatValue, 0) + chunk * kChunk);
   }
 }
 
