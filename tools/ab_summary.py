@@ -3,7 +3,8 @@
 
 Files read (all optional): variants.txt (order), status.tsv (variant, key, value; last one wins),
 runs.tsv (variant, rep, rc, start, end, secs, json), json/*.json (bench_decode.py --json output:
-report["matrix"] = [{b, s_k, h_q, s_q, h_kv, kernel_ms, src, ...}], report["env"]), clocks.csv
+report["matrix"] = [{b, s_k, h_q, s_q, h_kv, kernel_ms, src, ...}], report["env"]; or
+bench_sparse.py's: report["sparse"] = [{fmt, b, s_k, topk, extra_topk, h_q, s_q, kernel_ms, ...}]), clocks.csv
 (nvidia-smi "timestamp, 1980 MHz, 350.12 W"), ptxas_<variant>.txt ("Used N registers | props | fn"),
 env.txt.
 
@@ -93,6 +94,16 @@ def parse_clocks(lines):
     return samples
 
 
+def case_key(rec):
+    """(b, s_k, h_q, s_q, h_kv) of a row; a sparse row's s_k cell names its format, s_k and topk."""
+    if "topk" in rec:
+        s_k = f"{rec.get('fmt')} {rec.get('s_k')} topk {rec.get('topk')}"
+        if rec.get("extra_topk"):
+            s_k += f"+{rec['extra_topk']}"
+        return (rec.get("b"), s_k, rec.get("h_q"), rec.get("s_q"), 1)
+    return tuple(rec.get(k) for k in ("b", "s_k", "h_q", "s_q", "h_kv"))
+
+
 def fmt_stats(xs):
     xs = sorted(xs)
     if not xs:
@@ -149,8 +160,8 @@ def main(argv=None):
         kpaths.setdefault(r["variant"], set()).add(kp)
         if r["rep"] not in reps_seen:
             reps_seen.append(r["rep"])
-        for rec in report.get("matrix", []):
-            key = tuple(rec.get(k) for k in ("b", "s_k", "h_q", "s_q", "h_kv"))
+        for rec in report.get("matrix", []) + report.get("sparse", []):
+            key = case_key(rec)
             if key not in case_keys:
                 case_keys.append(key)
             results.setdefault(r["variant"], {}).setdefault(key, {})[r["rep"]] = rec.get(args.field)

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # A/B benchmark of builds of this package on one GPU machine, in one command: each variant is built,
-# optionally checked, and timed with the same harness (this tree's benchmarks/bench_decode.py),
+# optionally checked, and timed with the same harness (this tree's benchmarks/bench_decode.py, or
+# AB_BENCH),
 # the variants' runs interleaved; per-row ratios and their geomean go to $OUT/ab_summary.md.
 #
 #   VARIANTS="old=git:v0.1 base" AB_REF=old bash tools/ab_variants.sh      # a git ref against this tree
 #   VARIANTS="base v1 v2" CHECK_VARIANTS="v1 v2" bash tools/ab_variants.sh  # overlays on this tree
+#   mkdir -p tools/variants/nopipe && echo JAX_FLASHMLA_SPARSE_DECODE_PIPELINE=0 >tools/variants/nopipe/cmake.txt
+#   VARIANTS="base nopipe" AB_BENCH=benchmarks/bench_sparse.py bash tools/ab_variants.sh  # a build option
 #   (tools/ab_trees.sh is the first form with defaults that fit a 9-minute call.)
 #
 # A variant is a word of VARIANTS:
@@ -17,14 +20,17 @@
 #                   paths kept), and delete.txt (optional): paths relative to the root, one a line,
 #                   removed from the copy. A loose source file directly in $AB_VARIANTS_DIR/NAME/
 #                   (*.cu *.cuh *.h *.hpp *.cc *.py) replaces the one file of that name under csrc/ or
-#                   jax_flashmla/ (ignored, with a warning, when the name is not unique).
+#                   jax_flashmla/ (ignored, with a warning, when the name is not unique). cmake.txt
+#                   (optional): NAME=VALUE lines, each passed to the variant's build as
+#                   -C cmake.define.NAME=VALUE (e.g. JAX_FLASHMLA_SPARSE_DECODE_PIPELINE=0); a folder
+#                   may hold only that file.
 #
 # Steps: 1. copy each variant to /tmp/ab/src_N and build them all in parallel with
 #   `pip install --target /tmp/ab/site_N` (skipped when /tmp/ab/site_N holds a build of the same
 #   source hash: a warm machine); ptxas registers/spills per kernel go into the summary.
 #   2. correctness: the variant's benchmarks/quick_check.py --check-only per CHECK_VARIANTS (+ its
 #   GPU pytest subset PYTEST_K); a failing variant is still benchmarked, marked FAILED.
-#   3. bench_decode.py $BENCH_ARGS, REPS times over all variants (interleaved), nvidia-smi clocks
+#   3. $AB_BENCH $BENCH_ARGS, REPS times over all variants (interleaved), nvidia-smi clocks
 #   logged beside it. 4. $OUT/ab_summary.md (also printed at the end) and $OUT/ab_logs.tgz.
 # Every python runs from an empty directory with PYTHONPATH=/tmp/ab/site_N, so the variant's build,
 # not the source folder or a pip-installed copy, is imported (checked: jax_flashmla.__file__).
@@ -35,9 +41,12 @@
 #   CHECK_VARIANTS  default "" (none)
 #   SKIP_QUICK      1: skip quick_check.py in the check step (only the pytest subset runs)
 #   AB_VARIANTS_DIR where the overlays are (default tools/variants, git-ignored)
-#   PYTEST_K        pytest -k expression for tests/test_gpu_decode.py (default: no pytest)
+#   PYTEST_K        pytest -k expression for $PYTEST_FILE (default: no pytest)
+#   PYTEST_FILE     the GPU test file of the check step (default test_gpu_decode.py)
+#   AB_BENCH        the timing script (default benchmarks/bench_decode.py; benchmarks/bench_sparse.py
+#                   times the sparse decode, its rows keyed by format, s_k, topk, h_q, s_q)
 #   PYTEST_TIMEOUT  default 200;  CHECK_TIMEOUT default 150;  BUILD_TIMEOUT default 300
-#   BENCH_ARGS      default "--no-ref --cases s_k=4096/8192 --iters 30"
+#   BENCH_ARGS      default "--no-ref --cases s_k=4096/8192 --iters 30" (bench_sparse.py: "--suite v32 --iters 30")
 #   BENCH_TIMEOUT   per bench run, default 240
 #   REPS            default 2;  BENCH_ORDER: same (default: v1 v2 v1 v2) or abba (v1 v2 v2 v1)
 #   AB_BUDGET_S     no new step starts after this many seconds (default 540); a bench run is not
@@ -45,6 +54,8 @@
 #   AB_HARD_S       every timeout is capped so that the script ends by then (default 585)
 #   AB_FIELD        the record field compared (default kernel_ms, the profiler span)
 #   AB_FORCE_BUILD  1: rebuild even when the source hash matches
+#   AB_DRY_RUN      1: prepare the sources, print each variant's build options, and stop
+#   AB_DIR          the scratch folder (default /tmp/ab)
 #   OUT             default /tmp/ab_out
 set -uo pipefail
 SECONDS=0
@@ -52,7 +63,7 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 EXP=${AB_VARIANTS_DIR:-$REPO/tools/variants}
 OUT=${OUT:-/tmp/ab_out}
-AB=/tmp/ab
+AB=${AB_DIR:-/tmp/ab}
 W=$AB/run                       # this call's logs, results and state (fresh every call)
 CWD=$AB/cwd                     # an empty working directory for every python process
 mkdir -p "$OUT" "$AB"
@@ -62,7 +73,12 @@ export PYTHONUNBUFFERED=1
 
 VARIANTS=${VARIANTS:-base}
 CHECK_VARIANTS=${CHECK_VARIANTS:-}
-BENCH_ARGS=${BENCH_ARGS:---no-ref --cases s_k=4096/8192 --iters 30}
+AB_BENCH=${AB_BENCH:-benchmarks/bench_decode.py}
+case "$AB_BENCH" in
+  *bench_sparse.py) BENCH_ARGS=${BENCH_ARGS:---suite v32 --iters 30} ;;
+  *) BENCH_ARGS=${BENCH_ARGS:---no-ref --cases s_k=4096/8192 --iters 30} ;;
+esac
+PYTEST_FILE=${PYTEST_FILE:-test_gpu_decode.py}
 REPS=${REPS:-2}
 BUDGET=${AB_BUDGET_S:-540}
 HARD=${AB_HARD_S:-585}
@@ -107,7 +123,7 @@ s = u.find_spec('jax_flashmla')
 print('python', sys.version.split()[0], '| jax', jax.__version__, '| devices', jax.devices())
 print('jax_flashmla without PYTHONPATH:', s.origin if s else 'not installed')") 2>&1
   echo "VARIANTS=$VARIANTS | AB_REF=${AB_REF:-base} | CHECK_VARIANTS=$CHECK_VARIANTS | PYTEST_K=${PYTEST_K:-} | REPS=$REPS | BENCH_ORDER=${BENCH_ORDER:-same}"
-  echo "BENCH_ARGS=$BENCH_ARGS | AB_BUDGET_S=$BUDGET | AB_HARD_S=$HARD"
+  echo "AB_BENCH=$AB_BENCH | BENCH_ARGS=$BENCH_ARGS | AB_BUDGET_S=$BUDGET | AB_HARD_S=$HARD"
 } >"$W/env.txt" 2>&1
 cat "$W/env.txt"
 
@@ -133,8 +149,9 @@ srchash() {  # sha256 over the paths and contents of what the build reads
 
 declare -a OK=()          # variants still in the race
 declare -A HASH=()
+declare -A DEFINES=()     # variant -> its build's -C cmake.define.NAME=VALUE arguments (cmake.txt)
 prepare() {  # prepare N [SOURCE]: /tmp/ab/src_N = this tree + overlays, or SOURCE (tree, git:REF, dir:PATH)
-  local n=$1 from=${2:-} src=$AB/src_$1 d=$EXP/$1 sub dst f nfiles=0
+  local n=$1 from=${2:-} src=$AB/src_$1 d=$EXP/$1 sub dst f lines nfiles=0
   rm -rf "$src"; mkdir -p "$src"
   case "$from" in
     git:*)
@@ -194,12 +211,25 @@ prepare() {  # prepare N [SOURCE]: /tmp/ab/src_N = this tree + overlays, or SOUR
         if [ -e "$src/$f" ]; then rm -rf "${src:?}/$f"; echo "  delete  $f"; else echo "  delete  $f (not there)"; fi
       done <"$d/delete.txt" >>"$W/logs/overlay_$n.txt"
     fi
+    if [ -f "$d/cmake.txt" ]; then
+      mapfile -t lines <"$d/cmake.txt"
+      for f in "${lines[@]}"; do
+        f=${f%%#*}; f=$(echo "$f" | xargs); [ -n "$f" ] || continue
+        if [[ ! "$f" =~ ^[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.+-]*$ ]]; then
+          log "$n: cmake.txt line '$f' is not NAME=VALUE: dropped"; st "$n" build "DROPPED (cmake.txt: $f)"; return 1
+        fi
+        DEFINES[$n]="${DEFINES[$n]:-} -C cmake.define.$f"
+        echo "  define  $f" >>"$W/logs/overlay_$n.txt"; nfiles=$((nfiles + 1))
+      done
+    fi
     [ "$nfiles" -eq 0 ] && log "$n: WARNING: no overlay files in $d (same as base)"
   fi
   HASH[$n]=$(srchash "$src")
+  # The build options are part of what is built: a changed cmake.txt rebuilds.
+  [ -n "${DEFINES[$n]:-}" ] && HASH[$n]=$(echo "${HASH[$n]}${DEFINES[$n]}" | sha256sum | cut -c1-16)
   st "$n" hash "${HASH[$n]}"
   touch "$W/logs/overlay_$n.txt"
-  [ -z "$from" ] && st "$n" overlay "$(grep -E '^  (add|replace|delete) ' "$W/logs/overlay_$n.txt" | awk '{print $1 " " $2}' | paste -sd ';' -)"
+  [ -z "$from" ] && st "$n" overlay "$(grep -E '^  (add|replace|delete|define) ' "$W/logs/overlay_$n.txt" | awk '{print $1 " " $2}' | paste -sd ';' -)"
   log "$n: source $src hash ${HASH[$n]}"
   cat "$W/logs/overlay_$n.txt"
   return 0
@@ -217,13 +247,18 @@ for word in $VARIANTS; do
   prepare "$n" "$from" && OK+=("$n")
 done
 
+if [ "${AB_DRY_RUN:-0}" = 1 ]; then
+  for n in "${OK[@]}"; do log "$n: would build $AB/src_$n with -C cmake.define.JAX_FLASHMLA_CUDA=ON${DEFINES[$n]:-}"; done
+  exit 0
+fi
+
 # ---- 1b. builds, in parallel ----------------------------------------------------------------------
 build_one() {  # runs in the background; writes $AB/site_N, its log, and rc to $W/build_N.rc
   local n=$1 site=$AB/site_$1 t0=$SECONDS rc
   rm -rf "$site" "$AB/build_$n"     # a fresh build dir: copied sources have new mtimes anyway
   timeout -k 10 "$(cap "${BUILD_TIMEOUT:-300}")" \
     python3 -m pip install --no-build-isolation --no-deps -v --disable-pip-version-check \
-      --target "$site" -C cmake.define.JAX_FLASHMLA_CUDA=ON -C "build-dir=$AB/build_$n" "$AB/src_$n" \
+      --target "$site" -C cmake.define.JAX_FLASHMLA_CUDA=ON ${DEFINES[$n]:-} -C "build-dir=$AB/build_$n" "$AB/src_$n" \
       >"$AB/build_$n.log" 2>&1
   rc=$?
   [ $rc -eq 0 ] && echo "${HASH[$n]}" >"$site/.ab_srchash"
@@ -234,7 +269,7 @@ declare -A BPID=()
 for n in "${OK[@]}"; do
   if [ "${AB_FORCE_BUILD:-0}" != 1 ] && [ -f "$AB/site_$n/.ab_srchash" ] && [ -f "$AB/build_$n.log" ] &&
      [ "$(cat "$AB/site_$n/.ab_srchash")" = "${HASH[$n]}" ]; then
-    log "$n: /tmp/ab/site_$n already holds source hash ${HASH[$n]}: build reused"
+    log "$n: $AB/site_$n already holds source hash ${HASH[$n]}: build reused"
     echo "0 0 reused" >"$W/build_$n.rc"
   else
     log "$n: building (background)"
@@ -304,7 +339,7 @@ for n in $CHECK_VARIANTS; do
     # The variant's own tests/ (a tree/ overlay may change them); cwd tests/ holds no package.
     (cd "$AB/src_$n/tests" && PYTHONPATH="$AB/site_$n${PYTHONPATH:+:$PYTHONPATH}" XLA_FLAGS="$xla_flags" \
        timeout -k 10 "$(cap "${PYTEST_TIMEOUT:-200}")" python3 -m pytest -q -p no:cacheprovider -m gpu \
-       test_gpu_decode.py -k "$PYTEST_K" -x -rfEs) >"$W/logs/pytest_$n.log" 2>&1
+       "$PYTEST_FILE" -k "$PYTEST_K" -x -rfEs) >"$W/logs/pytest_$n.log" 2>&1
     rc=$?
     last=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$W/logs/pytest_$n.log" | tail -n 1 | sed 's/=//g; s/^ *//; s/ *$//')
     if [ $rc -eq 0 ] && [[ "$last" == *passed* ]]; then res="PASS ($last)"
@@ -336,7 +371,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
     t0=$SECONDS; start=$(date +%s.%N)
     json=$W/json/${n}_rep$rep.json
     # shellcheck disable=SC2086
-    pyrun "$n" timeout -k 10 "$(cap "${BENCH_TIMEOUT:-240}")" python3 "$REPO/benchmarks/bench_decode.py" $BENCH_ARGS \
+    pyrun "$n" timeout -k 10 "$(cap "${BENCH_TIMEOUT:-240}")" python3 "$REPO/$AB_BENCH" $BENCH_ARGS \
       --json "$json" >"$W/logs/bench_${n}_rep$rep.log" 2>&1
     rc=$?
     secs=$((SECONDS - t0)); [ $secs -gt $est ] && est=$secs

@@ -71,3 +71,27 @@ def test_a_run_folder_unpacked_elsewhere_finds_its_json(tmp_path):
     with contextlib.redirect_stdout(out):
         assert _load().main(["--dir", str(tmp_path)]) == 0
     assert "| 4096 | 16 | 1 | 0.200 | 0.100 | 2.000 |" in out.getvalue()
+
+
+def test_sparse_rows_are_keyed_by_format_and_topk(tmp_path):
+    """bench_sparse.py's rows (AB_BENCH=benchmarks/bench_sparse.py): one table row per format, s_k,
+    topk, h_q and s_q, so the pipelined and unpipelined sparse decode builds line up."""
+    runs = ["variant\trep\trc\tstart\tend\tsecs\tjson"]
+    for variant, ms in (("base", 0.08), ("nopipe", 0.10)):
+        rows = [dict(suite="v32", fmt="v32", b=64, h_q=64, s_q=1, s_k=8192, topk=2048, page=64, extra_topk=0,
+                     kernel_ms=ms, src="trace"),
+                dict(suite="v4", fmt="model1", b=64, h_q=64, s_q=1, s_k=8192, topk=512, page=256, extra_topk=512,
+                     kernel_ms=2 * ms, src="trace")]
+        path = tmp_path / f"{variant}.json"
+        path.write_text(json.dumps({"env": {"kernel_path": "cuda-sm90"}, "sparse": rows}))
+        runs.append(f"{variant}\t1\t0\t\t\t16\t{path}")
+    (tmp_path / "runs.tsv").write_text("\n".join(runs) + "\n")
+    (tmp_path / "variants.txt").write_text("base\nnopipe\n")
+    (tmp_path / "status.tsv").write_text("nopipe\toverlay\tdefine JAX_FLASHMLA_SPARSE_DECODE_PIPELINE=0\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert _load().main(["--dir", str(tmp_path)]) == 0
+    text = out.getvalue()
+    assert "| v32 8192 topk 2048 | 64 | 1 | 0.080 | 0.100 | 0.800 |" in text
+    assert "| model1 8192 topk 512+512 | 64 | 1 | 0.160 | 0.200 | 0.800 |" in text
+    assert "define JAX_FLASHMLA_SPARSE_DECODE_PIPELINE=0" in text

@@ -78,3 +78,29 @@ def test_anchor_rows_and_ratios_to_each_runs_own_ceilings(tmp_path, capsys):
     (tmp_path / "b.json").write_text(json.dumps({"baselines": base, "matrix": [rec]}))
     assert flashmla_anchors.main([str(tmp_path / "a.md"), str(tmp_path / "b.json")]) == 0
     assert "| 4096 | 16 | 1 | 0.200 | 0.250 | 1.25 | 80.0 | 80.0 | 10.0 | 10.0 |" in capsys.readouterr().out
+
+
+@needs_bash
+def test_ab_variants_passes_a_variants_cmake_defines_to_its_build(tmp_path):
+    """A variant folder's cmake.txt (NAME=VALUE lines) becomes -C cmake.define.NAME=VALUE of that
+    variant's build alone; a line that is not NAME=VALUE drops the variant. Dry run: nothing built."""
+    variants = tmp_path / "variants"
+    (variants / "nopipe").mkdir(parents=True)
+    (variants / "nopipe" / "cmake.txt").write_text("# the unpipelined sparse decode\n"
+                                                  "JAX_FLASHMLA_SPARSE_DECODE_PIPELINE=0  # A/B\n")
+    (variants / "bad").mkdir()
+    (variants / "bad" / "cmake.txt").write_text("JAX_FLASHMLA_SPARSE_DECODE_PIPELINE 0\n")
+    env = dict(os.environ, VARIANTS="base nopipe bad", AB_VARIANTS_DIR=str(variants), AB_DIR=str(tmp_path / "ab"),
+               OUT=str(tmp_path / "out"), AB_DRY_RUN="1")
+    result = subprocess.run(["bash", str(TOOLS / "ab_variants.sh")], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.endswith("nopipe: would build " + str(tmp_path / "ab" / "src_nopipe") +
+                             " with -C cmake.define.JAX_FLASHMLA_CUDA=ON -C "
+                             "cmake.define.JAX_FLASHMLA_SPARSE_DECODE_PIPELINE=0") for line in lines), result.stdout
+    assert any(line.endswith("base: would build " + str(tmp_path / "ab" / "src_base") +
+                             " with -C cmake.define.JAX_FLASHMLA_CUDA=ON") for line in lines), result.stdout
+    assert any("bad: cmake.txt line 'JAX_FLASHMLA_SPARSE_DECODE_PIPELINE 0' is not NAME=VALUE: dropped" in line
+               for line in lines), result.stdout
+    assert not any("bad: would build" in line for line in lines)
