@@ -4,7 +4,9 @@
 // split of its query token's entries (the main pool's, then the extra pool's, as one sequence; all
 // of them with one split) in blocks of 64: it resolves each entry to a pool slot (or masks it),
 // dequantises the named tokens into shared memory as bfloat16, then runs the tile math shared with
-// the prefill kernel (sparse_common/: warp roles in tile.h).
+// the prefill kernel (sparse_common/: warp roles in tile.h). With the gather pipeline (below), the
+// next block's raw records are copied into a staging buffer while this block computes, and the
+// dequantisation reads them from there.
 #pragma once
 
 #include <cstdint>
