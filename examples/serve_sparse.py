@@ -26,7 +26,17 @@ of a step in the indexer's logits, its top-k and the sparse attention is measure
 running each of the three alone at the step's shapes (every slot at its longest context) for every
 layer, against the median step.
 
+Shapes (--shape): "small" (the default) is a tiny model that runs on the CPU in seconds (CI).
+"v32" is DeepSeek-V3.2's attention shape: h_q 128 (or a tensor-parallel share with --heads), d_qk 576
+/ d_v 512 through the FP8 "v32" pool, qk_nope 128, v_head 128, q_lora_rank 1536, an indexer of 64
+heads x 128 channels, topk 2048, prompts of 4096 to 4608 tokens; with 2 layers, width 2048 and a
+1024-token vocabulary so that it fits one GPU. It is meant for a GPU; on the CPU it runs only at a
+reduced --prompt-len. At that length the oracle is chunked over query tokens (--oracle-chunk: never
+[b, h, t, t] scores at once) and the prefill's sparse attention over query tokens (--prefill-chunk).
+Options given on the command line override a shape's values.
+
 Usage: python3 examples/serve_sparse.py [--layers 2 --batch 4 --requests 8 --topk 64]
+       python3 examples/serve_sparse.py --shape v32 [--heads 32]      # on a GPU
 Runs unchanged on a GPU (there the sparse ops' GPU kernels where they exist, the pure-JAX reference
 otherwise); see the README ("Examples").
 """
@@ -55,13 +65,29 @@ def _positive(text):
     return value
 
 
-def parse_args(argv=None):
+# Values a --shape sets (options given explicitly override them); "small" is the parser's defaults.
+SHAPES = {
+    "small": {},
+    "v32": dict(heads=128, topk=2048, prompt_len=4608, min_prompt_len=4096, new_tokens=16, dim=2048,
+                q_lora_rank=1536, nope_dim=128, v_dim=128, index_heads=64, index_dim=128, mlp_dim=2048,
+                vocab=1024, layers=2, batch=4, requests=8, check_rows=2, oracle_chunk=128, prefill_chunk=256),
+}
+
+
+def _parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", choices=tuple(SHAPES), default="small",
+                   help="small: a tiny model for the CPU (CI). v32: DeepSeek-V3.2's attention shape (h_q 128, "
+                        "topk 2048, prompts 4096-4608 tokens, d_qk 576 / d_v 512, indexer 64 x 128; 2 layers, "
+                        "width 2048, vocabulary 1024), meant for a GPU: on the CPU only at a reduced "
+                        "--prompt-len. Explicit options override the shape's values; the defaults shown are "
+                        "small's")
     p.add_argument("--layers", type=_positive, default=2, help="decoder layers")
     p.add_argument("--batch", type=_positive, default=4, help="batch slots (concurrent requests)")
     p.add_argument("--requests", type=_positive, default=8, help="requests served in total")
-    p.add_argument("--prompt-len", type=_positive, default=96, help="longest prompt; prompts are 1/4..1 of it")
+    p.add_argument("--prompt-len", type=_positive, default=96, help="longest prompt")
+    p.add_argument("--min-prompt-len", type=int, default=0, help="shortest prompt (0: a quarter of --prompt-len; at most --prompt-len)")
     p.add_argument("--new-tokens", type=_positive, default=12, help="most tokens generated per request (1/2..1 of it)")
     p.add_argument("--topk", type=_positive, default=32, help="tokens each query attends to (DeepSeek-V3.2: 2048)")
     p.add_argument("--dim", type=_positive, default=128, help="model width")
@@ -79,9 +105,23 @@ def parse_args(argv=None):
     p.add_argument("--tolerance-factor", type=float, default=2.0,
                    help="decode logits may differ from the float32 masked oracle by this times the "
                         "bfloat16 + FP8-entries oracle's error")
+    p.add_argument("--oracle-chunk", type=int, default=64,
+                   help="query tokens the dense oracle scores at a time (0: all at once, [b, h, t, t] scores)")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="query tokens per sparse prefill call (0: the whole prompt in one call)")
     p.add_argument("--phase-reps", type=int, default=10, help="runs of each phase when timing its share (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and lengths")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    p = _parser()
+    p.set_defaults(**SHAPES[p.parse_known_args(argv)[0].shape])
+    args = p.parse_args(argv)
+    if args.min_prompt_len < 0:
+        p.error(f"--min-prompt-len must be >= 0, got {args.min_prompt_len}")
+    args.min_prompt_len = min(args.min_prompt_len, args.prompt_len)  # a reduced --prompt-len wins
+    return args
 
 
 def build_model(args):
@@ -108,7 +148,7 @@ class Request:
 
 
 def make_requests(args, rng):
-    lo_p, lo_n = max(1, args.prompt_len // 4), max(1, args.new_tokens // 2)
+    lo_p, lo_n = max(1, args.min_prompt_len or args.prompt_len // 4), max(1, args.new_tokens // 2)
     return [Request(i, rng.integers(0, args.vocab, int(rng.integers(lo_p, args.prompt_len + 1))).tolist(),
                     int(rng.integers(lo_n, args.new_tokens + 1))) for i in range(args.requests)]
 
@@ -164,7 +204,8 @@ def run(args) -> dict:
     oracle_len = pages_per_seq * jfm.PAGE_SIZE
 
     def prefill(state, cache, tokens, lens, slots):
-        logits, cache, picks = nnx.merge(graphdef, state).prefill(tokens, lens, slots, cache)
+        logits, cache, picks = nnx.merge(graphdef, state).prefill(tokens, lens, slots, cache,
+                                                                  args.prefill_chunk or None)
         return jnp.argmax(logits, -1).astype(jnp.int32), cache, picks
 
     def decode(state, cache, tokens, active):
@@ -176,9 +217,10 @@ def run(args) -> dict:
         """Logits at position lens-1 of the masked dense path: float32, and bfloat16 with FP8 entries."""
         model = nnx.merge(graphdef, state)
         take = lambda logits: jnp.take_along_axis(logits, (lens - 1)[:, None, None], axis=1)[:, 0]
+        chunk = args.oracle_chunk or None  # query tokens at a time: never [b, h, t, t] scores
         with jax.default_matmul_precision("highest"):  # true float32 (GPUs would use TF32)
-            ref = take(model.masked(tokens, masks, jnp.float32))
-        return ref, take(model.masked(tokens, masks, None, nn.fp8_round_trip))
+            ref = take(model.masked(tokens, masks, jnp.float32, q_chunk=chunk))
+        return ref, take(model.masked(tokens, masks, None, nn.fp8_round_trip, chunk))
 
     def check(logits, rows):
         """(max |decode - f32 oracle|, max |bf16+FP8 oracle - f32 oracle|, the first over max |f32
@@ -282,8 +324,9 @@ def run(args) -> dict:
     step_s = float(np.median(step_times[timed])) if step_times else 0.0
     phases = phase_times(args, cache, args.phase_reps) if args.phase_reps > 0 and step_s > 0 else {}
     result = dict(
-        backend=jax.default_backend(), kernel_path=jfm.kernel_path(), requests=len(requests), slots=args.batch,
-        layers=args.layers, topk=args.topk, decode_steps=len(step_times), decode_tokens=sum(step_tokens),
+        backend=jax.default_backend(), kernel_path=jfm.kernel_path(), shape=args.shape, requests=len(requests),
+        slots=args.batch, layers=args.layers, heads=args.heads, topk=args.topk,
+        prompt_lens=(min(len(r.prompt) for r in requests), max(len(r.prompt) for r in requests)), decode_steps=len(step_times), decode_tokens=sum(step_tokens),
         tokens_per_s=sum(step_tokens[timed]) / max(sum(step_times[timed]), 1e-9), step_ms_median=1e3 * step_s,
         phase_share={k: v / step_s for k, v in phases.items()},
         prefill_tokens=prefill_tokens, prefill_s=prefill_time, wall_s=wall, num_pages=num_pages,
@@ -298,7 +341,8 @@ def run(args) -> dict:
 def summary(r) -> str:
     share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["phase_share"].items()) or "not timed"
     return (f"serve_sparse: {r['backend']} ({r['kernel_path']}) | {r['requests']} requests, {r['slots']} slots, "
-            f"{r['layers']} layers, topk {r['topk']}, FP8 v32 cache | {r['decode_tokens']} tokens in "
+            f"{r['layers']} layers, h_q {r['heads']}, topk {r['topk']}, prompts {r['prompt_lens'][0]}-"
+            f"{r['prompt_lens'][1]} tokens, FP8 v32 cache | {r['decode_tokens']} tokens in "
             f"{r['decode_steps']} decode steps: {r['tokens_per_s']:.1f} tokens/s, {r['step_ms_median']:.2f} ms/step "
             f"(median; of a step: {share}) | pages: pool {r['num_pages']}, {r['pages_handed_out']} handed out, "
             f"{r['pages_returned']} returned{'' if r['pages_ok'] else ' (NOT all)'} | decode vs masked dense f32 "

@@ -331,6 +331,66 @@ def test_serve_sparse_main_prints_summary_and_help(capsys):
     assert done.value.code == 2
 
 
+def test_serve_sparse_v32_shape_runs_on_the_cpu_at_a_reduced_prompt_len():
+    """--shape v32 sets DeepSeek-V3.2's attention shape; on the CPU it serves a few decode steps at a
+    96-token prompt (one layer), its chunked oracle passing."""
+    serve = _load("serve_sparse")
+    flags = ["--shape", "v32", "--prompt-len", "96", "--new-tokens", "6", "--requests", "2", "--batch", "2",
+             "--layers", "1", "--check-every", "1", "--phase-reps", "0", "--prefill-chunk", "32", "--oracle-chunk", "40"]
+    args = serve.parse_args(flags)
+    assert (args.heads, args.topk, args.index_heads, args.index_dim, args.nope_dim, args.v_dim) == (128, 2048, 64, 128,
+                                                                                                     128, 128)
+    assert (args.layers, args.prompt_len, args.min_prompt_len) == (1, 96, 96)  # explicit options win
+    assert serve.parse_args(["--shape", "v32"]).prompt_len >= serve.parse_args(["--shape", "v32"]).min_prompt_len >= 4096
+    r = serve.run(args)
+    assert r["ok"], serve.summary(r)
+    assert r["decode_steps"] >= 2 and r["checks"] == r["decode_steps"] and r["prompt_lens"] == (96, 96)
+    assert 0 < r["max_abs_diff"] <= args.tolerance_factor * r["floor_abs_diff"] and r["max_rel_diff"] < 0.1
+
+
+def test_chunked_oracle_and_prefill_equal_the_unchunked_ones():
+    """SparseMLADecoder.masked with q_chunk (the oracle at long prompts) gives the unchunked logits and
+    holds no [b, h, s, s] array; sparse_prefill with q_chunk gives the unchunked output."""
+    from flax import nnx
+
+    h = 8
+    attn = nn.MLAConfig(dim=32, num_heads=h, qk_nope_head_dim=16, v_head_dim=16)
+    index = nn.IndexerConfig(dim=32, num_heads=2, head_dim=16, rope_dim=8, topk=8)
+    model = nn.SparseMLADecoder(nn.SparseDecoderConfig(vocab_size=64, num_layers=2, mlp_dim=64, attention=attn,
+                                                       indexer=index), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    b, s = 2, 120  # [b, h, s, s] scores are the largest array of an unchunked run
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 64, (b, s)), jnp.int32)
+    causal = np.tril(np.ones((s, s), bool))
+    masks = jnp.asarray(causal & (rng.random((2, b, s, s)) < 0.4) | np.eye(s, dtype=bool))
+    masks = masks.at[0, 0, 7].set(False)  # a query with nothing to read: 0 either way
+    with jax.default_matmul_precision("highest"):
+        whole = model.masked(tokens, masks, jnp.float32)
+        chunked = model.masked(tokens, masks, jnp.float32, q_chunk=16)  # 8 chunks, the last one padded
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-5, atol=1e-5)
+
+    def avals(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (v.aval for v in eqn.outvars)
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else [p]):
+                    inner = getattr(sub, "jaxpr", None)
+                    if inner is not None:
+                        yield from avals(getattr(inner, "jaxpr", inner))
+
+    def query_by_key(q_chunk):  # computed (non-mask) arrays with a query axis and a key axis of length s
+        jaxpr = jax.make_jaxpr(lambda t, m: model.masked(t, m, jnp.float32, q_chunk=q_chunk))(tokens, masks)
+        return [a.shape for a in avals(jaxpr.jaxpr) if a.dtype != jnp.bool_ and a.shape.count(s) >= 2]
+    assert (b, h, s, s) in query_by_key(None) and query_by_key(16) == []
+    x = jax.random.normal(jax.random.PRNGKey(1), (b, s, 32), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    ids = jnp.asarray(np.where(rng.random((b, s, 8)) < 0.9, rng.integers(0, s, (b, s, 8)), -1), jnp.int32)
+    blk = model.blocks[0].attn
+    want, _ = blk.sparse_prefill(x, pos, ids)
+    got, _ = blk.sparse_prefill(x, pos, ids, q_chunk=16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
 def test_write_fp8_places_quantised_tokens_at_their_slots_and_drops_padding():
     import jax_flashmla as jfm
 

@@ -124,7 +124,7 @@ class MultiHeadLatentAttention(nnx.Module):
         w = self.wkv_b.kernel[...].astype(dtype).reshape(cfg.kv_lora_rank, cfg.num_heads, -1)
         return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
 
-    def naive(self, x, positions, mask, round_entries=None):
+    def naive(self, x, positions, mask, round_entries=None, q_chunk=None):
         """Full attention of the tokens of x over themselves, keys and values decompressed per head.
 
         x [b, s, dim], positions int [b, s], mask bool [b, s, s] (query, key) -> (out [b, s, dim],
@@ -132,23 +132,48 @@ class MultiHeadLatentAttention(nnx.Module):
         mask row is all False gets out 0 (as the sparse ops give a token with no valid index).
         round_entries: None, or a function applied to the entries [b, s, 576] before they are used
         (e.g. a round trip through an FP8 cache format); the returned entries are the unrounded ones.
+        q_chunk: None, or a number of query tokens scored at a time (``dense_attention``), so that
+        the scores never exist as one [b, h, s, s] array; the result is the same.
         """
-        cfg = self.cfg
         b, s, _ = x.shape
         q_nope, q_rope = self.query(x, positions)
         entries = used = self.latent_kv(x, positions)
         if round_entries is not None:
             used = round_entries(entries).astype(entries.dtype)
-        c_kv, k_rope = used[..., :cfg.kv_lora_rank], used[..., cfg.kv_lora_rank:]
-        kv = self.wkv_b(c_kv).reshape(b, s, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        out = self.dense_attention(q_nope, q_rope, used, mask, q_chunk)
+        return self.wo(out.reshape(b, s, self.cfg.num_heads * self.cfg.v_head_dim)), entries
+
+    def dense_attention(self, q_nope, q_rope, entries, mask, q_chunk=None):
+        """Attention of queries (q_nope [b, s, h, nope], q_rope [b, s, h, 64]) over keys and values
+        decompressed from cache entries [b, t, 576] (any t), restricted by mask bool [b, s, t] ->
+        per-head values [b, s, h, v_head_dim] in the queries' dtype. Softmax in float32; a query
+        whose mask row is all False gets 0. q_chunk: score that many query tokens at a time
+        (``lax.map`` over chunks; at most [b, h, q_chunk, t] scores exist at once), None: all."""
+        cfg = self.cfg
+        b, t, _ = entries.shape
+        s = q_nope.shape[1]
+        c_kv, k_rope = entries[..., :cfg.kv_lora_rank], entries[..., cfg.kv_lora_rank:]
+        kv = self.wkv_b(c_kv).reshape(b, t, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
         k_nope, v = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
-        scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bqhr,bkr->bhqk", q_rope, k_rope, preferred_element_type=jnp.float32))
-        scores = jnp.where(mask[:, None], scores * cfg.softmax_scale, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = jnp.where(jnp.any(mask, axis=-1)[:, None, :, None], probs, 0.0).astype(x.dtype)
-        out = jnp.einsum("bhqk,bkhv->bqhv", probs, v).reshape(b, s, cfg.num_heads * cfg.v_head_dim)
-        return self.wo(out), entries
+
+        def attend(q_nope, q_rope, mask):
+            scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
+                      + jnp.einsum("bqhr,bkr->bhqk", q_rope, k_rope, preferred_element_type=jnp.float32))
+            scores = jnp.where(mask[:, None], scores * cfg.softmax_scale, -jnp.inf)
+            probs = jax.nn.softmax(scores, axis=-1)
+            probs = jnp.where(jnp.any(mask, axis=-1)[:, None, :, None], probs, 0.0).astype(q_nope.dtype)
+            return jnp.einsum("bhqk,bkhv->bqhv", probs, v)
+
+        if q_chunk is None or q_chunk >= s:
+            return attend(q_nope, q_rope, mask)
+        n = -(-s // q_chunk)
+
+        def chunks(a):  # [b, s, ...] -> [n, b, q_chunk, ...], padding rows masked out
+            a = jnp.pad(a, [(0, 0), (0, n * q_chunk - s)] + [(0, 0)] * (a.ndim - 2))
+            return jnp.moveaxis(a.reshape(b, n, q_chunk, *a.shape[2:]), 1, 0)
+
+        out = jax.lax.map(lambda args: attend(*args), (chunks(q_nope), chunks(q_rope), chunks(mask)))
+        return jnp.moveaxis(out, 0, 1).reshape(b, n * q_chunk, *out.shape[3:])[:, :s]
 
     def absorbed_query(self, x, positions):
         """x [b, s, dim] -> the absorbed query [b, s, h, 576] in x's dtype: q_nope @ W_UK^T (512) ++ q_rope
@@ -181,20 +206,35 @@ class MultiHeadLatentAttention(nnx.Module):
                                             num_splits, softmax_scale=self.cfg.softmax_scale, causal=causal)
         return self._output(out, x)
 
-    def sparse_prefill(self, x, positions, indices, entries=None):
+    def sparse_prefill(self, x, positions, indices, entries=None, q_chunk=None):
         """DSA prefill of a batch of prompts, through ``flash_mla_sparse_fwd``'s batched form.
 
         x [b, s, dim], positions int [b, s], indices int32 [b, s, topk]: the rows of its own prompt
         (0 .. s - 1) each token attends to (-1: unused; an indexer's causal top-k). entries: the
         prompts' cache entries [b, s, 576] if already computed (else latent_kv). The entries and the
-        query go to the op in bfloat16. Returns (out [b, s, dim] in x's dtype, entries [b, s, 576]);
-        a token with no valid index (padding) gets the output of a zero latent.
+        query go to the op in bfloat16. q_chunk: None, or a number of query tokens per op call
+        (``lax.map`` over chunks of tokens, the entries whole), which bounds what a call holds where
+        the op runs as the pure-JAX reference (its gathered rows are [s, topk, 576] float32 a prompt);
+        the result is the same. Returns (out [b, s, dim] in x's dtype, entries [b, s, 576]); a token
+        with no valid index (padding) gets the output of a zero latent.
         """
         if entries is None:
             entries = self.latent_kv(x, positions)
         q = self.absorbed_query(x, positions).astype(jnp.bfloat16)
         kv = entries.astype(jnp.bfloat16)[:, :, None, :]
-        out, _, _ = api.flash_mla_sparse_fwd(q, kv, indices[:, :, None, :], self.cfg.softmax_scale, HEAD_DIM_V)
+        ids = indices[:, :, None, :]
+        attend = lambda q, ids: api.flash_mla_sparse_fwd(q, kv, ids, self.cfg.softmax_scale, HEAD_DIM_V)[0]  # noqa: E731
+        b, s = q.shape[:2]
+        if q_chunk is None or q_chunk >= s:
+            return self._output(attend(q, ids), x), entries
+        n = -(-s // q_chunk)
+
+        def chunks(a, fill):  # [b, s, ...] -> [n, b, q_chunk, ...]; padding tokens read nothing
+            a = jnp.pad(a, [(0, 0), (0, n * q_chunk - s)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+            return jnp.moveaxis(a.reshape(b, n, q_chunk, *a.shape[2:]), 1, 0)
+
+        out = jax.lax.map(lambda args: attend(*args), (chunks(q, 0), chunks(ids, -1)))
+        out = jnp.moveaxis(out, 0, 1).reshape(b, n * q_chunk, *out.shape[3:])[:, :s]
         return self._output(out, x), entries
 
     def sparse_decode(self, x, positions, fp8_pool, indices):
