@@ -391,6 +391,54 @@ def test_chunked_oracle_and_prefill_equal_the_unchunked_ones():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
+# The v4 config on the same tiny model: a 16-token window and 4-token blocks (prompts of 20-80 tokens
+# read compressed entries well outside their window, and decode steps complete blocks).
+SERVE_V4_FLAGS = SERVE_SPARSE_FLAGS + ["--config", "v4", "--window", "16", "--compress-stride", "4"]
+
+
+def test_serve_sparse_v4_decode_matches_the_dense_oracle_over_window_and_compressed_entries():
+    serve = _load("serve_sparse")
+    args = serve.parse_args(SERVE_V4_FLAGS)
+    r = serve.run(args)
+    assert r["ok"], serve.summary(r)
+    assert r["checks"] == r["decode_steps"] > 0 and "model1" in r["cache"]
+    assert 0 < r["max_abs_diff"] <= args.tolerance_factor * r["floor_abs_diff"] and r["max_rel_diff"] < 0.1
+    assert r["pages_ok"] and r["pages_returned"] == r["pages_handed_out"] > r["num_pages"]
+    assert set(r["phase_share"]) == {"attention"}
+
+
+def _shift_extra(kwargs):
+    ids = kwargs["extra_indices_in_kvcache"]
+    return dict(kwargs, extra_indices_in_kvcache=_shift_valid(ids))
+
+
+@pytest.mark.parametrize("fault", ["window", "compressed", "no_sink"])
+def test_serve_sparse_v4_check_fails_on_a_wrong_selection_or_a_missing_sink(monkeypatch, fault):
+    """Decode reads the window's slot + 1, or the compressed entry after the right one, or runs without
+    the sink (prefill too): the check must fail."""
+    serve = _load("serve_sparse")
+    real_decode, real_prefill = nn.mla.api.flash_mla_with_kvcache, nn.mla.api.flash_mla_sparse_fwd
+
+    def decode(*args, indices=None, **kwargs):
+        if fault == "window":
+            indices = _shift_valid(indices)
+        elif fault == "compressed":
+            kwargs = _shift_extra(kwargs)
+        else:
+            kwargs["attn_sink"] = None
+        return real_decode(*args, indices=indices, **kwargs)
+
+    def prefill(*args, attn_sink=None, **kwargs):
+        return real_prefill(*args, attn_sink=None if fault == "no_sink" else attn_sink, **kwargs)
+
+    monkeypatch.setattr(nn.mla.api, "flash_mla_with_kvcache", decode)
+    monkeypatch.setattr(nn.mla.api, "flash_mla_sparse_fwd", prefill)
+    r = serve.run(serve.parse_args(SERVE_V4_FLAGS + ["--layers", "1", "--requests", "2", "--check-every", "1",
+                                                     "--phase-reps", "0"]))
+    assert not r["decode_matches"] and not r["ok"]
+    assert r["max_abs_diff"] > 2 * r["floor_abs_diff"]
+
+
 def test_write_fp8_places_quantised_tokens_at_their_slots_and_drops_padding():
     import jax_flashmla as jfm
 

@@ -57,14 +57,14 @@ class SparseDecoderBlock(nnx.Module):
         self.mlp = SwiGLU(dim, cfg.mlp_dim, param_dtype=param_dtype, rngs=rngs)
 
 
-def fp8_round_trip(entries):
-    """Cache entries [b, s, 576] (s a multiple of 64) through the "v32" FP8 format and back, float32:
-    what a decode step reads of them."""
+def fp8_round_trip(entries, fmt=paged_cache.FP8_FORMAT):
+    """Cache entries [b, s, d_qk] through an FP8 pool format ("v32", d_qk 576; "model1", d_qk 512) and
+    back, float32: what a decode step reads of them (bfloat16 first, as the pools are written)."""
     b, s, d = entries.shape
-    fmt = paged_cache.FP8_FORMAT
-    pool = kv_formats.quantize_kv_cache(entries.astype(jnp.bfloat16).reshape(b * s // PAGE_SIZE, PAGE_SIZE, 1, d),
-                                        fmt, jnp.uint8)
-    return kv_formats.dequantize_kv_cache(pool, fmt, jnp.float32).reshape(b, s, d)
+    pages = -(-s // PAGE_SIZE)
+    padded = jnp.pad(entries.astype(jnp.bfloat16), ((0, 0), (0, pages * PAGE_SIZE - s), (0, 0)))
+    pool = kv_formats.quantize_kv_cache(padded.reshape(b * pages, PAGE_SIZE, 1, d), fmt, jnp.uint8)
+    return kv_formats.dequantize_kv_cache(pool, fmt, jnp.float32).reshape(b, pages * PAGE_SIZE, d)[:, :s]
 
 
 def selection_mask(positions, length: int):
