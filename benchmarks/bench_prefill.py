@@ -220,16 +220,6 @@ def _short(e: Exception) -> str:
 
 # ==== the measurements ============================================================================
 
-def _device_or_wall(timer, dev_times, label, fn, iters) -> dict:
-    """{ms, min_ms, iters, src, ...} of one timed call: the trace's device times, else wall clock."""
-    t = dev_times.get(label)
-    if t is not None:
-        return {"ms": mla_bench.median(t.span_ms), "min_ms": min(t.span_ms), "iters": len(t.span_ms), "src": "trace",
-                "events": dict(t.names), "parts_ms": {n: mla_bench.median(v) for n, v in t.name_ms.items()}}
-    wall = timer.wall_ms(fn, iters)
-    return {"ms": mla_bench.median(wall), "min_ms": min(wall), "iters": len(wall), "src": "wall"}
-
-
 def run_prefill(jax, timer, settings, cases, opts, fm=None, on_row=None) -> list[dict]:
     """One record per case (benchmarks/README.md, "The sparse prefill benchmark"); `fm` = (flash_mla,
     torch) adds FlashMLA's forward on the same arrays."""
@@ -307,12 +297,12 @@ def run_prefill(jax, timer, settings, cases, opts, fm=None, on_row=None) -> list
             jobs.append(("bwd", bwd, bwd_iters, "bench_prefill_bwd"))
         dev = timer.device_ms(jobs) if jobs else {}
         if fwd_results is not None:
-            t = _device_or_wall(timer, dev, "fwd", fwd, settings.iters)
+            t = mla_bench.device_or_wall(timer, dev, "fwd", fwd, settings.iters)
             rec.update({f"fwd_{k}": v for k, v in t.items() if k != "src"}, src=t["src"])
             rec.update(tflops=rec["flops"] / (rec["fwd_ms"] * 1e-3) / 1e12,
                        gbps=rec["bytes"] / (rec["fwd_ms"] * 1e-3) / 1e9)
         if grads is not None:
-            t = _device_or_wall(timer, dev, "bwd", bwd, bwd_iters)
+            t = mla_bench.device_or_wall(timer, dev, "bwd", bwd, bwd_iters)
             rec.update({f"bwd_{k}": v for k, v in t.items()})
             rec["bwd_tflops"] = rec["bwd_flops"] / (rec["bwd_ms"] * 1e-3) / 1e12
             rec["bwd_over_fwd"] = rec["bwd_tflops"] / rec["tflops"]

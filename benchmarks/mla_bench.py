@@ -761,6 +761,17 @@ def geomean(xs):
     return float(np.exp(np.mean(np.log(xs)))) if xs else None
 
 
+def device_or_wall(timer: Timer, dev_times: dict, label: str, fn, iters: int) -> dict:
+    """{ms, min_ms, iters, src, ...} of one timed call: the trace's device times (Timer.device_ms's
+    result under `label`), else the wall clock of `iters` calls of fn."""
+    t = dev_times.get(label)
+    if t is not None:
+        return {"ms": median(t.span_ms), "min_ms": min(t.span_ms), "iters": len(t.span_ms), "src": "trace",
+                "events": dict(t.names), "parts_ms": {n: median(v) for n, v in t.name_ms.items()}}
+    wall = timer.wall_ms(fn, iters)
+    return {"ms": median(wall), "min_ms": min(wall), "iters": len(wall), "src": "wall"}
+
+
 def cos_diff(x, y) -> float:
     """1 - 2<x, y> / (|x|^2 + |y|^2) in float64 (FlashMLA's tests' measure): 0 for equal arrays."""
     x = np.asarray(x, np.float64).ravel()

@@ -24,9 +24,28 @@ one), page or position shows as an error of the order of the logits.
 Timing: tokens/s and ms/step of the decode steps (the first, which compiles, not counted); the share
 of a step in the indexer's logits, its top-k and the sparse attention is measured after serving by
 running each of the three alone at the step's shapes (every slot at its longest context) for every
-layer, against the median step.
+layer, against the median step (v4: the sparse attention's share only).
+
+Config (--config): "v32" (the default) is the model above. "v4" is DeepSeek-V4-style
+(jax_flashmla.nn.WindowMLADecoder): d_qk 512 over FP8 "model1" pools (584 bytes a token), no indexer;
+each token reads a --window of recent tokens from the main pool plus the compressed entries of its
+complete --compress-stride blocks from a second pool (the sparse decode's extra_k_cache), and a learned
+attention sink per head joins every softmax. The compressor is a stand-in for V4's learned one: a
+fixed-stride mean of latent entries. Its check is the same, the oracle being that model run densely
+in float32 over exactly those tokens (window + compressed entries), with the sink.
+
+Shapes (--shape): "small" (the default) is a tiny model that runs on the CPU in seconds (CI).
+"v32" is DeepSeek-V3.2's attention shape: h_q 128 (or a tensor-parallel share with --heads), d_qk 576
+/ d_v 512 through the FP8 "v32" pool, qk_nope 128, v_head 128, q_lora_rank 1536, an indexer of 64
+heads x 128 channels, topk 2048, prompts of 4096 to 4608 tokens; with 2 layers, width 2048 and a
+1024-token vocabulary so that it fits one GPU. It is meant for a GPU; on the CPU it runs only at a
+reduced --prompt-len. At that length the oracle is chunked over query tokens (--oracle-chunk: never
+[b, h, t, t] scores at once) and the prefill's sparse attention over query tokens (--prefill-chunk).
+Options given on the command line override a shape's values.
 
 Usage: python3 examples/serve_sparse.py [--layers 2 --batch 4 --requests 8 --topk 64]
+       python3 examples/serve_sparse.py --config v4 [--window 32 --compress-stride 4]
+       python3 examples/serve_sparse.py --shape v32 [--heads 32]      # on a GPU
 Runs unchanged on a GPU (there the sparse ops' GPU kernels where they exist, the pure-JAX reference
 otherwise); see the README ("Examples").
 """
@@ -35,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 
@@ -55,13 +75,29 @@ def _positive(text):
     return value
 
 
-def parse_args(argv=None):
+# Values a --shape sets (options given explicitly override them); "small" is the parser's defaults.
+SHAPES = {
+    "small": {},
+    "v32": dict(heads=128, topk=2048, prompt_len=4608, min_prompt_len=4096, new_tokens=16, dim=2048,
+                q_lora_rank=1536, nope_dim=128, v_dim=128, index_heads=64, index_dim=128, mlp_dim=2048,
+                vocab=1024, layers=2, batch=4, requests=8, check_rows=2, oracle_chunk=128, prefill_chunk=256),
+}
+
+
+def _parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", choices=tuple(SHAPES), default="small",
+                   help="small: a tiny model for the CPU (CI). v32: DeepSeek-V3.2's attention shape (h_q 128, "
+                        "topk 2048, prompts 4096-4608 tokens, d_qk 576 / d_v 512, indexer 64 x 128; 2 layers, "
+                        "width 2048, vocabulary 1024), meant for a GPU: on the CPU only at a reduced "
+                        "--prompt-len. Explicit options override the shape's values; the defaults shown are "
+                        "small's")
     p.add_argument("--layers", type=_positive, default=2, help="decoder layers")
     p.add_argument("--batch", type=_positive, default=4, help="batch slots (concurrent requests)")
     p.add_argument("--requests", type=_positive, default=8, help="requests served in total")
-    p.add_argument("--prompt-len", type=_positive, default=96, help="longest prompt; prompts are 1/4..1 of it")
+    p.add_argument("--prompt-len", type=_positive, default=96, help="longest prompt")
+    p.add_argument("--min-prompt-len", type=int, default=0, help="shortest prompt (0: a quarter of --prompt-len; at most --prompt-len)")
     p.add_argument("--new-tokens", type=_positive, default=12, help="most tokens generated per request (1/2..1 of it)")
     p.add_argument("--topk", type=_positive, default=32, help="tokens each query attends to (DeepSeek-V3.2: 2048)")
     p.add_argument("--dim", type=_positive, default=128, help="model width")
@@ -79,12 +115,40 @@ def parse_args(argv=None):
     p.add_argument("--tolerance-factor", type=float, default=2.0,
                    help="decode logits may differ from the float32 masked oracle by this times the "
                         "bfloat16 + FP8-entries oracle's error")
+    p.add_argument("--config", choices=("v32", "v4"), default="v32",
+                   help="v32: MLA + lightning indexer top-k over a v32 FP8 pool (DeepSeek-V3.2). v4: DeepSeek-V4-style, "
+                        "d_qk 512 over model1 FP8 pools, each token reading a --window of recent tokens plus the "
+                        "mean-pooled entries of complete --compress-stride blocks (a second pool, the op's "
+                        "extra_k_cache), with a learned attn_sink per head; no indexer (--topk and --index-* unused)")
+    p.add_argument("--window", type=_positive, default=32, help="v4: recent tokens each token reads, itself included")
+    p.add_argument("--compress-stride", type=_positive, default=4, help="v4: tokens mean-pooled into a compressed entry")
+    p.add_argument("--oracle-chunk", type=int, default=64,
+                   help="query tokens the dense oracle scores at a time (0: all at once, [b, h, t, t] scores)")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="query tokens per sparse prefill call (0: the whole prompt in one call)")
     p.add_argument("--phase-reps", type=int, default=10, help="runs of each phase when timing its share (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and lengths")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    p = _parser()
+    p.set_defaults(**SHAPES[p.parse_known_args(argv)[0].shape])
+    args = p.parse_args(argv)
+    if args.min_prompt_len < 0:
+        p.error(f"--min-prompt-len must be >= 0, got {args.min_prompt_len}")
+    args.min_prompt_len = min(args.min_prompt_len, args.prompt_len)  # a reduced --prompt-len wins
+    return args
 
 
 def build_model(args):
+    if args.config == "v4":
+        attn = nn.MLAConfig(dim=args.dim, num_heads=args.heads, q_lora_rank=args.q_lora_rank,
+                            qk_nope_head_dim=args.nope_dim, v_head_dim=args.v_dim, kv_lora_rank=nn.KV_LORA_RANK_V4,
+                            attn_sink=True)
+        cfg = nn.WindowDecoderConfig(vocab_size=args.vocab, num_layers=args.layers, mlp_dim=args.mlp_dim,
+                                     attention=attn, window=args.window, compress_stride=args.compress_stride)
+        return nn.WindowMLADecoder(cfg, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(args.seed))
     attn = nn.MLAConfig(dim=args.dim, num_heads=args.heads, q_lora_rank=args.q_lora_rank,
                         qk_nope_head_dim=args.nope_dim, v_head_dim=args.v_dim)
     index = nn.IndexerConfig(dim=args.dim, q_lora_rank=args.q_lora_rank, num_heads=args.index_heads,
@@ -108,7 +172,7 @@ class Request:
 
 
 def make_requests(args, rng):
-    lo_p, lo_n = max(1, args.prompt_len // 4), max(1, args.new_tokens // 2)
+    lo_p, lo_n = max(1, args.min_prompt_len or args.prompt_len // 4), max(1, args.new_tokens // 2)
     return [Request(i, rng.integers(0, args.vocab, int(rng.integers(lo_p, args.prompt_len + 1))).tolist(),
                     int(rng.integers(lo_n, args.new_tokens + 1))) for i in range(args.requests)]
 
@@ -148,6 +212,26 @@ def phase_times(args, cache, reps: int) -> dict:
                 attention=n * _timed(attend, q, cache.pools[0], ids, reps=reps))
 
 
+def phase_times_v4(args, cache, reps: int) -> dict:
+    """Seconds per decode step in the sparse attention of the v4 config (window from the main pool,
+    every compressed entry a slot can hold from the extra pool, the sink), run alone at the step's
+    shapes (every slot at its longest context, random queries) for every layer."""
+    slots, max_pages = cache.block_table.shape
+    width = max_pages * jfm.PAGE_SIZE
+    rng = np.random.default_rng(args.seed + 1)
+    table = jnp.asarray(np.arange(slots * max_pages).reshape(slots, max_pages) % cache.num_pages, jnp.int32)
+    window = index_ops.slots_of(table, width - 1 - jnp.arange(args.window, dtype=jnp.int32)[None, :].repeat(slots, 0))
+    capacity = cache.extra_pages_per_slot * jfm.PAGE_SIZE
+    extra = jnp.arange(slots * capacity, dtype=jnp.int32).reshape(slots, 1, capacity)
+    q = jnp.asarray(rng.standard_normal((slots, 1, args.heads, 512)), jnp.bfloat16)
+    sink = jnp.asarray(rng.standard_normal(args.heads), jnp.float32)
+    attend = jax.jit(lambda q, pool, ids, extra_pool, extra_ids: jfm.flash_mla_with_kvcache(
+        q, pool, None, None, is_fp8_kvcache=True, indices=ids, attn_sink=sink, extra_k_cache=extra_pool,
+        extra_indices_in_kvcache=extra_ids)[0])
+    return dict(attention=args.layers * _timed(attend, q, cache.pools[0], window[:, None, :], cache.extra_pools[0],
+                                               extra, reps=reps))
+
+
 def run(args) -> dict:
     """Serves args.requests requests; returns the summary (also printed by main)."""
     rng = np.random.default_rng(args.seed)
@@ -159,26 +243,40 @@ def run(args) -> dict:
     num_pages = args.pages or args.batch * pages_per_seq
     if num_pages < pages_per_seq:
         raise SystemExit(f"--pages {num_pages} cannot hold one request of {max_len} tokens")
-    cache = nn.init_sparse_cache(args.layers, num_pages, args.batch, pages_per_seq, args.index_dim)
+    v4 = args.config == "v4"
+    if v4:  # room for the compressed entries of the longest request
+        cache = nn.init_window_cache(args.layers, num_pages, args.batch, pages_per_seq, max_len // args.compress_stride)
+    else:
+        cache = nn.init_sparse_cache(args.layers, num_pages, args.batch, pages_per_seq, args.index_dim)
     prefill_len = nn.pages_needed(args.prompt_len) * jfm.PAGE_SIZE  # one padded prompt shape
     oracle_len = pages_per_seq * jfm.PAGE_SIZE
+    no_picks = jnp.zeros((0,), jnp.int32)  # v4: the selection follows from the positions
 
     def prefill(state, cache, tokens, lens, slots):
-        logits, cache, picks = nnx.merge(graphdef, state).prefill(tokens, lens, slots, cache)
+        out = nnx.merge(graphdef, state).prefill(tokens, lens, slots, cache, args.prefill_chunk or None)
+        logits, cache, picks = out if not v4 else out + (no_picks,)
         return jnp.argmax(logits, -1).astype(jnp.int32), cache, picks
 
     def decode(state, cache, tokens, active):
-        logits, cache, picks = nnx.merge(graphdef, state).decode(tokens, active, cache)
+        out = nnx.merge(graphdef, state).decode(tokens, active, cache)
+        logits, cache, picks = out if not v4 else out + (no_picks,)
         return jnp.argmax(logits, -1).astype(jnp.int32), logits, cache, picks
 
     @jax.jit
     def oracle(state, tokens, lens, masks):
-        """Logits at position lens-1 of the masked dense path: float32, and bfloat16 with FP8 entries."""
+        """Logits at position lens-1 of the masked dense path: float32, and bfloat16 with FP8 entries.
+        v4: masks is unused (the window and the complete blocks follow from the positions)."""
         model = nnx.merge(graphdef, state)
         take = lambda logits: jnp.take_along_axis(logits, (lens - 1)[:, None, None], axis=1)[:, 0]
+        chunk = args.oracle_chunk or None  # query tokens at a time: never [b, h, t, t] scores
+        if v4:
+            with jax.default_matmul_precision("highest"):
+                ref = take(model.masked(tokens, jnp.float32, q_chunk=chunk))
+            round_trip = functools.partial(nn.fp8_round_trip, fmt="model1")
+            return ref, take(model.masked(tokens, None, round_trip, chunk))
         with jax.default_matmul_precision("highest"):  # true float32 (GPUs would use TF32)
-            ref = take(model.masked(tokens, masks, jnp.float32))
-        return ref, take(model.masked(tokens, masks, None, nn.fp8_round_trip))
+            ref = take(model.masked(tokens, masks, jnp.float32, q_chunk=chunk))
+        return ref, take(model.masked(tokens, masks, None, nn.fp8_round_trip, chunk))
 
     def check(logits, rows):
         """(max |decode - f32 oracle|, max |bf16+FP8 oracle - f32 oracle|, the first over max |f32
@@ -186,11 +284,13 @@ def run(args) -> dict:
         attention masked to the positions its indexer picked when the token was served."""
         hist = np.zeros((args.check_rows, oracle_len), np.int32)
         hlen = np.ones(args.check_rows, np.int32)
-        masks = np.zeros((args.layers, args.check_rows, oracle_len, oracle_len), bool)
+        masks = np.zeros((0,) if v4 else (args.layers, args.check_rows, oracle_len, oracle_len), bool)
         reqs = [slots[i] for i in rows]
         for j, r in enumerate(reqs):
             n = len(r.tokens)
             hist[j, :n], hlen[j] = r.tokens, n
+            if v4:
+                continue
             picks = np.stack(r.picks, axis=1)  # [layers, n, topk]
             layer, token, k = np.nonzero(picks >= 0)
             masks[layer, j, token, picks[layer, token, k]] = True
@@ -235,7 +335,8 @@ def run(args) -> dict:
             for row, i in enumerate(admitted):
                 r = slots[i]
                 r.generated.append(int(first[row]))
-                r.picks.extend(picks[:, row, t] for t in range(len(r.prompt)))
+                if not v4:
+                    r.picks.extend(picks[:, row, t] for t in range(len(r.prompt)))
                 prefill_tokens += len(r.prompt)
                 pages_handed_out += nn.pages_needed(len(r.prompt))
 
@@ -249,7 +350,7 @@ def run(args) -> dict:
             step_times.append(time.perf_counter() - t0)
             picks = np.asarray(picks)
             rows = [i for i in range(args.batch) if active[i]]
-            for i in rows:
+            for i in rows if not v4 else ():
                 slots[i].picks.append(picks[:, i])
             if args.check_every and step % args.check_every == 0:
                 err, floor, rel = check(logits, rows[:args.check_rows])
@@ -280,10 +381,14 @@ def run(args) -> dict:
     pages_ok = num_free == num_pages and free_set == list(range(num_pages)) and pages_returned == pages_handed_out
     timed = slice(1, None) if len(step_times) > 1 else slice(None)  # the first decode step compiles
     step_s = float(np.median(step_times[timed])) if step_times else 0.0
-    phases = phase_times(args, cache, args.phase_reps) if args.phase_reps > 0 and step_s > 0 else {}
+    timing = phase_times_v4 if v4 else phase_times
+    phases = timing(args, cache, args.phase_reps) if args.phase_reps > 0 and step_s > 0 else {}
     result = dict(
-        backend=jax.default_backend(), kernel_path=jfm.kernel_path(), requests=len(requests), slots=args.batch,
-        layers=args.layers, topk=args.topk, decode_steps=len(step_times), decode_tokens=sum(step_tokens),
+        backend=jax.default_backend(), kernel_path=jfm.kernel_path(), shape=args.shape, config=args.config,
+        cache=(f"FP8 model1 cache, window {args.window} + compressed 1/{args.compress_stride} + sink" if v4
+               else "FP8 v32 cache"), requests=len(requests),
+        slots=args.batch, layers=args.layers, heads=args.heads, topk=args.topk,
+        prompt_lens=(min(len(r.prompt) for r in requests), max(len(r.prompt) for r in requests)), decode_steps=len(step_times), decode_tokens=sum(step_tokens),
         tokens_per_s=sum(step_tokens[timed]) / max(sum(step_times[timed]), 1e-9), step_ms_median=1e3 * step_s,
         phase_share={k: v / step_s for k, v in phases.items()},
         prefill_tokens=prefill_tokens, prefill_s=prefill_time, wall_s=wall, num_pages=num_pages,
@@ -297,8 +402,10 @@ def run(args) -> dict:
 
 def summary(r) -> str:
     share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["phase_share"].items()) or "not timed"
+    topk = "" if r["config"] == "v4" else f"topk {r['topk']}, "
     return (f"serve_sparse: {r['backend']} ({r['kernel_path']}) | {r['requests']} requests, {r['slots']} slots, "
-            f"{r['layers']} layers, topk {r['topk']}, FP8 v32 cache | {r['decode_tokens']} tokens in "
+            f"{r['layers']} layers, h_q {r['heads']}, {topk}prompts {r['prompt_lens'][0]}-"
+            f"{r['prompt_lens'][1]} tokens, {r['cache']} | {r['decode_tokens']} tokens in "
             f"{r['decode_steps']} decode steps: {r['tokens_per_s']:.1f} tokens/s, {r['step_ms_median']:.2f} ms/step "
             f"(median; of a step: {share}) | pages: pool {r['num_pages']}, {r['pages_handed_out']} handed out, "
             f"{r['pages_returned']} returned{'' if r['pages_ok'] else ' (NOT all)'} | decode vs masked dense f32 "

@@ -331,6 +331,114 @@ def test_serve_sparse_main_prints_summary_and_help(capsys):
     assert done.value.code == 2
 
 
+def test_serve_sparse_v32_shape_runs_on_the_cpu_at_a_reduced_prompt_len():
+    """--shape v32 sets DeepSeek-V3.2's attention shape; on the CPU it serves a few decode steps at a
+    96-token prompt (one layer), its chunked oracle passing."""
+    serve = _load("serve_sparse")
+    flags = ["--shape", "v32", "--prompt-len", "96", "--new-tokens", "6", "--requests", "2", "--batch", "2",
+             "--layers", "1", "--check-every", "1", "--phase-reps", "0", "--prefill-chunk", "32", "--oracle-chunk", "40"]
+    args = serve.parse_args(flags)
+    assert (args.heads, args.topk, args.index_heads, args.index_dim, args.nope_dim, args.v_dim) == (128, 2048, 64, 128,
+                                                                                                     128, 128)
+    assert (args.layers, args.prompt_len, args.min_prompt_len) == (1, 96, 96)  # explicit options win
+    assert serve.parse_args(["--shape", "v32"]).prompt_len >= serve.parse_args(["--shape", "v32"]).min_prompt_len >= 4096
+    r = serve.run(args)
+    assert r["ok"], serve.summary(r)
+    assert r["decode_steps"] >= 2 and r["checks"] == r["decode_steps"] and r["prompt_lens"] == (96, 96)
+    assert 0 < r["max_abs_diff"] <= args.tolerance_factor * r["floor_abs_diff"] and r["max_rel_diff"] < 0.1
+
+
+def test_chunked_oracle_and_prefill_equal_the_unchunked_ones():
+    """SparseMLADecoder.masked with q_chunk (the oracle at long prompts) gives the unchunked logits and
+    holds no [b, h, s, s] array; sparse_prefill with q_chunk gives the unchunked output."""
+    from flax import nnx
+
+    h = 8
+    attn = nn.MLAConfig(dim=32, num_heads=h, qk_nope_head_dim=16, v_head_dim=16)
+    index = nn.IndexerConfig(dim=32, num_heads=2, head_dim=16, rope_dim=8, topk=8)
+    model = nn.SparseMLADecoder(nn.SparseDecoderConfig(vocab_size=64, num_layers=2, mlp_dim=64, attention=attn,
+                                                       indexer=index), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    b, s = 2, 120  # [b, h, s, s] scores are the largest array of an unchunked run
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 64, (b, s)), jnp.int32)
+    causal = np.tril(np.ones((s, s), bool))
+    masks = jnp.asarray(causal & (rng.random((2, b, s, s)) < 0.4) | np.eye(s, dtype=bool))
+    masks = masks.at[0, 0, 7].set(False)  # a query with nothing to read: 0 either way
+    with jax.default_matmul_precision("highest"):
+        whole = model.masked(tokens, masks, jnp.float32)
+        chunked = model.masked(tokens, masks, jnp.float32, q_chunk=16)  # 8 chunks, the last one padded
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-5, atol=1e-5)
+
+    def avals(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (v.aval for v in eqn.outvars)
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else [p]):
+                    inner = getattr(sub, "jaxpr", None)
+                    if inner is not None:
+                        yield from avals(getattr(inner, "jaxpr", inner))
+
+    def query_by_key(q_chunk):  # computed (non-mask) arrays with a query axis and a key axis of length s
+        jaxpr = jax.make_jaxpr(lambda t, m: model.masked(t, m, jnp.float32, q_chunk=q_chunk))(tokens, masks)
+        return [a.shape for a in avals(jaxpr.jaxpr) if a.dtype != jnp.bool_ and a.shape.count(s) >= 2]
+    assert (b, h, s, s) in query_by_key(None) and query_by_key(16) == []
+    x = jax.random.normal(jax.random.PRNGKey(1), (b, s, 32), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    ids = jnp.asarray(np.where(rng.random((b, s, 8)) < 0.9, rng.integers(0, s, (b, s, 8)), -1), jnp.int32)
+    blk = model.blocks[0].attn
+    want, _ = blk.sparse_prefill(x, pos, ids)
+    got, _ = blk.sparse_prefill(x, pos, ids, q_chunk=16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+# The v4 config on the same tiny model: a 16-token window and 4-token blocks (prompts of 20-80 tokens
+# read compressed entries well outside their window, and decode steps complete blocks).
+SERVE_V4_FLAGS = SERVE_SPARSE_FLAGS + ["--config", "v4", "--window", "16", "--compress-stride", "4"]
+
+
+def test_serve_sparse_v4_decode_matches_the_dense_oracle_over_window_and_compressed_entries():
+    serve = _load("serve_sparse")
+    args = serve.parse_args(SERVE_V4_FLAGS)
+    r = serve.run(args)
+    assert r["ok"], serve.summary(r)
+    assert r["checks"] == r["decode_steps"] > 0 and "model1" in r["cache"]
+    assert 0 < r["max_abs_diff"] <= args.tolerance_factor * r["floor_abs_diff"] and r["max_rel_diff"] < 0.1
+    assert r["pages_ok"] and r["pages_returned"] == r["pages_handed_out"] > r["num_pages"]
+    assert set(r["phase_share"]) == {"attention"}
+
+
+def _shift_extra(kwargs):
+    ids = kwargs["extra_indices_in_kvcache"]
+    return dict(kwargs, extra_indices_in_kvcache=_shift_valid(ids))
+
+
+@pytest.mark.parametrize("fault", ["window", "compressed", "no_sink"])
+def test_serve_sparse_v4_check_fails_on_a_wrong_selection_or_a_missing_sink(monkeypatch, fault):
+    """Decode reads the window's slot + 1, or the compressed entry after the right one, or runs without
+    the sink (prefill too): the check must fail."""
+    serve = _load("serve_sparse")
+    real_decode, real_prefill = nn.mla.api.flash_mla_with_kvcache, nn.mla.api.flash_mla_sparse_fwd
+
+    def decode(*args, indices=None, **kwargs):
+        if fault == "window":
+            indices = _shift_valid(indices)
+        elif fault == "compressed":
+            kwargs = _shift_extra(kwargs)
+        else:
+            kwargs["attn_sink"] = None
+        return real_decode(*args, indices=indices, **kwargs)
+
+    def prefill(*args, attn_sink=None, **kwargs):
+        return real_prefill(*args, attn_sink=None if fault == "no_sink" else attn_sink, **kwargs)
+
+    monkeypatch.setattr(nn.mla.api, "flash_mla_with_kvcache", decode)
+    monkeypatch.setattr(nn.mla.api, "flash_mla_sparse_fwd", prefill)
+    r = serve.run(serve.parse_args(SERVE_V4_FLAGS + ["--layers", "1", "--requests", "2", "--check-every", "1",
+                                                     "--phase-reps", "0"]))
+    assert not r["decode_matches"] and not r["ok"]
+    assert r["max_abs_diff"] > 2 * r["floor_abs_diff"]
+
+
 def test_write_fp8_places_quantised_tokens_at_their_slots_and_drops_padding():
     import jax_flashmla as jfm
 

@@ -1,7 +1,8 @@
 """Flax NNX building blocks around the decode kernel: an MLA layer, a paged KV cache, a small
 DeepSeek-style decoder (used by examples/serve.py and examples/train.py), DeepSeek-V3.2's
-lightning indexer with its FP8 key cache, and a DeepSeek-V3.2-style sparse decoder over an FP8 cache
-(used by examples/serve_sparse.py).
+lightning indexer with its FP8 key cache, a DeepSeek-V3.2-style sparse decoder over an FP8 cache and a
+DeepSeek-V4-style one (sliding window + compressed cache + attention sink over "model1" pools), both
+used by examples/serve_sparse.py.
 
 Needs flax (``pip install flax``, or the package's ``examples`` extra); ``import jax_flashmla`` alone
 does not import this subpackage.
@@ -14,15 +15,18 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from .decoder import DecoderBlock, DecoderConfig, MLADecoder, SwiGLU
 from .indexer import IndexerConfig, LightningIndexer, init_index_pools, rotate_activation, write_index_keys
-from .mla import KV_LORA_RANK, ROPE_DIM, MLAConfig, MultiHeadLatentAttention, apply_rope
+from .mla import KV_LORA_RANK, KV_LORA_RANK_V4, ROPE_DIM, MLAConfig, MultiHeadLatentAttention, apply_rope
 from .paged_cache import (PagedKVCache, SparseKVCache, grow, init_cache, init_sparse_cache, pages_needed, release,
                           write, write_fp8)
 from .sparse_decoder import SparseDecoderBlock, SparseDecoderConfig, SparseMLADecoder, fp8_round_trip, selection_mask
+from .window_decoder import (WindowDecoderBlock, WindowDecoderConfig, WindowKVCache, WindowMLADecoder, compress,
+                             init_window_cache)
 
 __all__ = [
     "DecoderBlock", "DecoderConfig", "IndexerConfig", "KV_LORA_RANK", "LightningIndexer", "MLAConfig", "MLADecoder",
     "MultiHeadLatentAttention", "PagedKVCache", "ROPE_DIM", "SwiGLU", "apply_rope", "grow", "init_cache",
     "init_index_pools", "pages_needed", "release", "rotate_activation", "write", "write_index_keys",
     "SparseDecoderBlock", "SparseDecoderConfig", "SparseKVCache", "SparseMLADecoder", "fp8_round_trip",
-    "init_sparse_cache", "selection_mask", "write_fp8",
+    "init_sparse_cache", "selection_mask", "write_fp8", "KV_LORA_RANK_V4", "WindowDecoderBlock", "WindowDecoderConfig",
+    "WindowKVCache", "WindowMLADecoder", "compress", "init_window_cache",
 ]

@@ -131,12 +131,13 @@ def write(pool, block_table, start, entries, num_valid):
     return pool.at[page, pos % PAGE_SIZE, 0].set(entries.astype(pool.dtype), mode="drop")
 
 
-def write_fp8(pool, block_table, start, entries, num_valid):
-    """``write`` for an FP8 "v32" pool: entries [n, s, 576] (bfloat16; quantised by
-    ``kv_formats.write_tokens``) go to positions start[i] + j of the requests whose pages are
-    block_table[i]; entries with j >= num_valid[i] are dropped. The positions must have pages."""
+def write_fp8(pool, block_table, start, entries, num_valid, fmt=FP8_FORMAT):
+    """``write`` for an FP8 pool of format ``fmt`` ("v32": entries [n, s, 576]; "model1": [n, s, 512];
+    bfloat16, quantised by ``kv_formats.write_tokens``): they go to positions start[i] + j of the
+    requests whose pages are block_table[i]; entries with j >= num_valid[i] are dropped. The
+    positions must have pages."""
     n, s, _ = entries.shape
     pos = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
     slots = index_ops.slots_of(block_table, pos, PAGE_SIZE)
     slots = jnp.where(jnp.arange(s)[None, :] < num_valid[:, None], slots, -1).reshape(n * s)
-    return kv_formats.write_tokens(pool, FP8_FORMAT, slots, entries.reshape(n * s, -1).astype(jnp.bfloat16))
+    return kv_formats.write_tokens(pool, fmt, slots, entries.reshape(n * s, -1).astype(jnp.bfloat16))

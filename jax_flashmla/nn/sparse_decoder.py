@@ -57,14 +57,14 @@ class SparseDecoderBlock(nnx.Module):
         self.mlp = SwiGLU(dim, cfg.mlp_dim, param_dtype=param_dtype, rngs=rngs)
 
 
-def fp8_round_trip(entries):
-    """Cache entries [b, s, 576] (s a multiple of 64) through the "v32" FP8 format and back, float32:
-    what a decode step reads of them."""
+def fp8_round_trip(entries, fmt=paged_cache.FP8_FORMAT):
+    """Cache entries [b, s, d_qk] through an FP8 pool format ("v32", d_qk 576; "model1", d_qk 512) and
+    back, float32: what a decode step reads of them (bfloat16 first, as the pools are written)."""
     b, s, d = entries.shape
-    fmt = paged_cache.FP8_FORMAT
-    pool = kv_formats.quantize_kv_cache(entries.astype(jnp.bfloat16).reshape(b * s // PAGE_SIZE, PAGE_SIZE, 1, d),
-                                        fmt, jnp.uint8)
-    return kv_formats.dequantize_kv_cache(pool, fmt, jnp.float32).reshape(b, s, d)
+    pages = -(-s // PAGE_SIZE)
+    padded = jnp.pad(entries.astype(jnp.bfloat16), ((0, 0), (0, pages * PAGE_SIZE - s), (0, 0)))
+    pool = kv_formats.quantize_kv_cache(padded.reshape(b * pages, PAGE_SIZE, 1, d), fmt, jnp.uint8)
+    return kv_formats.dequantize_kv_cache(pool, fmt, jnp.float32).reshape(b, pages * PAGE_SIZE, d)[:, :s]
 
 
 def selection_mask(positions, length: int):
@@ -89,23 +89,25 @@ class SparseMLADecoder(nnx.Module):
     def _logits(self, x):
         return self.head(self.norm(x)).astype(jnp.float32)
 
-    def masked(self, tokens, masks, compute_dtype=None, round_entries=None):
+    def masked(self, tokens, masks, compute_dtype=None, round_entries=None, q_chunk=None):
         """Forward over tokens [b, s] without a cache, layer l's attention restricted to masks[l]
         (bool [layers, b, s, s], query by key) -> logits [b, s, vocab]. round_entries: as in
-        ``MultiHeadLatentAttention.naive`` (e.g. ``fp8_round_trip``)."""
+        ``MultiHeadLatentAttention.naive`` (e.g. ``fp8_round_trip``); q_chunk: query tokens scored
+        at a time (``naive``), so that no [b, h, s, s] scores exist at long lengths."""
         b, s = tokens.shape
         x = self.embed(tokens)
         x = x if compute_dtype is None else x.astype(compute_dtype)
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         for blk, mask in zip(self.blocks, masks):
-            out, _ = blk.attn.naive(blk.attn_norm(x), positions, mask, round_entries)
+            out, _ = blk.attn.naive(blk.attn_norm(x), positions, mask, round_entries, q_chunk)
             x = x + out
             x = x + blk.mlp(blk.mlp_norm(x))
         return self._logits(x)
 
-    def prefill(self, tokens, lens, slots, cache: paged_cache.SparseKVCache):
+    def prefill(self, tokens, lens, slots, cache: paged_cache.SparseKVCache, q_chunk=None):
         """Prompts tokens [n, s] (right-padded; lens [n] real lengths, >= 1) into the empty cache
         slots `slots` [n]; a row whose slot is out of range is padding and changes nothing.
+        q_chunk: query tokens per sparse prefill call (``MultiHeadLatentAttention.sparse_prefill``).
         Returns (logits [n, vocab] at each prompt's last token, cache, the picked rows int32
         [layers, n, s, topk] of every token, -1 unused)."""
         n, s = tokens.shape
@@ -124,7 +126,7 @@ class SparseMLADecoder(nnx.Module):
             q8, w = blk.indexer.fp8_queries(q, w)
             k8, k_scale = ops.quantize_fp8(keys, icfg.ue8m0)
             picked = _causal_selection(q8, w, k8, k_scale, lens.astype(jnp.int32), icfg.topk)
-            out, entries = blk.attn.sparse_prefill(h, positions, picked)
+            out, entries = blk.attn.sparse_prefill(h, positions, picked, q_chunk=q_chunk)
             x = x + out
             x = x + blk.mlp(blk.mlp_norm(x))
             pools.append(paged_cache.write_fp8(pool, rows, start, entries, valid))
