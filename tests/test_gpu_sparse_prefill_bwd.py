@@ -9,15 +9,16 @@ unused, so the custom VJP's backward primitive runs), taken wrt q, kv and attn_s
   - with the same call lowered with JAX_FLASHMLA_FORCE_FALLBACK=1 (the pure-JAX backward);
   - with jax.vjp of the float32 reference at the same (bfloat16-valued) inputs.
 Tolerances against the fallback (GRAD_TOL), per tensor scaled to unit max: within 3e-3 absolute or
-3.01/128 relative, and a cosine difference under 2e-5; against the reference REF_TOL (see there). The kernel's inputs are bfloat16 and it accumulates in float32, but it
-rounds dS and sig * P to bfloat16 before the dQ and dK products (relative 2^-9 a term) and dq to
-bfloat16 at the end (up to 3.9e-3 of an element); D = sum(d_out * out) comes from the bfloat16 out,
-as in flash attention, moving small elements by about 1e-3 of the largest; dkv is summed with
-atomics, in no fixed order (float32 rounding only). Cases: h_q 1/16/64/128, d_qk 576 and 512, topk
-64, not a multiple of 64 and 2048, topk_length, sinks (+-inf included), a nonzero d_lse, invalid ids
-anywhere, duplicate ids in a row and across tokens, tokens with no valid entry (zero gradients), NaN
-in q and in a read kv row (propagates as in the pure-JAX backward), NaN in unread kv rows (make_case
-fills every one: never leaks; their dkv is exactly 0), and the batched form.
+3.01/128 relative, and a cosine difference under 2e-5; against the reference REF_TOL (see there). The
+kernel's inputs are bfloat16 and it accumulates in float32, but it rounds dS and sig * P to bfloat16
+before the dQ and dK products (relative 2^-9 a term) and dq to bfloat16 at the end (up to 3.9e-3 of an
+element); D = sum(d_out * out) comes from the bfloat16 out, as in flash attention, moving small
+elements by about 1e-3 of the largest; dkv is summed with atomics, in no fixed order (float32 rounding
+only). Cases: h_q 1/16/64/128, d_qk 576 and 512, topk 64, not a multiple of 64 and 2048, topk_length,
+sinks (+-inf included), a nonzero d_lse, invalid ids anywhere, duplicate ids in a row and across
+tokens, tokens with no valid entry (zero gradients), NaN in q and in a read kv row (propagates as in
+the pure-JAX backward), NaN in unread kv rows (make_case fills every one: never leaks; their dkv is
+exactly 0), and the batched form.
 """
 
 from __future__ import annotations

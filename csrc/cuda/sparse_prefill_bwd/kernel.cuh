@@ -58,7 +58,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
 
-  auto smem_tensor = [](uint16_t* at, auto layout) { return make_tensor(make_smem_ptr(reinterpret_cast<Elem*>(at)), layout); };
+  auto smem_tensor = [](uint16_t* at, auto layout) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<Elem*>(at)), layout);
+  };
   Tensor sQ = smem_tensor(smem.q, typename Tr::SmemLayoutQ{});
   Tensor sDO = smem_tensor(smem.d_out, typename Tr::SmemLayoutDO{});
   Tensor sDS = smem_tensor(smem.ds, typename Tr::SmemLayoutDS{});
