@@ -2,7 +2,8 @@
 """Sparse MLA prefill benchmark: flash_mla_sparse_fwd forward and backward, FlashMLA side by side.
 
 jax_flashmla.flash_mla_sparse_fwd in FlashMLA's unbatched form (q [s_q, h_q, d_qk], kv [s_kv, 1, d_qk],
-indices [s_q, 1, topk]) and its gradient with respect to q and kv (the op's custom VJP), timed with
+indices [s_q, 1, topk]) and its gradient with respect to q and kv (the op's custom VJP: on an SM90
+GPU the backward kernel of csrc/cuda/sparse_prefill_bwd/, elsewhere the pure-JAX backward), timed with
 mla_bench's machinery (profiler device times, the L2 flushed before each iteration) against the same
 run's bf16 matmul, over two suites at s_q 4096, s_kv 8192 / 32768 / 65536 and h_q 128 / 64:
 

@@ -18,6 +18,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmMetadataCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmDecodeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparseDecodeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparsePrefillCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparsePrefillBwdCuda);
 #endif
 
 namespace nb = nanobind;
@@ -63,6 +64,7 @@ NB_MODULE(_ext, m) {
     targets["jax_flashmla_decode"] = handler_capsule(JfmDecodeCuda);
     targets["jax_flashmla_sparse_decode"] = handler_capsule(JfmSparseDecodeCuda);
     targets["jax_flashmla_sparse_prefill"] = handler_capsule(JfmSparsePrefillCuda);
+    targets["jax_flashmla_sparse_prefill_bwd"] = handler_capsule(JfmSparsePrefillBwdCuda);  // CUDA only
 #endif
     return targets;
   });

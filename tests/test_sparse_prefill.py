@@ -8,6 +8,7 @@ handler, gradients against the reference's, and argument errors."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.extend
@@ -325,6 +326,49 @@ def test_grad_of_the_batched_form_and_under_vmap(rng):
             np.testing.assert_allclose(np.asarray(a[i], np.float32), np.asarray(b, np.float32), rtol=1e-2,
                                        atol=1e-6 + 1e-3 * float(np.abs(np.asarray(b, np.float32)).max()),
                                        err_msg=name)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("forced", [False, True])
+def test_cuda_lowering_of_the_gradient(rng, monkeypatch, batched, forced):
+    """The gradient lowered for CUDA as on an SM90 GPU with the CUDA kernels (no GPU needed): one call
+    of the backward kernel's target, taking q, kv, indices, topk_length, lse, d_out (bfloat16), sig
+    and delta and returning dq like q and a float32 dkv (the batched form folded into one call);
+    with JAX_FLASHMLA_FORCE_FALLBACK=1, no such call (the pure-JAX backward)."""
+    from jax_flashmla import _ffi, _platform
+
+    monkeypatch.setattr(_platform, "_gpu_is_sm90", lambda: True)
+    monkeypatch.setattr(_ffi, "HAS_CUDA_KERNELS", True)
+    if forced:
+        monkeypatch.setenv("JAX_FLASHMLA_FORCE_FALLBACK", "1")
+    else:
+        monkeypatch.delenv("JAX_FLASHMLA_FORCE_FALLBACK", raising=False)
+    b, s_q, s_kv, h_q = 2, 5, 90, 16
+    cases = [make_case(rng, s_q=s_q, s_kv=s_kv, topk=128, h_q=h_q, d_qk=576, lengths=True) for _ in range(b)]
+    case = cases[0]
+    if batched:
+        case = {k: jnp.stack([c[k] for c in cases]) for k in ("q", "kv", "indices", "topk_length")}
+    sink = jnp.asarray(make_sink(rng, h_q))
+    d_out = jnp.ones(case["q"].shape[:-1] + (512,), jnp.float32)
+    jax.clear_caches()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the one-time fallback warning
+            text = jax.jit(lambda: _grads(fm.flash_mla_sparse_fwd, case, sink, d_out, 0.5)).trace().lower(
+                lowering_platforms=("cuda",)).as_text()
+    finally:
+        jax.clear_caches()
+    calls = [line for line in text.splitlines() if f"custom_call @{_ffi.SPARSE_PREFILL_BWD_TARGET}(" in line]
+    if forced:
+        assert not calls
+        return
+    assert len(calls) == 1, calls
+    tokens, rows = (b * s_q, b * s_kv) if batched else (s_q, s_kv)
+    operands, results = calls[0].rsplit(": (", 1)[1].split(") -> (")
+    assert operands == (f"tensor<{tokens}x{h_q}x576xbf16>, tensor<{rows}x1x576xbf16>, tensor<{tokens}x1x128xi32>, "
+                        f"tensor<{tokens}xi32>, tensor<{tokens}x{h_q}xf32>, tensor<{tokens}x{h_q}x512xbf16>, "
+                        f"tensor<{tokens}x{h_q}xf32>, tensor<{tokens}x{h_q}xf32>"), operands
+    assert results.rstrip(")") == f"tensor<{tokens}x{h_q}x576xbf16>, tensor<{rows}x1x576xf32>", results
 
 
 # ---- errors ------------------------------------------------------------------------------------------

@@ -237,4 +237,84 @@ inline ffi::Error read_sparse_prefill_params(ffi::AnyBuffer q, ffi::AnyBuffer kv
       .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()  /* lse */         \
       .Attr<float>("softmax_scale")
 
+// The sparse prefill backward's CUDA handler: operands q, kv, indices, topk_length (empty when absent),
+// lse, d_out (bfloat16), sig and delta (float32 [s_q, h_q], the op's per-row factors); results dq
+// (bfloat16, like q) and dkv (float32 [s_kv, 1, d_qk]). The same checks as the forward's.
+inline ffi::Error read_sparse_prefill_bwd_params(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> indices,
+                                                 ffi::Buffer<ffi::S32> topk_length, ffi::Buffer<ffi::F32> lse,
+                                                 ffi::AnyBuffer d_out, ffi::Buffer<ffi::F32> sig,
+                                                 ffi::Buffer<ffi::F32> delta, ffi::Result<ffi::AnyBuffer> dq,
+                                                 ffi::ResultBuffer<ffi::F32> dkv, float softmax_scale,
+                                                 SparsePrefillBwdParams& b) {
+  SparsePrefillParams& p = b.fwd;
+  auto qd = q.dimensions();
+  if (q.element_type() != ffi::DataType::BF16 || qd.size() != 3 || (qd[2] != 576 && qd[2] != 512)) {
+    return invalid("q must be bfloat16 [s_q, h_q, 576 or 512]");
+  }
+  p.seqlen_q = qd[0];
+  p.num_heads_q = static_cast<int>(qd[1]);
+  p.head_dim = static_cast<int>(qd[2]);
+  p.head_dim_v = kHeadDimV;
+  auto kd = kv.dimensions();
+  if (kv.element_type() != ffi::DataType::BF16 || kd.size() != 3 || kd[1] != 1 || kd[2] != p.head_dim) {
+    return invalid("kv must be bfloat16 [s_kv, 1, d_qk of q]");
+  }
+  p.seqlen_kv = kd[0];
+  auto id = indices.dimensions();
+  if (id.size() != 3 || id[0] != p.seqlen_q || id[1] != 1 || id[2] < 1 ||
+      id[2] > std::numeric_limits<int32_t>::max()) {
+    return invalid("indices must be [s_q, 1, topk >= 1]");
+  }
+  p.topk = static_cast<int>(id[2]);
+  if (topk_length.element_count() != 0) {
+    if (topk_length.dimensions().size() != 1 || topk_length.dimensions()[0] != p.seqlen_q) {
+      return invalid("topk_length must be [s_q] or empty");
+    }
+    p.topk_length = topk_length.typed_data();
+  }
+  const size_t rows = static_cast<size_t>(p.seqlen_q) * p.num_heads_q;
+  if (lse.element_count() != rows || sig.element_count() != rows || delta.element_count() != rows) {
+    return invalid("lse, sig and delta must be [s_q, h_q]");
+  }
+  auto dd = d_out.dimensions();
+  if (d_out.element_type() != ffi::DataType::BF16 || dd.size() != 3 || dd[0] != p.seqlen_q ||
+      dd[1] != p.num_heads_q || dd[2] != kHeadDimV) {
+    return invalid("d_out must be bfloat16 [s_q, h_q, 512]");
+  }
+  auto gd = dq->dimensions();
+  if (dq->element_type() != ffi::DataType::BF16 || gd.size() != 3 || gd[0] != qd[0] || gd[1] != qd[1] ||
+      gd[2] != qd[2]) {
+    return invalid("dq must be bfloat16 shaped like q");
+  }
+  auto vd = dkv->dimensions();
+  if (vd.size() != 3 || vd[0] != kd[0] || vd[1] != 1 || vd[2] != kd[2]) {
+    return invalid("dkv must be float32 shaped like kv");
+  }
+  p.q = static_cast<const uint16_t*>(q.untyped_data());
+  p.kv = static_cast<const uint16_t*>(kv.untyped_data());
+  p.indices = indices.typed_data();
+  p.softmax_scale = softmax_scale;
+  b.lse = lse.typed_data();
+  b.d_out = static_cast<const uint16_t*>(d_out.untyped_data());
+  b.sig = sig.typed_data();
+  b.delta = delta.typed_data();
+  b.dq = static_cast<uint16_t*>(dq->untyped_data());
+  b.dkv = dkv->typed_data();
+  return ffi::Error::Success();
+}
+
+// The sparse prefill backward's signature (CUDA only: elsewhere the backward is pure JAX).
+#define JFM_BIND_SPARSE_PREFILL_BWD_ARGS(binding)                    \
+  binding.Arg<::xla::ffi::AnyBuffer>()             /* q */           \
+      .Arg<::xla::ffi::AnyBuffer>()                /* kv */          \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()  /* indices */     \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()  /* topk_length */ \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()  /* lse */         \
+      .Arg<::xla::ffi::AnyBuffer>()                /* d_out */       \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()  /* sig */         \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()  /* delta */       \
+      .Ret<::xla::ffi::AnyBuffer>()                /* dq */          \
+      .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()  /* dkv */         \
+      .Attr<float>("softmax_scale")
+
 }  // namespace jax_flashmla

@@ -67,4 +67,17 @@ struct SparsePrefillParams {
   float* lse = nullptr;                   // [seqlen_q, num_heads_q], natural log
 };
 
+// The sparse prefill's backward (dq and dkv; the SM90 kernel only). The per-row factors come from
+// the op's JAX pre-step: sig = sigmoid(lse - sink) (1 without a sink) and delta = sig * sum_v(d_out *
+// out) - d_lse, both 0 on a row with no valid entry.
+struct SparsePrefillBwdParams {
+  SparsePrefillParams fwd;          // q, kv, indices, topk_length, shapes, softmax_scale (no results)
+  const float* lse = nullptr;       // [seqlen_q, num_heads_q], natural log, as the forward returned it
+  const uint16_t* d_out = nullptr;  // bf16 [seqlen_q, num_heads_q, head_dim_v]
+  const float* sig = nullptr;       // [seqlen_q, num_heads_q]
+  const float* delta = nullptr;     // [seqlen_q, num_heads_q]
+  uint16_t* dq = nullptr;           // bf16 [seqlen_q, num_heads_q, head_dim]
+  float* dkv = nullptr;             // [seqlen_kv, head_dim]: zeroed by the handler, summed into by the kernel
+};
+
 }  // namespace jax_flashmla

@@ -168,6 +168,25 @@ ffi::Error sparse_prefill_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBu
   return ffi::Error::Success();
 }
 
+// The sparse prefill's backward (read_sparse_prefill_bwd_params): dq, and dkv zeroed then summed into
+// in float32. Index values stay on the device, masked as the forward masks them.
+ffi::Error sparse_prefill_bwd_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
+                                   ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> topk_length,
+                                   ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer d_out, ffi::Buffer<ffi::F32> sig,
+                                   ffi::Buffer<ffi::F32> delta, ffi::Result<ffi::AnyBuffer> dq,
+                                   ffi::ResultBuffer<ffi::F32> dkv, float softmax_scale) {
+  SparsePrefillBwdParams p;
+  if (auto err = read_sparse_prefill_bwd_params(q, kv, indices, topk_length, lse, d_out, sig, delta, dq, dkv,
+                                                softmax_scale, p);
+      err.failure()) {
+    return err;
+  }
+  if (cudaError_t err = launch_sparse_prefill_bwd(p, stream); err != cudaSuccess) {
+    return cuda_error("sparse prefill backward kernel launch", err);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jax_flashmla
 
@@ -183,5 +202,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparseDecodeCuda, jax_flashmla::sparse_decode_c
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparsePrefillCuda, jax_flashmla::sparse_prefill_cuda,
                               JFM_BIND_SPARSE_PREFILL_ARGS(
+                                  xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparsePrefillBwdCuda, jax_flashmla::sparse_prefill_bwd_cuda,
+                              JFM_BIND_SPARSE_PREFILL_BWD_ARGS(
                                   xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -37,4 +37,9 @@ cudaError_t launch_sparse_combine(const SparseDecodeParams& p, cudaStream_t stre
 // and entries past topk_length are masked and never dereferenced.
 cudaError_t launch_sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream);
 
+// The sparse prefill's backward (sparse_prefill_bwd/): zeroes the float32 dkv accumulator on the
+// stream, then one CTA per (query token, 32-head tile) writes dq and adds its dK into dkv with
+// red.global.add. Index values are read on the device and masked as the forward masks them.
+cudaError_t launch_sparse_prefill_bwd(const SparsePrefillBwdParams& p, cudaStream_t stream);
+
 }  // namespace jax_flashmla

@@ -32,7 +32,13 @@ sparse_prefill_p, the public op: the same operands, parameters and results.
 
 sparse_prefill_bwd_p, the backward: (q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse) ->
 (dq, dkv, d_sink), with the static parameters sm_scale, d_v and chunk_bytes; d_lse and d_sink [0] when
-absent. Lowered as ops/sparse_prefill_bwd.py (pure JAX, in chunks from the saved out and lse).
+absent. Its lowering binds sparse_prefill_bwd_local_p per device (the same operands, results and
+parameters, plus dkv_dtype), lowered on an SM90 GPU to the CUDA backward kernel
+(csrc/cuda/sparse_prefill_bwd/): the per-row factors sig and delta and d_sink in JAX
+(sparse_prefill_bwd.row_factors), then the custom call, which returns dq and a float32 dkv that is
+converted after. On the CPU, elsewhere, and on CUDA when JAX_FLASHMLA_FORCE_FALLBACK=1 or the
+extension has no CUDA kernels, it is ops/sparse_prefill_bwd.py (pure JAX, in chunks from the saved
+out and lse).
   - vmap: folds like the forward (kv always per member, so dkv is; a sink is applied outside).
   - JVP (second derivatives): the tangents of its pure-JAX program, not partitioned.
   - Named shardings: partitioned like the forward (dq split like q, kv whole). Each shard's dkv is a
@@ -59,6 +65,8 @@ NOT_MAPPED = None  # JAX's marker of an operand without a mapped axis
 sparse_prefill_local_p = _ffi.primitive(_ffi.SPARSE_PREFILL_TARGET)
 sparse_prefill_p = _ffi.primitive("jax_flashmla_sparse_prefill_fwd")
 sparse_prefill_bwd_p = _ffi.primitive("jax_flashmla_sparse_prefill_bwd")
+sparse_prefill_bwd_local_p = _ffi.primitive("jax_flashmla_sparse_prefill_bwd_local")
+sparse_prefill_bwd_kernel_p = _ffi.primitive(_ffi.SPARSE_PREFILL_BWD_TARGET)
 
 
 def absent_operands():
@@ -200,6 +208,77 @@ def _empty_like(x, dtype):
     return jax.lax.slice_in_dim(x.reshape(-1), 0, 0).astype(dtype)
 
 
+# ---- the backward on one device: the CUDA kernel, or the pure-JAX program ---------------------------------
+#
+# sparse_prefill_bwd_kernel_p is the custom call itself: (q, kv, indices, topk_length, lse, d_out bf16,
+# sig, delta) -> (dq like q, dkv float32 like kv), the attribute softmax_scale.
+
+def _bwd_kernel_abstract_eval(q, kv, indices, topk_length, lse, d_out, sig, delta, *, sm_scale):
+    del sm_scale
+    avals = (jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray(kv.shape, jnp.float32))
+    return _partition.varying_like(avals, q, kv, indices, topk_length, lse, d_out, sig, delta)
+
+
+_bwd_kernel_call = jax.ffi.ffi_lowering(_ffi.SPARSE_PREFILL_BWD_TARGET)
+
+
+def _bwd_kernel_lowering(ctx, *operands, sm_scale):
+    return _bwd_kernel_call(ctx, *operands, softmax_scale=np.float32(sm_scale))
+
+
+sparse_prefill_bwd_kernel_p.def_abstract_eval(_bwd_kernel_abstract_eval)
+mlir.register_lowering(sparse_prefill_bwd_kernel_p, _bwd_kernel_lowering, platform="cuda")
+
+
+def _local_bwd_abstract_eval(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse, *, sm_scale, d_v,
+                             chunk_bytes, dkv_dtype):
+    del sm_scale, d_v, chunk_bytes
+    avals = (jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray(kv.shape, dkv_dtype or kv.dtype),
+             jax.core.ShapedArray(attn_sink.shape, jnp.float32))
+    return _partition.varying_like(avals, q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse)
+
+
+def _local_bwd_fallback(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse, *, sm_scale, d_v,
+                        chunk_bytes, dkv_dtype):
+    return backward_math(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse, sm_scale=sm_scale,
+                         d_v=d_v, chunk_bytes=chunk_bytes, dkv_dtype=dkv_dtype)
+
+
+def kernel_backward_math(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse, *, sm_scale, d_v,
+                         chunk_bytes, dkv_dtype):
+    """The backward through the CUDA kernel: the per-row factors (and d_sink) in JAX, then the custom
+    call; dkv comes back float32 and is converted to dkv_dtype (kv's when None). Sizes the kernel has
+    no work for (no token, no entry, no head) and operands it does not take (not bfloat16, d_qk other
+    than 576 or 512) take the pure-JAX program."""
+    s_q, h_q, d_qk = q.shape
+    bf16 = np.dtype(jnp.bfloat16)
+    if (s_q == 0 or h_q == 0 or indices.shape[-1] == 0 or d_v != _contract.HEAD_DIM_V or d_qk not in (576, 512)
+            or np.dtype(q.dtype) != bf16 or np.dtype(kv.dtype) != bf16):
+        return _local_bwd_fallback(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse,
+                                   sm_scale=sm_scale, d_v=d_v, chunk_bytes=chunk_bytes, dkv_dtype=dkv_dtype)
+    sig, delta, d_sink = sparse_prefill_bwd.row_factors(kv.shape[0], indices, _present(topk_length),
+                                                        _present(attn_sink), out, lse, d_out, _present(d_lse))
+    # The kernel reads d_out in bfloat16; a float32 one (a vmapped sink pre-scales it) is rounded once.
+    dq, dkv = sparse_prefill_bwd_kernel_p.bind(q, kv, indices, topk_length, lse.astype(jnp.float32),
+                                               d_out.astype(jnp.bfloat16), sig, delta, sm_scale=sm_scale)
+    dkv = dkv.astype(dkv_dtype or kv.dtype)
+    return dq, dkv, _empty_like(lse, jnp.float32) if d_sink is None else d_sink
+
+
+sparse_prefill_bwd_local_p.def_abstract_eval(_local_bwd_abstract_eval)
+_platform.register_lowerings(
+    sparse_prefill_bwd_local_p, mlir.lower_fun(_local_bwd_fallback, multiple_results=True), _local_bwd_fallback,
+    cuda_ffi_rule=mlir.lower_fun(kernel_backward_math, multiple_results=True))
+
+
+def local_backward(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse, *, sm_scale, d_v, chunk_bytes,
+                   dkv_dtype=None):
+    """sparse_prefill_bwd_local_p's results: the backward on one device, the kernel where it runs."""
+    return tuple(sparse_prefill_bwd_local_p.bind(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse,
+                                                 sm_scale=sm_scale, d_v=d_v, chunk_bytes=chunk_bytes,
+                                                 dkv_dtype=None if dkv_dtype is None else jnp.dtype(dkv_dtype)))
+
+
 def _bwd_batch_rule(args, dims, *, sm_scale, d_v, chunk_bytes):
     """The forward's fold: one call over B * s_q tokens. kv is folded per member even when it is shared
     (broadcast first), so each member gets its own dkv. A sink (mapped or not) is taken out of the call:
@@ -326,7 +405,7 @@ def _bwd_shardings(mesh, arg_shapes, absent):
 
 def _bwd_body(sm_scale, d_v, chunk_bytes, absent, *present):
     operands = _with_absent(present, absent, _BWD_OPTIONAL, 9)
-    return backward_math(*operands, sm_scale=sm_scale, d_v=d_v, chunk_bytes=chunk_bytes)
+    return local_backward(*operands, sm_scale=sm_scale, d_v=d_v, chunk_bytes=chunk_bytes)
 
 
 def _bwd_partition(sm_scale, d_v, chunk_bytes, absent, mesh, arg_shapes, result_shape):
@@ -336,8 +415,8 @@ def _bwd_partition(sm_scale, d_v, chunk_bytes, absent, mesh, arg_shapes, result_
     def lower_fn(*present):
         args = _with_absent(present, absent, _BWD_OPTIONAL, 9)
         kv_dtype = args[1].dtype
-        dq, dkv, d_sink = backward_math(*args, sm_scale=sm_scale, d_v=d_v, chunk_bytes=chunk_bytes,
-                                        dkv_dtype=jnp.float32)
+        dq, dkv, d_sink = local_backward(*args, sm_scale=sm_scale, d_v=d_v, chunk_bytes=chunk_bytes,
+                                         dkv_dtype=jnp.float32)
         # This shard's dkv sums over its tokens and heads, its d_sink over its tokens: one float32
         # all-reduce each over the split axes, then dkv is rounded once, as unsplit.
         if tokens + heads:

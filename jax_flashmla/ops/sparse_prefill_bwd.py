@@ -72,6 +72,32 @@ def chunk_sizes(s_q: int, h_q: int, topk: int, d_qk: int, kv_itemsize: int, chun
     return q_chunk, topk_chunk
 
 
+def row_factors(s_kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse=None):
+    """The backward's per-row factors, float32 [s_q, h_q]: sig (the factor of g = sig * d_out) and
+    delta = D - d_lse, both 0 on a row with no valid entry; and d_sink [h_q] (None without a sink).
+    Shared by the pure-JAX backward and the SM90 kernel's pre-step, so both use the same numbers."""
+    f32 = jnp.float32
+    s_q, topk = indices.shape[0], indices.shape[-1]
+    ids = indices.reshape(s_q, topk).astype(jnp.int32)
+    lengths = (jnp.full((s_q,), topk, jnp.int32) if topk_length is None
+               else topk_length.reshape(s_q).astype(jnp.int32))
+    position = jnp.arange(topk, dtype=jnp.int32)
+    has_entry = jnp.any((ids >= 0) & (ids < s_kv) & (position[None, :] < lengths[:, None]), axis=-1)[:, None]
+    dout_out = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # sum_v(d_out * out), [s_q, h_q]
+    lse = lse.astype(f32)
+    if attn_sink is not None:
+        sig = jax.nn.sigmoid(lse - attn_sink.astype(f32)[None, :])
+        d_sink = jnp.sum(jnp.where(has_entry, -(1.0 - sig) * dout_out, 0.0), axis=0)
+        delta = sig * dout_out
+    else:
+        d_sink = None
+        sig = jnp.ones_like(lse)
+        delta = dout_out
+    if d_lse is not None:
+        delta = delta - d_lse.astype(f32)
+    return jnp.where(has_entry, sig, 0.0), jnp.where(has_entry, delta, 0.0), d_sink
+
+
 def sparse_prefill_vjp_bwd(q, kv, indices, topk_length, attn_sink, out, lse, d_out, *, sm_scale, d_v,
                            d_lse=None, chunk_bytes: int = CHUNK_BYTES, q_chunk: int | None = None,
                            topk_chunk: int | None = None, dkv_dtype=None):
@@ -111,24 +137,8 @@ def sparse_prefill_vjp_bwd(q, kv, indices, topk_length, attn_sink, out, lse, d_o
     ids = indices.reshape(s_q, topk).astype(jnp.int32)
     lengths = (jnp.full((s_q,), topk, jnp.int32) if topk_length is None
                else topk_length.reshape(s_q).astype(jnp.int32))
-    position = jnp.arange(topk, dtype=jnp.int32)
-    has_entry = jnp.any((ids >= 0) & (ids < s_kv) & (position[None, :] < lengths[:, None]), axis=-1)[:, None]
-
-    # Per row: the factor sig of g = sig * d_out, and delta = D - d_lse; both 0 on a row with no entry.
-    dout_out = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # sum_v(d_out * out), [s_q, h_q]
+    sig, delta, d_sink = row_factors(s_kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse)
     lse = lse.astype(f32)
-    if attn_sink is not None:
-        sig = jax.nn.sigmoid(lse - attn_sink.astype(f32)[None, :])
-        d_sink = jnp.sum(jnp.where(has_entry, -(1.0 - sig) * dout_out, 0.0), axis=0)
-        delta = sig * dout_out
-    else:
-        d_sink = None
-        sig = jnp.ones_like(lse)
-        delta = dout_out
-    if d_lse is not None:
-        delta = delta - d_lse.astype(f32)
-    sig = jnp.where(has_entry, sig, 0.0)
-    delta = jnp.where(has_entry, delta, 0.0)
     rows = kv.reshape(s_kv, d_qk)
 
     # Chunk i covers tokens [start, start + cq) with start = min(i * cq, s_q - cq): the last chunk
