@@ -42,11 +42,10 @@ import pytest
 import jax_flashmla as jfm
 from jax_flashmla import kv_formats
 from jax_flashmla.ops import sparse_decode as sparse_op
-from sparse_cases import (INT32_MAX, INT32_MIN, LSE_TOL, OUT_TOL, CachePool, assert_close, check, flashmla_case,
-                          poison_unused, run)
-from test_sparse_decode import make_case
-from test_sparse_matrix import CASES as MATRIX_CASES
-from test_sparse_matrix import D_QK, _case_id
+from sparse_cases import (INT32_MAX, INT32_MIN, LSE_TOL, OUT_TOL, CachePool, assert_close, check,
+                          flashmla_case, make_case, poison_unused, run)
+from sparse_matrix_cases import CASES as MATRIX_CASES
+from sparse_matrix_cases import D_QK, case_id
 
 _ON_CPU = os.environ.get("JAX_FLASHMLA_GPU_TESTS_ON_CPU") == "1"
 EXPECTED_PATH = "cpu-ffi" if _ON_CPU else "cuda-sm90"
@@ -65,7 +64,7 @@ def _f32(x):
 
 # ---- FlashMLA's matrix ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", MATRIX_CASES, ids=[_case_id(c) for c in MATRIX_CASES])
+@pytest.mark.parametrize("case", MATRIX_CASES, ids=[case_id(c) for c in MATRIX_CASES])
 def test_matrix(rng, case):
     fmt, batch, seqlen_q, heads, main, extra, varlen, zero, invalid, sink = case
     kwargs = flashmla_case(rng, fmt, batch=batch, seqlen_q=seqlen_q, heads=heads, main=main, extra=extra,

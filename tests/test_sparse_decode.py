@@ -14,53 +14,9 @@ import numpy as np
 import pytest
 
 import jax_flashmla as fm
-from jax_flashmla import kv_formats
-from sparse_cases import (LSE_TOL, OUT_TOL, assert_close, check, make_indices, make_lengths, make_sink, poison_unused,
-                          reference, run)
+from sparse_cases import LSE_TOL, OUT_TOL, assert_close, check, make_case, reference, run
 
 D_QK = {"v32": 576, "model1": 512}
-
-
-# ---- problems ------------------------------------------------------------------------------------------
-
-def used_mask(num_slots, ids, lengths):
-    limit = ids.shape[2] if lengths is None else np.asarray(lengths)[:, None, None]
-    ok = (ids >= 0) & (ids < num_slots) & (np.arange(ids.shape[2])[None, None, :] < limit)
-    used = np.zeros(num_slots, bool)
-    used[ids[ok]] = True
-    return used
-
-
-def make_pool(rng, fmt, *, batch, seqlen_q, page, topk, lengths, invalid, empty_rows, num_blocks=None,
-              dtype=jnp.float8_e4m3fn):
-    """(FP8 pool with NaN in unread slots, ids, topk_length or None)."""
-    if num_blocks is None:
-        num_blocks = max(-(-topk // page) + 2, 3)
-    lens = make_lengths(rng, batch, topk) if lengths else None
-    ids = make_indices(rng, batch=batch, seqlen_q=seqlen_q, topk=topk, num_slots=num_blocks * page,
-                       invalid=invalid, empty_rows=empty_rows, topk_length=lens)
-    # Past topk_length make_indices leaves garbage, out-of-pool ids included: never read.
-    kv = np.clip(rng.standard_normal((num_blocks, page, 1, fmt.d_qk)) / 10, -1, 1)
-    pool = kv_formats.quantize_kv_cache(jnp.asarray(kv, jnp.bfloat16), fmt, dtype)
-    pool = poison_unused(pool, fmt, page, used_mask(num_blocks * page, ids, lens))
-    return pool, jnp.asarray(ids), None if lens is None else jnp.asarray(lens)
-
-
-def make_case(rng, fmt_name, *, batch, seqlen_q, heads, page, topk, lengths=False, sink=False, extra=None,
-              invalid=0.2, empty_rows=0, dtype=jnp.float8_e4m3fn):
-    """kwargs of flash_mla_with_kvcache in sparse mode. extra: (page, topk, lengths) of a second pool."""
-    fmt = kv_formats.kv_cache_format(fmt_name)
-    q = jnp.asarray(np.clip(rng.standard_normal((batch, seqlen_q, heads, fmt.d_qk)), -1, 1), jnp.bfloat16)
-    pool, ids, lens = make_pool(rng, fmt, batch=batch, seqlen_q=seqlen_q, page=page, topk=topk, lengths=lengths,
-                                invalid=invalid, empty_rows=empty_rows, dtype=dtype)
-    kwargs = dict(q=q, k_cache=pool, indices=ids, topk_length=lens,
-                  attn_sink=jnp.asarray(make_sink(rng, heads)) if sink else None)
-    if extra is not None:
-        e_page, e_topk, e_lengths = extra
-        e_pool, e_ids, e_lens = make_pool(rng, fmt, batch=batch, seqlen_q=seqlen_q, page=e_page, topk=e_topk,
-                                          lengths=e_lengths, invalid=invalid, empty_rows=empty_rows, dtype=dtype)
-        kwargs.update(extra_k_cache=e_pool, extra_indices_in_kvcache=e_ids, extra_topk_length=e_lens)
-    return kwargs
 
 
 # ---- the handler against the reference -----------------------------------------------------------------
