@@ -167,14 +167,9 @@ inline ffi::Error read_sparse_decode_workspace(ffi::ResultBuffer<ffi::F32> o_acc
       .Attr<float>("softmax_scale")                                                \
       .Attr<int32_t>("num_splits")
 
-// Operands: q, kv, indices, topk_length, attn_sink; results out, max_logits and lse. An optional
-// operand that is absent is an empty buffer. Index values are not read here (they may live on the
-// device): ids outside [0, s_kv) are unused entries wherever they are read.
-inline ffi::Error read_sparse_prefill_params(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> indices,
-                                             ffi::Buffer<ffi::S32> topk_length, ffi::Buffer<ffi::F32> attn_sink,
-                                             ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32> max_logits,
-                                             ffi::ResultBuffer<ffi::F32> lse, float softmax_scale,
-                                             SparsePrefillParams& p) {
+// q, kv, indices and topk_length, checked and read alike by the forward and the backward.
+inline ffi::Error read_sparse_prefill_inputs(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> indices,
+                                             ffi::Buffer<ffi::S32> topk_length, SparsePrefillParams& p) {
   auto qd = q.dimensions();
   if (q.element_type() != ffi::DataType::BF16 || qd.size() != 3 || (qd[2] != 576 && qd[2] != 512)) {
     return invalid("q must be bfloat16 [s_q, h_q, 576 or 512]");
@@ -200,6 +195,21 @@ inline ffi::Error read_sparse_prefill_params(ffi::AnyBuffer q, ffi::AnyBuffer kv
     }
     p.topk_length = topk_length.typed_data();
   }
+  p.q = static_cast<const uint16_t*>(q.untyped_data());
+  p.kv = static_cast<const uint16_t*>(kv.untyped_data());
+  p.indices = indices.typed_data();
+  return ffi::Error::Success();
+}
+
+// Operands: q, kv, indices, topk_length, attn_sink; results out, max_logits and lse. An optional
+// operand that is absent is an empty buffer. Index values are not read here (they may live on the
+// device): ids outside [0, s_kv) are unused entries wherever they are read.
+inline ffi::Error read_sparse_prefill_params(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> indices,
+                                             ffi::Buffer<ffi::S32> topk_length, ffi::Buffer<ffi::F32> attn_sink,
+                                             ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32> max_logits,
+                                             ffi::ResultBuffer<ffi::F32> lse, float softmax_scale,
+                                             SparsePrefillParams& p) {
+  if (auto err = read_sparse_prefill_inputs(q, kv, indices, topk_length, p); err.failure()) return err;
   if (attn_sink.element_count() != 0) {
     if (attn_sink.dimensions().size() != 1 || attn_sink.dimensions()[0] != p.num_heads_q) {
       return invalid("attn_sink must be [h_q] or empty");
@@ -215,9 +225,6 @@ inline ffi::Error read_sparse_prefill_params(ffi::AnyBuffer q, ffi::AnyBuffer kv
   if (max_logits->element_count() != rows || lse->element_count() != rows) {
     return invalid("max_logits and lse must be [s_q, h_q]");
   }
-  p.q = static_cast<const uint16_t*>(q.untyped_data());
-  p.kv = static_cast<const uint16_t*>(kv.untyped_data());
-  p.indices = indices.typed_data();
   p.softmax_scale = softmax_scale;
   p.out = static_cast<uint16_t*>(out->untyped_data());
   p.max_logits = max_logits->typed_data();
@@ -247,31 +254,7 @@ inline ffi::Error read_sparse_prefill_bwd_params(ffi::AnyBuffer q, ffi::AnyBuffe
                                                  ffi::ResultBuffer<ffi::F32> dkv, float softmax_scale,
                                                  SparsePrefillBwdParams& b) {
   SparsePrefillParams& p = b.fwd;
-  auto qd = q.dimensions();
-  if (q.element_type() != ffi::DataType::BF16 || qd.size() != 3 || (qd[2] != 576 && qd[2] != 512)) {
-    return invalid("q must be bfloat16 [s_q, h_q, 576 or 512]");
-  }
-  p.seqlen_q = qd[0];
-  p.num_heads_q = static_cast<int>(qd[1]);
-  p.head_dim = static_cast<int>(qd[2]);
-  p.head_dim_v = kHeadDimV;
-  auto kd = kv.dimensions();
-  if (kv.element_type() != ffi::DataType::BF16 || kd.size() != 3 || kd[1] != 1 || kd[2] != p.head_dim) {
-    return invalid("kv must be bfloat16 [s_kv, 1, d_qk of q]");
-  }
-  p.seqlen_kv = kd[0];
-  auto id = indices.dimensions();
-  if (id.size() != 3 || id[0] != p.seqlen_q || id[1] != 1 || id[2] < 1 ||
-      id[2] > std::numeric_limits<int32_t>::max()) {
-    return invalid("indices must be [s_q, 1, topk >= 1]");
-  }
-  p.topk = static_cast<int>(id[2]);
-  if (topk_length.element_count() != 0) {
-    if (topk_length.dimensions().size() != 1 || topk_length.dimensions()[0] != p.seqlen_q) {
-      return invalid("topk_length must be [s_q] or empty");
-    }
-    p.topk_length = topk_length.typed_data();
-  }
+  if (auto err = read_sparse_prefill_inputs(q, kv, indices, topk_length, p); err.failure()) return err;
   const size_t rows = static_cast<size_t>(p.seqlen_q) * p.num_heads_q;
   if (lse.element_count() != rows || sig.element_count() != rows || delta.element_count() != rows) {
     return invalid("lse, sig and delta must be [s_q, h_q]");
@@ -282,17 +265,14 @@ inline ffi::Error read_sparse_prefill_bwd_params(ffi::AnyBuffer q, ffi::AnyBuffe
     return invalid("d_out must be bfloat16 [s_q, h_q, 512]");
   }
   auto gd = dq->dimensions();
-  if (dq->element_type() != ffi::DataType::BF16 || gd.size() != 3 || gd[0] != qd[0] || gd[1] != qd[1] ||
-      gd[2] != qd[2]) {
+  if (dq->element_type() != ffi::DataType::BF16 || gd.size() != 3 || gd[0] != p.seqlen_q ||
+      gd[1] != p.num_heads_q || gd[2] != p.head_dim) {
     return invalid("dq must be bfloat16 shaped like q");
   }
   auto vd = dkv->dimensions();
-  if (vd.size() != 3 || vd[0] != kd[0] || vd[1] != 1 || vd[2] != kd[2]) {
+  if (vd.size() != 3 || vd[0] != p.seqlen_kv || vd[1] != 1 || vd[2] != p.head_dim) {
     return invalid("dkv must be float32 shaped like kv");
   }
-  p.q = static_cast<const uint16_t*>(q.untyped_data());
-  p.kv = static_cast<const uint16_t*>(kv.untyped_data());
-  p.indices = indices.typed_data();
   p.softmax_scale = softmax_scale;
   b.lse = lse.typed_data();
   b.d_out = static_cast<const uint16_t*>(d_out.untyped_data());
