@@ -13,20 +13,19 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("jax_flashmla.nn needs flax: pip install flax (or jax_flashmla[examples])") from e
 
-from .decoder import DecoderBlock, DecoderConfig, MLADecoder, SwiGLU
+from .decoder import DecoderBlock, DecoderConfig, DecoderStack, MLADecoder, SwiGLU
 from .indexer import IndexerConfig, LightningIndexer, init_index_pools, rotate_activation, write_index_keys
 from .mla import KV_LORA_RANK, KV_LORA_RANK_V4, ROPE_DIM, MLAConfig, MultiHeadLatentAttention, apply_rope
 from .paged_cache import (PagedKVCache, SparseKVCache, grow, init_cache, init_sparse_cache, pages_needed, release,
                           write, write_fp8)
-from .sparse_decoder import SparseDecoderBlock, SparseDecoderConfig, SparseMLADecoder, fp8_round_trip, selection_mask
-from .window_decoder import (WindowDecoderBlock, WindowDecoderConfig, WindowKVCache, WindowMLADecoder, compress,
-                             init_window_cache)
+from .sparse_decoder import SparseDecoderConfig, SparseMLADecoder, fp8_round_trip, selection_mask
+from .window_decoder import WindowDecoderConfig, WindowKVCache, WindowMLADecoder, compress, init_window_cache
 
 __all__ = [
-    "DecoderBlock", "DecoderConfig", "IndexerConfig", "KV_LORA_RANK", "LightningIndexer", "MLAConfig", "MLADecoder",
-    "MultiHeadLatentAttention", "PagedKVCache", "ROPE_DIM", "SwiGLU", "apply_rope", "grow", "init_cache",
-    "init_index_pools", "pages_needed", "release", "rotate_activation", "write", "write_index_keys",
-    "SparseDecoderBlock", "SparseDecoderConfig", "SparseKVCache", "SparseMLADecoder", "fp8_round_trip",
-    "init_sparse_cache", "selection_mask", "write_fp8", "KV_LORA_RANK_V4", "WindowDecoderBlock", "WindowDecoderConfig",
-    "WindowKVCache", "WindowMLADecoder", "compress", "init_window_cache",
+    "DecoderBlock", "DecoderConfig", "DecoderStack", "IndexerConfig", "KV_LORA_RANK", "KV_LORA_RANK_V4",
+    "LightningIndexer", "MLAConfig", "MLADecoder", "MultiHeadLatentAttention", "PagedKVCache", "ROPE_DIM",
+    "SparseDecoderConfig", "SparseKVCache", "SparseMLADecoder", "SwiGLU", "WindowDecoderConfig", "WindowKVCache",
+    "WindowMLADecoder", "apply_rope", "compress", "fp8_round_trip", "grow", "init_cache", "init_index_pools",
+    "init_sparse_cache", "init_window_cache", "pages_needed", "release", "rotate_activation", "selection_mask",
+    "write", "write_fp8", "write_index_keys",
 ]

@@ -20,6 +20,7 @@ from flax import nnx
 from .. import api
 from .._contract import HEAD_DIM, PAGE_SIZE
 from . import paged_cache
+from .indexer import LightningIndexer
 from .mla import MLAConfig, MultiHeadLatentAttention
 
 _List = getattr(nnx, "List", list)  # flax >= 0.12 wants module lists wrapped
@@ -43,32 +44,43 @@ class SwiGLU(nnx.Module):
 
 
 class DecoderBlock(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, param_dtype, rngs: nnx.Rngs):
+    """Pre-RMSNorm MLA attention then a SwiGLU MLP (``cfg``: any decoder config, its ``attention`` and
+    ``mlp_dim``); given an ``IndexerConfig``, DeepSeek-V3.2's lightning indexer beside the attention."""
+
+    def __init__(self, cfg, *, indexer=None, param_dtype, rngs: nnx.Rngs):
         dim = cfg.attention.dim
         norm = functools.partial(nnx.RMSNorm, epsilon=1e-6, dtype=None, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm, self.mlp_norm = norm(dim), norm(dim)
         self.attn = MultiHeadLatentAttention(cfg.attention, param_dtype=param_dtype, rngs=rngs)
+        if indexer is not None:
+            self.indexer = LightningIndexer(indexer, param_dtype=param_dtype, rngs=rngs)
         self.mlp = SwiGLU(dim, cfg.mlp_dim, param_dtype=param_dtype, rngs=rngs)
 
 
-class MLADecoder(nnx.Module):
-    """Token ids in, float32 logits out. Activations run in the parameters' dtype unless a
-    compute_dtype is given (the oracle runs bfloat16 weights in float32)."""
+class DecoderStack(nnx.Module):
+    """What the decoders here share: the token embedding, ``cfg.num_layers`` DecoderBlocks, the final
+    RMSNorm and the vocabulary head. Token ids in, float32 logits out; activations run in the
+    parameters' dtype unless a compute_dtype is given (the oracles run bfloat16 weights in float32)."""
 
-    def __init__(self, cfg: DecoderConfig, *, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, indexer=None, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):
         self.cfg = cfg
         dim = cfg.attention.dim
         self.embed = nnx.Embed(cfg.vocab_size, dim, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = _List([DecoderBlock(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.blocks = _List([DecoderBlock(cfg, indexer=indexer, param_dtype=param_dtype, rngs=rngs)
+                             for _ in range(cfg.num_layers)])
         self.norm = nnx.RMSNorm(dim, epsilon=1e-6, dtype=None, param_dtype=param_dtype, rngs=rngs)
         self.head = nnx.Linear(dim, cfg.vocab_size, use_bias=False, dtype=None, param_dtype=param_dtype, rngs=rngs)
 
-    def _embed(self, tokens, compute_dtype):
+    def _embed(self, tokens, compute_dtype=None):
         x = self.embed(tokens)
         return x if compute_dtype is None else x.astype(compute_dtype)
 
     def _logits(self, x):
         return self.head(self.norm(x)).astype(jnp.float32)
+
+
+class MLADecoder(DecoderStack):
+    """The dense decoder: causal attention over every earlier token (``DecoderConfig``)."""
 
     def naive(self, tokens, compute_dtype=None):
         """Causal forward over tokens [b, s] without a cache -> (logits [b, s, vocab], the cache

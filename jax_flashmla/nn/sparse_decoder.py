@@ -15,9 +15,7 @@ indexer per layer picks each token's top-k earlier tokens), SwiGLU MLP, pre-RMSN
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -25,12 +23,9 @@ from .. import indexer as ops
 from .. import kv_formats
 from .._contract import PAGE_SIZE
 from . import paged_cache
-from .decoder import SwiGLU
-from .indexer import IndexerConfig, LightningIndexer, _causal_selection, write_index_keys
-from .mla import MLAConfig, MultiHeadLatentAttention
-
-_List = getattr(nnx, "List", list)  # flax >= 0.12 wants module lists wrapped
-
+from .decoder import DecoderStack
+from .indexer import IndexerConfig, _causal_selection, write_index_keys
+from .mla import MLAConfig
 
 @dataclasses.dataclass(frozen=True)
 class SparseDecoderConfig:
@@ -45,16 +40,6 @@ class SparseDecoderConfig:
         if (i.dim, i.q_lora_rank) != (a.dim, a.q_lora_rank):
             raise ValueError(f"indexer dim / q_lora_rank {(i.dim, i.q_lora_rank)} must be the attention's "
                              f"{(a.dim, a.q_lora_rank)}")
-
-
-class SparseDecoderBlock(nnx.Module):
-    def __init__(self, cfg: SparseDecoderConfig, *, param_dtype, rngs: nnx.Rngs):
-        dim = cfg.attention.dim
-        norm = functools.partial(nnx.RMSNorm, epsilon=1e-6, dtype=None, param_dtype=param_dtype, rngs=rngs)
-        self.attn_norm, self.mlp_norm = norm(dim), norm(dim)
-        self.attn = MultiHeadLatentAttention(cfg.attention, param_dtype=param_dtype, rngs=rngs)
-        self.indexer = LightningIndexer(cfg.indexer, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = SwiGLU(dim, cfg.mlp_dim, param_dtype=param_dtype, rngs=rngs)
 
 
 def fp8_round_trip(entries, fmt=paged_cache.FP8_FORMAT):
@@ -73,21 +58,11 @@ def selection_mask(positions, length: int):
     return jnp.any(hit & (positions[..., None] >= 0), axis=-2)
 
 
-class SparseMLADecoder(nnx.Module):
-    """Token ids in, float32 logits out; activations in the parameters' dtype unless a compute_dtype
-    is given (the oracle runs bfloat16 weights in float32)."""
+class SparseMLADecoder(DecoderStack):
+    """The V3.2-style decoder: every block has a lightning indexer (``SparseDecoderConfig.indexer``)."""
 
     def __init__(self, cfg: SparseDecoderConfig, *, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):
-        self.cfg = cfg
-        dim = cfg.attention.dim
-        self.embed = nnx.Embed(cfg.vocab_size, dim, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = _List([SparseDecoderBlock(cfg, param_dtype=param_dtype, rngs=rngs)
-                             for _ in range(cfg.num_layers)])
-        self.norm = nnx.RMSNorm(dim, epsilon=1e-6, dtype=None, param_dtype=param_dtype, rngs=rngs)
-        self.head = nnx.Linear(dim, cfg.vocab_size, use_bias=False, dtype=None, param_dtype=param_dtype, rngs=rngs)
-
-    def _logits(self, x):
-        return self.head(self.norm(x)).astype(jnp.float32)
+        super().__init__(cfg, indexer=cfg.indexer, param_dtype=param_dtype, rngs=rngs)
 
     def masked(self, tokens, masks, compute_dtype=None, round_entries=None, q_chunk=None):
         """Forward over tokens [b, s] without a cache, layer l's attention restricted to masks[l]
@@ -95,8 +70,7 @@ class SparseMLADecoder(nnx.Module):
         ``MultiHeadLatentAttention.naive`` (e.g. ``fp8_round_trip``); q_chunk: query tokens scored
         at a time (``naive``), so that no [b, h, s, s] scores exist at long lengths."""
         b, s = tokens.shape
-        x = self.embed(tokens)
-        x = x if compute_dtype is None else x.astype(compute_dtype)
+        x = self._embed(tokens, compute_dtype)
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         for blk, mask in zip(self.blocks, masks):
             out, _ = blk.attn.naive(blk.attn_norm(x), positions, mask, round_entries, q_chunk)

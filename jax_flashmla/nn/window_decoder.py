@@ -29,19 +29,16 @@ early), and each batch slot owns a fixed run of pages of the extra pool.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from .. import indexer as index_ops
 from .. import kv_formats
 from .._contract import PAGE_SIZE
 from . import paged_cache
-from .decoder import SwiGLU
-from .mla import KV_LORA_RANK_V4, MLAConfig, MultiHeadLatentAttention
-from .sparse_decoder import _List
+from .decoder import DecoderStack
+from .mla import KV_LORA_RANK_V4, MLAConfig
 
 FORMAT = "model1"  # both pools
 
@@ -113,30 +110,9 @@ def selection(s: int, window: int, stride: int):
     return jnp.concatenate([near, done], axis=1)
 
 
-class WindowDecoderBlock(nnx.Module):
-    def __init__(self, cfg: WindowDecoderConfig, *, param_dtype, rngs: nnx.Rngs):
-        dim = cfg.attention.dim
-        norm = functools.partial(nnx.RMSNorm, epsilon=1e-6, dtype=None, param_dtype=param_dtype, rngs=rngs)
-        self.attn_norm, self.mlp_norm = norm(dim), norm(dim)
-        self.attn = MultiHeadLatentAttention(cfg.attention, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = SwiGLU(dim, cfg.mlp_dim, param_dtype=param_dtype, rngs=rngs)
-
-
-class WindowMLADecoder(nnx.Module):
-    """Token ids in, float32 logits out; activations in the parameters' dtype unless a compute_dtype
-    is given (the oracle runs bfloat16 weights in float32)."""
-
-    def __init__(self, cfg: WindowDecoderConfig, *, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):
-        self.cfg = cfg
-        dim = cfg.attention.dim
-        self.embed = nnx.Embed(cfg.vocab_size, dim, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = _List([WindowDecoderBlock(cfg, param_dtype=param_dtype, rngs=rngs)
-                             for _ in range(cfg.num_layers)])
-        self.norm = nnx.RMSNorm(dim, epsilon=1e-6, dtype=None, param_dtype=param_dtype, rngs=rngs)
-        self.head = nnx.Linear(dim, cfg.vocab_size, use_bias=False, dtype=None, param_dtype=param_dtype, rngs=rngs)
-
-    def _logits(self, x):
-        return self.head(self.norm(x)).astype(jnp.float32)
+class WindowMLADecoder(DecoderStack):
+    """The V4-style decoder (``WindowDecoderConfig``): no indexer, the selection is fixed by the
+    window and the compression stride."""
 
     def masked(self, tokens, compute_dtype=None, round_entries=None, q_chunk=None):
         """Forward over tokens [b, s] without a cache: every layer's attention reads each token's
@@ -147,8 +123,7 @@ class WindowMLADecoder(nnx.Module):
         query tokens scored at a time (``dense_attention``)."""
         cfg = self.cfg
         b, s = tokens.shape
-        x = self.embed(tokens)
-        x = x if compute_dtype is None else x.astype(compute_dtype)
+        x = self._embed(tokens, compute_dtype)
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         mask = jnp.broadcast_to(selection(s, cfg.window, cfg.compress_stride), (b, s, s + s // cfg.compress_stride))
         for blk in self.blocks:
