@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import sys
 
@@ -279,9 +278,7 @@ def plan(args) -> list[IndexerCase]:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.from_json:
-        with open(args.from_json, encoding="utf-8") as f:
-            print(render(json.load(f), args.markdown))
+    if mla_bench.replay(args, render):
         return 0
     try:
         cases = plan(args)
@@ -290,13 +287,11 @@ def main(argv=None) -> int:
     settings = mla_bench.settings_from(args, no_ref=True)
 
     import jax
-    env = mla_bench.environment(jax, settings, smoke=args.smoke)
-    print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     inputs = (f"every request at its context; index keys e4m3 of standard normal values with scales in [0.5, 1), "
               f"queries e4m3 of standard normal values, weights uniform in [0, 1); pages shuffled; topk {args.topk}"
               + ("" if args.no_attention else f"; attention: h_q {args.attn_heads}, a v32 pool of standard normal "
                                               "tokens, the top-k's slots as indices"))
-    report = {"env": env, "settings": dataclasses.asdict(settings), "cases": args.cases, "inputs": inputs}
+    report = mla_bench.start_report(jax, args, settings, cases=args.cases, inputs=inputs)
     timer = mla_bench.Timer(jax, settings)
     report["baselines"] = mla_bench.run_baselines(jax, timer, settings)
 
@@ -308,11 +303,7 @@ def main(argv=None) -> int:
 
     print(f"\n[indexer] {len(cases)} cases")
     report["indexer"] = run_indexer(jax, timer, settings, cases, args, on_row=on_row)
-    if args.json:
-        mla_bench.write_json(args.json, report)
-    print("\n==== summary ====")
-    print(render(report, args.markdown))
-    return 0
+    return mla_bench.finish_report(args, report, render(report, args.markdown))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import sys
 
@@ -473,9 +472,7 @@ def plan(args) -> list[PrefillCase]:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.from_json:
-        with open(args.from_json, encoding="utf-8") as f:
-            print(render(json.load(f), args.markdown))
+    if mla_bench.replay(args, render):
         return 0
     try:
         cases = plan(args)
@@ -484,14 +481,12 @@ def main(argv=None) -> int:
     settings = mla_bench.settings_from(args, no_ref=True)
 
     import jax
-    env = mla_bench.environment(jax, settings, smoke=args.smoke)
-    print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     inputs = ("each token's topk distinct kv rows " + ("up to its causal position" if args.causal else "of all s_kv") +
               ", uniformly at random, in random order" +
               (f"; each entry -1 with probability {args.invalid}" if args.invalid else "") +
               ("; no attn_sink" if args.no_sink else "; attn_sink standard normal") + "; sm_scale d_qk^-0.5")
-    report = {"env": env, "settings": dataclasses.asdict(settings), "suite": args.suite, "cases": args.cases,
-              "bwd_iters": None if args.no_bwd else min(args.bwd_iters, settings.iters), "inputs": inputs}
+    report = mla_bench.start_report(jax, args, settings, suite=args.suite, cases=args.cases, inputs=inputs,
+                                    bwd_iters=None if args.no_bwd else min(args.bwd_iters, settings.iters))
     fm = mla_bench.open_flashmla(report, args.sbs_calls, args.sbs_repeats) if args.flashmla else None
     timer = mla_bench.Timer(jax, settings)
     report["baselines"] = mla_bench.run_baselines(jax, timer, settings)
@@ -507,11 +502,7 @@ def main(argv=None) -> int:
 
     print(f"\n[prefill] {len(cases)} cases")
     report["prefill"] = run_prefill(jax, timer, settings, cases, args, fm, on_row=on_row)
-    if args.json:
-        mla_bench.write_json(args.json, report)
-    print("\n==== summary ====")
-    print(render(report, args.markdown))
-    return 0
+    return mla_bench.finish_report(args, report, render(report, args.markdown))
 
 
 if __name__ == "__main__":

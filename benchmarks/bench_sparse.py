@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import os
 import sys
 
@@ -553,9 +552,7 @@ def plan(args):
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.from_json:
-        with open(args.from_json, encoding="utf-8") as f:
-            print(render(json.load(f), args.markdown))
+    if mla_bench.replay(args, render):
         return 0
     try:
         sparse_cases, dense_cases = plan(args)
@@ -564,10 +561,8 @@ def main(argv=None) -> int:
     settings = mla_bench.settings_from(args, no_ref=True)
 
     import jax
-    env = mla_bench.environment(jax, settings, smoke=args.smoke)
-    print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
-    report = {"env": env, "settings": dataclasses.asdict(settings), "suite": args.suite, "cases": args.cases,
-              "dense_cases": args.dense_cases if args.dense_fp8 else None}
+    report = mla_bench.start_report(jax, args, settings, suite=args.suite, cases=args.cases,
+                                    dense_cases=args.dense_cases if args.dense_fp8 else None)
 
     fm = mla_bench.open_flashmla(report, args.sbs_calls, args.sbs_repeats) if args.flashmla else None
     timer = mla_bench.Timer(jax, settings)
@@ -586,11 +581,7 @@ def main(argv=None) -> int:
     if dense_cases:
         print(f"\n[dense fp8] {len(dense_cases)} cases")
         report["dense_fp8"] = run_dense_fp8(jax, timer, settings, dense_cases, on_row=printer(DENSE_COLUMNS))
-    if args.json:
-        mla_bench.write_json(args.json, report)
-    print("\n==== summary ====")
-    print(render(report, args.markdown))
-    return 0
+    return mla_bench.finish_report(args, report, render(report, args.markdown))
 
 
 if __name__ == "__main__":

@@ -717,6 +717,31 @@ def environment(jax, settings: Settings, **extra) -> dict:
             "flush_kind": settings.flush_kind, "seed": settings.seed, **extra}
 
 
+def replay(args, render) -> bool:
+    """--from-json: print the saved report through render(report, markdown); True when it did."""
+    if not args.from_json:
+        return False
+    with open(args.from_json, encoding="utf-8") as f:
+        print(render(json.load(f), args.markdown))
+    return True
+
+
+def start_report(jax, args, settings: Settings, **fields) -> dict:
+    """Print the environment line; the report's header: env, settings and `fields`."""
+    env = environment(jax, settings, smoke=args.smoke)
+    print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    return {"env": env, "settings": dataclasses.asdict(settings), **fields}
+
+
+def finish_report(args, report: dict, text: str) -> int:
+    """Write --json if asked, print the summary text; the exit code."""
+    if args.json:
+        write_json(args.json, report)
+    print("\n==== summary ====")
+    print(text)
+    return 0
+
+
 def run_baselines(jax, timer: Timer, settings: Settings) -> dict:
     """measure_baselines, printed as it ends."""
     print("\n[baselines]")
