@@ -4,17 +4,21 @@ Runs only where sparse prefill lowers to the CUDA kernels (`jax_flashmla.kernel_
 skipped everywhere else. Setting JAX_FLASHMLA_GPU_TESTS_ON_CPU=1 runs it on the CPU instead (where the
 backward is the pure-JAX program), to check the test code itself.
 
+The kernel is opt-in (JAX_FLASHMLA_SPARSE_PREFILL_BWD_KERNEL=1, ops/sparse_prefill.py): every test
+here sets it, and one checks that without it the backward lowers to the pure-JAX program.
+
 Gradients are those of a loss on out and lse (jax.vjp with cotangents d_out and d_lse; max_logits
 unused, so the custom VJP's backward primitive runs), taken wrt q, kv and attn_sink, and compared:
-  - with the same call lowered with JAX_FLASHMLA_FORCE_FALLBACK=1 (the pure-JAX backward);
+  - with the pure-JAX backward given the same forward results (the out and lse of this platform's
+    forward), so that both use the same D and d_sink and differ only by the backward's own rounding;
   - with jax.vjp of the float32 reference at the same (bfloat16-valued) inputs.
 Tolerances against the fallback (GRAD_TOL), per tensor scaled to unit max: within 3e-3 absolute or
 3.01/128 relative, and a cosine difference under 2e-5; against the reference REF_TOL (see there). The
 kernel's inputs are bfloat16 and it accumulates in float32, but it rounds dS and sig * P to bfloat16
 before the dQ and dK products (relative 2^-9 a term) and dq to bfloat16 at the end (up to 3.9e-3 of an
 element); D = sum(d_out * out) comes from the bfloat16 out, as in flash attention, moving small
-elements by about 1e-3 of the largest; dkv is summed with atomics, in no fixed order (float32 rounding
-only). Cases: h_q 1/16/64/128, d_qk 576 and 512, topk 64, not a multiple of 64 and 2048, topk_length,
+elements by about 1e-3 of the largest (against the reference, not between the two backwards, which
+share it); dkv is summed with atomics, in no fixed order (float32 rounding only). Cases: h_q 1/16/64/128, d_qk 576 and 512, topk 64, not a multiple of 64 and 2048, topk_length,
 sinks (+-inf included), a nonzero d_lse, invalid ids anywhere, duplicate ids in a row and across
 tokens, tokens with no valid entry (zero gradients), NaN in q and in a read kv row (propagates as in
 the pure-JAX backward), NaN in unread kv rows (make_case fills every one: never leaks; their dkv is
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,8 @@ import pytest
 
 import jax_flashmla as fm
 from jax_flashmla import reference
+from jax_flashmla._ffi import SPARSE_PREFILL_BWD_TARGET
+from jax_flashmla.ops import sparse_prefill, sparse_prefill_bwd
 from prefill_cases import INVALID_IDS, SCALE, make_case
 from sparse_cases import assert_close
 
@@ -52,7 +57,8 @@ GRAD_TOL = dict(atol=3e-3, rtol=3.01 / 128, cos_tol=2e-5)
 # out (sum(d_out * out) over 512 channels of either sign, each rounded by up to 2^-9), an error that
 # does not shrink with D when the terms cancel, and that every dS of the row carries into dq and dkv
 # (dq = sum_t dS_t k_t, so with topk 2048 it reaches about 5e-3 of dq's largest element whichever
-# backward runs). The kernel and the fallback share that D (row_factors), so between them GRAD_TOL.
+# backward runs). The kernel and the pure-JAX backward, given the same out and lse, share that D
+# (row_factors), so between them GRAD_TOL.
 REF_TOL = dict(atol=1e-2, rtol=3.01 / 128, cos_tol=1e-4)
 NAMES = ("dq", "dkv", "d_sink")
 
@@ -73,20 +79,42 @@ def grads(case, d_out, d_lse, sm_scale=SCALE):
                   sm_scale=sm_scale)
 
 
+@pytest.fixture(autouse=True)
+def _kernel_opted_in(monkeypatch):
+    monkeypatch.setenv(sparse_prefill.BWD_KERNEL_ENV, "1")
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def _forward(q, kv, indices, topk_length, attn_sink, sm_scale):
+    out, _, lse = fm.flash_mla_sparse_fwd(q, kv, indices, sm_scale, attn_sink=attn_sink, topk_length=topk_length)
+    return out, lse
+
+
+def _pure_backward(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse, sm_scale):
+    """(dq, dkv, d_sink) of the pure-JAX backward program of one unbatched call (d_sink None without
+    a sink)."""
+    absent_length, absent_sink = sparse_prefill.absent_operands()
+    dq, dkv, d_sink = sparse_prefill.backward_math(
+        q, kv, indices, absent_length if topk_length is None else topk_length,
+        absent_sink if attn_sink is None else attn_sink, out, lse, d_out, d_lse, sm_scale=sm_scale,
+        d_v=fm.HEAD_DIM_V, chunk_bytes=sparse_prefill_bwd.CHUNK_BYTES)
+    return dq, dkv, None if attn_sink is None else d_sink
+
+
 def fallback_grads(case, d_out, d_lse, sm_scale=SCALE):
-    """The same gradients lowered to the pure-JAX backward (JAX_FLASHMLA_FORCE_FALLBACK=1 on CUDA; the
-    CPU path is that program already)."""
-    if _ON_CPU:
-        return grads(case, d_out, d_lse, sm_scale)
-    os.environ["JAX_FLASHMLA_FORCE_FALLBACK"] = "1"
-    jax.clear_caches()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # the one-time fallback warning
-            return jax.block_until_ready(grads(case, d_out, d_lse, sm_scale))
-    finally:
-        del os.environ["JAX_FLASHMLA_FORCE_FALLBACK"]
-        jax.clear_caches()
+    """The pure-JAX backward (what the op's backward lowers to without the kernel) at the out and lse
+    of this platform's forward, the residuals the kernel's backward gets. A batched case runs member
+    by member on its share of the batched forward's results; a shared sink's d_sink is their sum."""
+    c = case
+    out, lse = _forward(c["q"], c["kv"], c["indices"], c["topk_length"], c["attn_sink"], sm_scale=sm_scale)
+    if c["q"].ndim == 3:
+        return _pure_backward(c["q"], c["kv"], c["indices"], c["topk_length"], c["attn_sink"], out, lse, d_out,
+                              d_lse, sm_scale)
+    parts = [_pure_backward(c["q"][i], c["kv"][i], c["indices"][i],
+                            None if c["topk_length"] is None else c["topk_length"][i], c["attn_sink"], out[i],
+                            lse[i], d_out[i], d_lse[i], sm_scale) for i in range(c["q"].shape[0])]
+    dq, dkv, d_sink = zip(*parts)
+    return jnp.stack(dq), jnp.stack(dkv), None if c["attn_sink"] is None else sum(d_sink)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale",))
@@ -147,6 +175,25 @@ def check(rng, case, *, with_d_lse=True):
     unread = np.isnan(kv).any(axis=-1)
     assert np.all(_f32(got[1])[unread] == 0)
     return got
+
+
+@pytest.mark.skipif(_ON_CPU, reason="the CPU never runs the CUDA kernel")
+def test_backward_kernel_is_opt_in(rng, monkeypatch):
+    """With JAX_FLASHMLA_SPARSE_PREFILL_BWD_KERNEL=1 the backward compiles to a call of the kernel;
+    without it, to the pure-JAX program (no such call)."""
+    case = make_case(rng, s_q=4, s_kv=300, topk=128, h_q=16, d_qk=576, sink=True, lengths=True)
+    d_out, d_lse = cotangents(rng, case)
+    args = (case["q"], case["kv"], case["indices"], case["topk_length"], case["attn_sink"], d_out, d_lse)
+    call = f'custom_call_target="{SPARSE_PREFILL_BWD_TARGET}"'
+
+    def compiled_hlo():
+        jax.clear_caches()  # the variable is read when the call is lowered
+        return _grads.lower(*args, sm_scale=SCALE).compile().as_text()
+
+    assert call in compiled_hlo()
+    monkeypatch.delenv(sparse_prefill.BWD_KERNEL_ENV)
+    assert call not in compiled_hlo()
+    jax.clear_caches()
 
 
 # ---- shapes ----------------------------------------------------------------------------------------

@@ -33,12 +33,13 @@ sparse_prefill_p, the public op: the same operands, parameters and results.
 sparse_prefill_bwd_p, the backward: (q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse) ->
 (dq, dkv, d_sink), with the static parameters sm_scale, d_v and chunk_bytes; d_lse and d_sink [0] when
 absent. Its lowering binds sparse_prefill_bwd_local_p per device (the same operands, results and
-parameters, plus dkv_dtype), lowered on an SM90 GPU to the CUDA backward kernel
-(csrc/cuda/sparse_prefill_bwd/): the per-row factors sig and delta and d_sink in JAX
-(sparse_prefill_bwd.row_factors), then the custom call, which returns dq and a float32 dkv that is
-converted after. On the CPU, elsewhere, and on CUDA when JAX_FLASHMLA_FORCE_FALLBACK=1 or the
-extension has no CUDA kernels, it is ops/sparse_prefill_bwd.py (pure JAX, in chunks from the saved
-out and lse).
+parameters, plus dkv_dtype), lowered to ops/sparse_prefill_bwd.py (pure JAX, in chunks from the saved
+out and lse) everywhere by default. With JAX_FLASHMLA_SPARSE_PREFILL_BWD_KERNEL=1 at lowering time an
+SM90 GPU runs the CUDA backward kernel instead (csrc/cuda/sparse_prefill_bwd/): the per-row factors
+sig and delta and d_sink in JAX (sparse_prefill_bwd.row_factors), then the custom call, which returns
+dq and a float32 dkv that is converted after. The kernel is opt-in until its GPU suite
+(tests/test_gpu_sparse_prefill_bwd.py) passes on a Hopper GPU; JAX_FLASHMLA_FORCE_FALLBACK=1 or an
+extension without CUDA kernels keeps the pure-JAX program either way.
   - vmap: folds like the forward (kv always per member, so dkv is; a sink is applied outside).
   - JVP (second derivatives): the tangents of its pure-JAX program, not partitioned.
   - Named shardings: partitioned like the forward (dq split like q, kv whole). Each shard's dkv is a
@@ -49,6 +50,7 @@ out and lse).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -244,16 +246,26 @@ def _local_bwd_fallback(q, kv, indices, topk_length, attn_sink, out, lse, d_out,
                          d_v=d_v, chunk_bytes=chunk_bytes, dkv_dtype=dkv_dtype)
 
 
+BWD_KERNEL_ENV = "JAX_FLASHMLA_SPARSE_PREFILL_BWD_KERNEL"
+
+
+def bwd_kernel_enabled() -> bool:
+    """Whether JAX_FLASHMLA_SPARSE_PREFILL_BWD_KERNEL=1 opts the CUDA backward kernel in (read when a
+    call is lowered)."""
+    return os.environ.get(BWD_KERNEL_ENV, "") == "1"
+
+
 def kernel_backward_math(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse, *, sm_scale, d_v,
                          chunk_bytes, dkv_dtype):
-    """The backward through the CUDA kernel: the per-row factors (and d_sink) in JAX, then the custom
-    call; dkv comes back float32 and is converted to dkv_dtype (kv's when None). Sizes the kernel has
-    no work for (no token, no entry, no head) and operands it does not take (not bfloat16, d_qk other
-    than 576 or 512) take the pure-JAX program."""
+    """The backward on CUDA: through the kernel when opted in (bwd_kernel_enabled), the per-row factors
+    (and d_sink) in JAX, then the custom call; dkv comes back float32 and is converted to dkv_dtype
+    (kv's when None). Without the opt-in, for sizes the kernel has no work for (no token, no entry, no
+    head) and for operands it does not take (not bfloat16, d_qk other than 576 or 512): the pure-JAX
+    program."""
     s_q, h_q, d_qk = q.shape
     bf16 = np.dtype(jnp.bfloat16)
-    if (s_q == 0 or h_q == 0 or indices.shape[-1] == 0 or d_v != _contract.HEAD_DIM_V or d_qk not in (576, 512)
-            or np.dtype(q.dtype) != bf16 or np.dtype(kv.dtype) != bf16):
+    if (not bwd_kernel_enabled() or s_q == 0 or h_q == 0 or indices.shape[-1] == 0 or d_v != _contract.HEAD_DIM_V
+            or d_qk not in (576, 512) or np.dtype(q.dtype) != bf16 or np.dtype(kv.dtype) != bf16):
         return _local_bwd_fallback(q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse,
                                    sm_scale=sm_scale, d_v=d_v, chunk_bytes=chunk_bytes, dkv_dtype=dkv_dtype)
     sig, delta, d_sink = sparse_prefill_bwd.row_factors(kv.shape[0], indices, _present(topk_length),
