@@ -100,7 +100,9 @@ EOF
   t0=$SECONDS
   if ! "$PY" -m pip install -v --no-build-isolation --no-deps --no-index --no-cache-dir --target "$PREFIX/site" \
        "$PREFIX/src" >"$LOG" 2>&1; then
-    tail -n 40 "$LOG"
+    # pip's own tail is its setup.py wrapper; the compiler's messages come earlier in the log
+    grep -n -E "error|Error|Killed|No space" "$LOG" | grep -v -E "except ImportError|not a git repository" | head -n 30
+    tail -n 15 "$LOG"
     die "the build failed (log: $LOG)"
   fi
   echo "flashmla_build.sh: built in $((SECONDS - t0)) s"
