@@ -417,6 +417,9 @@ def render(report: dict, markdown: bool) -> str:
     inputs = report.get("inputs")
     if inputs:
         lines.append(f"Indices: {inputs}")
+    if "bwd_kernel" in report:
+        lines.append("Backward: " + ("the SM90 kernel (JAX_FLASHMLA_SPARSE_PREFILL_BWD_KERNEL=1)" if report["bwd_kernel"]
+                                     else "the pure-JAX program (the default; the kernel is opt-in)"))
     if report.get("prefill"):
         lines += ["", "Sparse prefill (forward, and backward with respect to q and kv):",
                   table(report["prefill"], columns_for(report["prefill"]), base, markdown)]
@@ -486,6 +489,7 @@ def main(argv=None) -> int:
               (f"; each entry -1 with probability {args.invalid}" if args.invalid else "") +
               ("; no attn_sink" if args.no_sink else "; attn_sink standard normal") + "; sm_scale d_qk^-0.5")
     report = mla_bench.start_report(jax, args, settings, suite=args.suite, cases=args.cases, inputs=inputs,
+                                    bwd_kernel=jfm.ops.sparse_prefill.bwd_kernel_enabled(),
                                     bwd_iters=None if args.no_bwd else min(args.bwd_iters, settings.iters))
     fm = mla_bench.open_flashmla(report, args.sbs_calls, args.sbs_repeats) if args.flashmla else None
     timer = mla_bench.Timer(jax, settings)
