@@ -329,17 +329,23 @@ def test_grad_of_the_batched_form_and_under_vmap(rng):
 
 
 @pytest.mark.parametrize("batched", [False, True])
-@pytest.mark.parametrize("forced", [False, True])
-def test_cuda_lowering_of_the_gradient(rng, monkeypatch, batched, forced):
-    """The gradient lowered for CUDA as on an SM90 GPU with the CUDA kernels (no GPU needed): one call
-    of the backward kernel's target, taking q, kv, indices, topk_length, lse, d_out (bfloat16), sig
-    and delta and returning dq like q and a float32 dkv (the batched form folded into one call);
-    with JAX_FLASHMLA_FORCE_FALLBACK=1, no such call (the pure-JAX backward)."""
+@pytest.mark.parametrize("mode", ["opted-in", "default", "forced"])
+def test_cuda_lowering_of_the_gradient(rng, monkeypatch, batched, mode):
+    """The gradient lowered for CUDA as on an SM90 GPU with the CUDA kernels (no GPU needed). Opted in
+    (JAX_FLASHMLA_SPARSE_PREFILL_BWD_KERNEL=1): one call of the backward kernel's target, taking q, kv,
+    indices, topk_length, lse, d_out (bfloat16), sig and delta and returning dq like q and a float32
+    dkv (the batched form folded into one call). By default, and opted in with
+    JAX_FLASHMLA_FORCE_FALLBACK=1: no such call (the pure-JAX backward)."""
     from jax_flashmla import _ffi, _platform
+    from jax_flashmla.ops import sparse_prefill
 
     monkeypatch.setattr(_platform, "_gpu_is_sm90", lambda: True)
     monkeypatch.setattr(_ffi, "HAS_CUDA_KERNELS", True)
-    if forced:
+    if mode == "default":
+        monkeypatch.delenv(sparse_prefill.BWD_KERNEL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(sparse_prefill.BWD_KERNEL_ENV, "1")
+    if mode == "forced":
         monkeypatch.setenv("JAX_FLASHMLA_FORCE_FALLBACK", "1")
     else:
         monkeypatch.delenv("JAX_FLASHMLA_FORCE_FALLBACK", raising=False)
@@ -359,7 +365,7 @@ def test_cuda_lowering_of_the_gradient(rng, monkeypatch, batched, forced):
     finally:
         jax.clear_caches()
     calls = [line for line in text.splitlines() if f"custom_call @{_ffi.SPARSE_PREFILL_BWD_TARGET}(" in line]
-    if forced:
+    if mode != "opted-in":
         assert not calls
         return
     assert len(calls) == 1, calls
