@@ -152,6 +152,15 @@ def test_the_fallback_path_matches_the_handler(rng):
     check(run(q, pool, bt, sl, causal=True), fallback(q, pool, ids))
 
 
+def test_each_request_is_read_up_to_its_length_only():
+    """The slot rows are as wide as the block table; the call's topk_length stops each request at its
+    length, and reads the whole row (its rejected last position included) for a length out of range."""
+    from jax_flashmla.ops import dense_fp8_decode
+
+    got = dense_fp8_decode.dense_topk_length(jnp.array([0, 5, 192, -1, 193], jnp.int32), capacity=192)
+    assert got.dtype == jnp.int32 and got.tolist() == [0, 5, 192, 193, 193]
+
+
 # ---- argument errors -----------------------------------------------------------------------------------------
 
 def _argument_errors(rng):

@@ -14,6 +14,9 @@ The ids of request b and query token j, one per token position t of the block ta
   - position capacity (= max_blocks_per_seq * page_size, the extra one): -1, or -2 (outside the pool)
     when cache_seqlens[b] is negative or exceeds the capacity, so that the CPU handler rejects those
     lengths too.
+The call's topk_length is cache_seqlens[b] (every query token's visible positions lie below it), so
+no path walks a request's row past its length up to the block table's width; a length outside
+[0, capacity] reads the whole row, the -2 included.
 """
 
 from __future__ import annotations
@@ -51,9 +54,16 @@ def dense_slot_ids(block_table, cache_seqlens, *, seqlen_q: int, causal: bool, p
     return jnp.concatenate([ids, last.astype(jnp.int32)], axis=2)
 
 
+def dense_topk_length(cache_seqlens, *, capacity: int):
+    """int32 [b]: the entries of each request's slot row the sparse op reads (module docstring)."""
+    bad_length = (cache_seqlens < 0) | (cache_seqlens > capacity)
+    return jnp.where(bad_length, capacity + 1, cache_seqlens).astype(jnp.int32)
+
+
 def dense_fp8_decode(q, k_cache, block_table, cache_seqlens, *, page_size: int, num_blocks: int, causal: bool,
                      softmax_scale: float):
     """(out, lse) of a validated dense decode over an FP8 pool."""
     ids = dense_slot_ids(block_table, cache_seqlens, seqlen_q=q.shape[1], causal=causal, page_size=page_size,
                          num_blocks=num_blocks)
-    return sparse_decode.sparse_decode(q, k_cache, ids, None, None, None, None, None, softmax_scale)
+    lengths = dense_topk_length(cache_seqlens, capacity=block_table.shape[1] * page_size)
+    return sparse_decode.sparse_decode(q, k_cache, ids, lengths, None, None, None, None, softmax_scale)
