@@ -78,6 +78,15 @@ class DecoderStack(nnx.Module):
     def _logits(self, x):
         return self.head(self.norm(x)).astype(jnp.float32)
 
+    @staticmethod
+    def _admit(lens, slots, cache):
+        """Prompts of lengths lens [n] into the empty cache slots `slots` [n] (a slot out of range is
+        padding) -> (the cache with their lengths and pages, their block-table rows [n, pages], the
+        tokens each writes int32 [n]: its length, 0 for padding)."""
+        valid = jnp.where(slots < cache.seq_lens.shape[0], lens, 0).astype(jnp.int32)
+        cache = paged_cache.grow(cache, cache.seq_lens.at[slots].set(lens, mode="drop"))
+        return cache, jnp.take(cache.block_table, slots, axis=0, mode="clip"), valid
+
 
 class MLADecoder(DecoderStack):
     """The dense decoder: causal attention over every earlier token (``DecoderConfig``)."""
@@ -101,14 +110,10 @@ class MLADecoder(DecoderStack):
         """Prompts tokens [n, s] (right-padded; lens [n] real lengths, >= 1) into the empty cache
         slots `slots` [n]; a row whose slot is out of range (>= the cache's slot count) is padding
         and changes nothing. Returns (logits [n, vocab] at each prompt's last token, cache)."""
-        n_slots = cache.seq_lens.shape[0]
-        real = slots < n_slots
-        cache = paged_cache.grow(cache, cache.seq_lens.at[slots].set(lens, mode="drop"))
+        cache, rows, valid = self._admit(lens, slots, cache)
         logits, entries = self.naive(tokens)
-        rows = jnp.take(cache.block_table, slots, axis=0, mode="clip")
-        start = jnp.zeros_like(lens)
-        pools = tuple(paged_cache.write(pool, rows, start, kv, jnp.where(real, lens, 0))
-                      for pool, kv in zip(cache.pools, entries))
+        start = jnp.zeros_like(valid)
+        pools = tuple(paged_cache.write(pool, rows, start, kv, valid) for pool, kv in zip(cache.pools, entries))
         last = jnp.take_along_axis(logits, (lens - 1)[:, None, None], axis=1)[:, 0]
         return last, dataclasses.replace(cache, pools=pools)
 

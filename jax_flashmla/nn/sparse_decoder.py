@@ -85,10 +85,7 @@ class SparseMLADecoder(DecoderStack):
         Returns (logits [n, vocab] at each prompt's last token, cache, the picked rows int32
         [layers, n, s, topk] of every token, -1 unused)."""
         n, s = tokens.shape
-        real = slots < cache.seq_lens.shape[0]
-        valid = jnp.where(real, lens, 0).astype(jnp.int32)
-        cache = paged_cache.grow(cache, cache.seq_lens.at[slots].set(lens, mode="drop"))
-        rows = jnp.take(cache.block_table, slots, axis=0, mode="clip")
+        cache, rows, valid = self._admit(lens, slots, cache)
         start = jnp.zeros_like(valid)
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (n, s))
         x = self.embed(tokens)

@@ -152,10 +152,7 @@ class WindowMLADecoder(DecoderStack):
         cfg = self.cfg
         n, s = tokens.shape
         stride, c = cfg.compress_stride, s // cfg.compress_stride
-        real = slots < cache.seq_lens.shape[0]
-        valid = jnp.where(real, lens, 0).astype(jnp.int32)
-        cache = paged_cache.grow(cache, cache.seq_lens.at[slots].set(lens, mode="drop"))
-        rows = jnp.take(cache.block_table, slots, axis=0, mode="clip")
+        cache, rows, valid = self._admit(lens, slots, cache)
         start = jnp.zeros_like(valid)
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (n, s))
         # Row ids into [the prompt's s entries ++ its c compressed entries]: the window, then the blocks.
