@@ -29,8 +29,6 @@ namespace prefill {
 constexpr int kStages = 2;     // token buffers
 constexpr int kEntrySlots = 3;  // resolved-entry slots
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerWarp = kBlockN / kWarps;  // rows of a block (or of the Q tile) one warp copies
-static_assert(kRows == kBlockN, "the Q tile and a token block are copied by the same loop");
 
 template <int kDqk>
 struct SharedStorage {

@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_prefill_kernel(const __gri
   auto copy_block = [&](int b) {
     const int32_t* row = smem.row[b % kEntrySlots];
     Tensor sK = tokens(b % kStages);
-    copy_rows_async<Tr>(sK, p.kv, [&](int j) -> const uint16_t* {
+    copy_rows_async<kBlockN, Tr::kChunksPerRow, Tr>(sK, p.kv, [&](int j) -> const uint16_t* {
       const int32_t id = row[j];
       return id < 0 ? nullptr : p.kv + static_cast<int64_t>(id) * kDqk;
     });
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_prefill_kernel(const __gri
 
   if (blocks > 0) {
     const uint16_t* q_row0 = p.q + qo_row0 * kDqk;
-    copy_rows_async<Tr>(sQ, q_row0, [&](int r) -> const uint16_t* {
+    copy_rows_async<kRows, Tr::kChunksPerRow, Tr>(sQ, q_row0, [&](int r) -> const uint16_t* {
       return r < rows ? q_row0 + static_cast<int64_t>(r) * kDqk : nullptr;
     });
     if (tid < kBlockN) resolve_block(p, token, n, 0, smem.row[0], smem.valid[0]);

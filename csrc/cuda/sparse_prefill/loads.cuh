@@ -34,24 +34,26 @@ __device__ __forceinline__ void resolve_block(const SparsePrefillParams& p, int6
   if (j % 32 == 0) valid[j / 32] = bits;
 }
 
-// Issues the copies of 64 rows of Tr::kDqk bfloat16 into `dst` (a swizzled [64, kDqk] tile): row r
-// comes from source_of(r), or is zero-filled where that is null (nothing is read for it; the copy
-// then names `anywhere`, a valid address it does not dereference). Warp w
-// copies rows w, w + 8, ..., each lane 16-byte chunks lane, lane + 32, ...: one warp instruction
-// reads 512 contiguous bytes of a row. The caller fences and waits (cp_async_fence / cp_async_wait).
-template <class Tr, class SmemTensor, class SourceOf>
+// Issues the copies of kRowsT rows of kChunks 16-byte chunks into `dst` (a swizzled [kRowsT, 8 kChunks]
+// bfloat16 tile): row r comes from source_of(r), or is zero-filled where that is null (nothing is read
+// for it; the copy then names `anywhere`, a valid address it does not dereference). Warp w copies rows
+// w, w + kWarps, ..., each lane 16-byte chunks lane, lane + 32, ...: one warp instruction reads 512
+// contiguous bytes of a row. The caller fences and waits (cp_async_fence / cp_async_wait). Shared with
+// the backward kernel (its Q, dO and kv tiles), whose CTA has as many warps.
+template <int kRowsT, int kChunks, class Tr, class SmemTensor, class SourceOf>
 __device__ __forceinline__ void copy_rows_async(SmemTensor& dst, const uint16_t* anywhere, SourceOf source_of) {
-  constexpr int kSteps = (Tr::kChunksPerRow + 31) / 32;
+  static_assert(kRowsT % kWarps == 0, "whole rows per warp");
+  constexpr int kSteps = (kChunks + 31) / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
+  for (int i = 0; i < kRowsT / kWarps; ++i) {
     const int r = warp + i * kWarps;
     const uint16_t* src = source_of(r);
     const bool read = src != nullptr;
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       const int c = lane + 32 * s;
-      if (Tr::kChunksPerRow % 32 == 0 || c < Tr::kChunksPerRow) {
+      if (kChunks % 32 == 0 || c < kChunks) {
         const uint16_t* from = read ? src + c * 8 : anywhere;
         Tr::RowCopy::copy(*reinterpret_cast<const cute::uint128_t*>(from),
                           *reinterpret_cast<cute::uint128_t*>(&dst(r, c * 8)), read);
