@@ -53,12 +53,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid
     // stage, barrier (sK holds block b; the stage and the mask slot are free), stage block b + 1 and
     // the ids of block b + 2, then block b's math.
     const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-    const int n_main = entries_of(p.pool, req);
-    const int n_extra = entries_of(p.extra, req);
-    const int n_entries = n_main + n_extra;
-    const int64_t n_blocks = ceil_div(n_entries, kBlockN);
-    const int e_begin = static_cast<int>(split * n_blocks / p.num_splits) * kBlockN;
-    const int e_end = min(static_cast<int>((split + 1) * n_blocks / p.num_splits) * kBlockN, n_entries);
+    const SplitRange r = split_range(p, req, split);
+    const int n_main = r.n_main, n_extra = r.n_extra, e_begin = r.e_begin, e_end = r.e_end;
     // Block k's ids live in ids[k % 2], k counted from e_begin.
     if (e_begin < e_end) stage_ids(p, req, token, e_begin, n_main, n_extra, smem.ids[0]);
     load_q_tile<Tr>(sQ, p.q + qo_row0 * Tr::kDqk, rows);
@@ -92,12 +88,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid
 
     acc.init();
     const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-    const int n_main = entries_of(p.pool, req);
-    const int n_extra = entries_of(p.extra, req);
-    const int n_entries = n_main + n_extra;
-    const int64_t n_blocks = ceil_div(n_entries, kBlockN);
-    const int e_begin = static_cast<int>(split * n_blocks / p.num_splits) * kBlockN;
-    const int e_end = min(static_cast<int>((split + 1) * n_blocks / p.num_splits) * kBlockN, n_entries);
+    const SplitRange r = split_range(p, req, split);
+    const int n_main = r.n_main, n_extra = r.n_extra, e_begin = r.e_begin, e_end = r.e_end;
 
     for (int e0 = e_begin; e0 < e_end; e0 += kBlockN) {
       // 1. Resolve the block's entries (threads 0..63, one each).

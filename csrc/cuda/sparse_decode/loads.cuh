@@ -20,6 +20,25 @@ __device__ __forceinline__ int entries_of(const SparsePool& pool, int req) {
   return min(max(pool.topk_length[req], 0), pool.topk);
 }
 
+// The entries split `split` of request `req` walks: [e_begin, e_end) of its n_main + n_extra entries
+// (main then extra as one sequence), split by whole blocks: blocks [split nb / num_splits,
+// (split + 1) nb / num_splits) of nb = ceil((n_main + n_extra) / 64). Empty when the split holds no
+// block.
+struct SplitRange {
+  int n_main, n_extra, e_begin, e_end;
+};
+
+__device__ __forceinline__ SplitRange split_range(const SparseDecodeParams& p, int req, int split) {
+  SplitRange r;
+  r.n_main = entries_of(p.pool, req);
+  r.n_extra = entries_of(p.extra, req);
+  const int n_entries = r.n_main + r.n_extra;
+  const int64_t n_blocks = ceil_div(n_entries, kBlockN);
+  r.e_begin = static_cast<int>(split * n_blocks / p.num_splits) * kBlockN;
+  r.e_end = min(static_cast<int>((split + 1) * n_blocks / p.num_splits) * kBlockN, n_entries);
+  return r;
+}
+
 // Loads the Q rows (heads head0 .. head0 + rows - 1 of one query token) into the swizzled tile; rows
 // past `rows` are zero. `q_row0` points at head head0's first channel.
 template <class Tr, class SmemTensor>
