@@ -1,6 +1,8 @@
-// The tile shared by the SM90 sparse kernels (sparse_decode/, sparse_prefill/): one CTA holds up to
-// 64 query rows that read the same tokens (the heads of one query token), walks those tokens in blocks
-// of 64, and runs S = Q K^T, the online softmax and O += P V on mma.sync tensor-core atoms.
+// The tile of the SM90 sparse decode kernel (sparse_decode/; the prefill backward uses its layouts and
+// MMA atom): one CTA holds up to 64 query rows that read the same tokens (the heads of one query
+// token), walks those tokens in blocks of 64, and runs S = Q K^T, the online softmax and O += P V on
+// mma.sync tensor-core atoms. (The sparse prefill forward runs the dense decode's wgmma schedule
+// instead: sparse_prefill/kernel.cuh.)
 //
 // Eight warps: warp w holds query rows 16 (w % 4) .. 16 (w % 4) + 15 of the tile, and output
 // channels 256 (w / 4) .. 256 (w / 4) + 255. Both warps of a row group compute the same 16 x 64
@@ -9,8 +11,7 @@
 //
 // MMA: SM80's mma.sync m16n8k16 (bf16 in, fp32 accumulate), four warps along M, rather than SM90's
 // wgmma: every operand then passes through registers where it can be checked, P feeds the P V product
-// from the score registers directly, and the token block needs no wgmma descriptor layout. Moving to
-// wgmma is a tuning step.
+// from the score registers directly, and the token block needs no wgmma descriptor layout.
 #pragma once
 
 #include <cute/tensor.hpp>

@@ -1,6 +1,6 @@
 // The math of one token block of a sparse tile (tile.h): S = Q K^T, the online softmax and O += P V,
-// and the tile's epilogue. Each kernel brings its own loads (the FP8 decode dequantises its tokens,
-// the prefill copies bfloat16 rows); from shared memory on, both run this.
+// and the tile's epilogue. The kernel brings its own loads (the FP8 decode dequantises its tokens);
+// from shared memory on, it runs this.
 #pragma once
 
 #include "cuda/sparse_common/epilogue.cuh"

@@ -1,20 +1,14 @@
 // The sparse prefill kernel's work unit and shared-memory plan.
 //
 // Work unit: one CTA per (query token, tile of up to 64 heads). The CTA walks the token's entries
-// (its first topk_length, or all topk) in blocks of 64: threads 0..63 resolve an entry each to a kv
-// row (or to "masked": -1, any id outside [0, s_kv), or past topk_length), the eight warps copy the
-// named rows (d_qk bfloat16, contiguous) into shared memory with cp.async, and the tile math shared
-// with the sparse decode (sparse_common/: warp roles in tile.h) runs on them.
+// (its first topk_length, or all topk) in blocks of 64; an entry is read when its id lies in
+// [0, s_kv). The named kv rows (d_qk bfloat16, contiguous) are gathered into shared memory by cp.async
+// and the dense decode kernel's two-warpgroup schedule runs on them (kernel.cuh), the blocks taking
+// the place of its pages.
 //
 // Rows: the tile holds heads head0 .. head0 + 63 of one query token (tokens differ in the rows they
 // read, so no other packing shares a block). With h_q not a multiple of 64 the last tile is padded:
-// its rows past h_q hold zero queries, a 16-row group with no live head skips the math, and no
-// padded row is ever written. h_q 1..128 is one or two tiles.
-//
-// Pipeline: two token buffers. The copies of block b + 1 are issued right after the barrier that
-// publishes block b, so they run under block b's math; a block with no read entry is neither copied
-// nor computed. The resolved entries live in a ring of three slots (written one block ahead, read up
-// to a block behind), so one barrier a block orders them.
+// its rows past h_q hold zero queries and are never written. h_q 1..128 is one or two tiles.
 #pragma once
 
 #include <cstdint>
@@ -26,24 +20,35 @@ namespace jax_flashmla {
 namespace sparse_sm90 {
 namespace prefill {
 
-constexpr int kStages = 2;     // token buffers
-constexpr int kEntrySlots = 3;  // resolved-entry slots
-constexpr int kWarps = kThreads / 32;
+constexpr int kWarps = kThreads / 32;     // the row copies of loads.cuh (shared with the backward)
+constexpr int kWarpgroupThreads = 128;
+constexpr int kTileBytes = 64 * 64 * 2;   // 64 rows x 64 bf16 channels, 128-byte swizzled
+constexpr int kMaskSlots = 4;             // read-entry masks of blocks b % 4 (loads.cuh)
 
 template <int kDqk>
 struct SharedStorage {
-  alignas(128) uint16_t q[kRows * kDqk];               // the Q tile, swizzled (tile.h)
-  alignas(128) uint16_t k[kStages][kBlockN * kDqk];    // token blocks, swizzled; V is channels 0..511
-  int32_t row[kEntrySlots][kBlockN];                   // an entry's kv row, or -1 when masked
-  uint32_t valid[kEntrySlots][kBlockN / 32];           // bit j % 32 of word j / 32: entry j is read
+  static constexpr int kTiles = kDqk / 64;  // 9 (tiles 0..7: V, tile 8: RoPE) or 8
+  // With d_qk 576 a block's P goes into its RoPE tile once its scores are done (as in the decode
+  // kernel); with 512 there is no such tile, and P gets one of its own per stage.
+  static constexpr bool kSeparateP = kDqk == 512;
+  alignas(1024) uint8_t q[kTiles * kTileBytes];     // Q tile
+  alignas(1024) uint8_t k[2][kTiles * kTileBytes];  // stage 0: even blocks (A), stage 1: odd blocks (B)
+  float max_a[kRows];                               // running max after block A (published by warpgroup 0)
+  float max_b[kRows];                               // running max after block B (published by warpgroup 1)
+  float row_sum[2][kRows];                          // per-warpgroup row sums, at the end
+  float row_max[2][kRows];                          // per-warpgroup exact row maxima, at the end
+  uint16_t mask[kMaskSlots][4];                     // bit r of word w: entry 16 w + r of the block is read
+  uint64_t k_full[2][2];                            // [stage][part] copies landed (128 arrivals each)
+  alignas(1024) uint8_t p[kSeparateP ? 2 : 1][kSeparateP ? kTileBytes : 16];
 };
 
 template <int kDqk>
 constexpr int smem_bytes() {
-  return static_cast<int>(sizeof(SharedStorage<kDqk>)) + 128;  // + room to align the dynamic base
+  return static_cast<int>(sizeof(SharedStorage<kDqk>)) + 1024;  // + room to align the dynamic base
 }
 
-static_assert(smem_bytes<576>() <= 227 * 1024, "the d_qk 576 tile must fit one SM's shared memory");
+static_assert(smem_bytes<576>() <= 227 * 1024, "the d_qk 576 stages must fit one SM's shared memory");
+static_assert(smem_bytes<512>() <= 227 * 1024, "the d_qk 512 stages must fit one SM's shared memory");
 
 }  // namespace prefill
 }  // namespace sparse_sm90

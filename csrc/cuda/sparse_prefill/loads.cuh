@@ -1,11 +1,12 @@
-// The sparse prefill kernel's loads: the entries a query token reads, their resolution to kv rows
-// (or to "masked"), and the cp.async copies of whole rows (the Q tile, a block of named kv rows) into
-// the swizzled shared-memory layout.
+// The sparse prefill kernels' loads: the entries a query token reads and their resolution to kv rows
+// (or to "masked"); the forward's cp.async gathers of a block's rows into a stage of the two-warpgroup
+// schedule (issue_part) and of its Q tile; and the row copies of the backward kernel (copy_rows_async).
 #pragma once
 
 #include <cstdint>
 
 #include "common/sparse_params.h"
+#include "cuda/ptx/sm90_ptx.cuh"
 #include "cuda/sparse_prefill/traits.h"
 
 namespace jax_flashmla {
@@ -59,6 +60,83 @@ __device__ __forceinline__ void copy_rows_async(SmemTensor& dst, const uint16_t*
                           *reinterpret_cast<cute::uint128_t*>(&dst(r, c * 8)), read);
       }
     }
+  }
+}
+
+// The kv rows a thread copies in a part load of block `block`: rows 16 warp + lane / 8 + 4 j
+// (j = 0..3) of the block (warp within the warpgroup), chunk lane % 8 of each of their tiles, so
+// that one warp instruction copies four whole 128-byte tile rows. A row is -1 when its entry is not
+// read (past n, -1, or any id outside [0, s_kv)). Read before the copies are issued, so that the index
+// loads' latency hides under the math.
+struct PartRows {
+  int32_t id[4];
+};
+
+__device__ __forceinline__ PartRows part_rows(const SparsePrefillParams& p, int64_t token, int n, int block) {
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
+  PartRows rows;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int e = block * kBlockN + 16 * warp + lane / 8 + 4 * j;
+    int32_t id = -1;
+    if (e < n) {
+      const int32_t v = __ldg(p.indices + token * p.topk + e);
+      if (v >= 0 && static_cast<int64_t>(v) < p.seqlen_kv) id = v;
+    }
+    rows.id[j] = id;
+  }
+  return rows;
+}
+
+// Gathers part `part` of block `block` into stage `stage` (the warpgroup `part` calls it, all 128
+// threads): V tiles 4 part .. 4 part + 3, and with d_qk 576 the RoPE tile when part == 1 - stage (the
+// part of the warpgroup that reads the block's P from that tile, kernel.cuh). Rows of unread entries
+// are zero-filled, never read. The part's mbarrier completes when every thread's copies have
+// landed. The warpgroup that runs the block's softmax (part == stage) also publishes the block's
+// mask of read entries in mask[block % kMaskSlots], visible to the warpgroup on return.
+template <int kDqk>
+__device__ __forceinline__ void issue_part(SharedStorage<kDqk>& s, const SparsePrefillParams& p, int stage, int part,
+                                           int block, const PartRows& rows) {
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4, chunk = lane % 8;
+  const bool rope = kDqk == 576 && part == 1 - stage;
+  uint8_t* base = s.k[stage];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int row = 16 * warp + lane / 8 + 4 * j;
+    const bool read = rows.id[j] >= 0;
+    const uint16_t* src = p.kv + (read ? static_cast<int64_t>(rows.id[j]) * kDqk + chunk * 8 : 0);
+#pragma unroll
+    for (int i = 0; i < 5; ++i) {
+      if (i == 4 && !rope) continue;
+      const int tile = i < 4 ? 4 * part + i : 8;
+      sm90::cp_async_16(base + tile * kTileBytes + sm90::swizzled_offset(row, chunk), src + (read ? tile * 64 : 0),
+                        read);
+    }
+  }
+  sm90::cp_async_mbar_arrive(&s.k_full[stage][part]);
+  if (part == stage) {
+    uint32_t bits = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t b = __ballot_sync(0xffffffffu, rows.id[j] >= 0);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) bits |= ((b >> (8 * q)) & 1u) << (4 * j + q);
+    }
+    if (lane == 0) s.mask[block % kMaskSlots][warp] = static_cast<uint16_t>(bits);
+    sm90::bar_sync(sm90::kBarWarpgroup + part, kWarpgroupThreads);
+  }
+}
+
+// Issues the copies of the Q tile: heads head0 .. head0 + rows - 1 of the token from `q_row0`, the
+// rows past `rows` zero-filled. All kThreads threads; the caller commits and waits.
+template <int kDqk>
+__device__ __forceinline__ void issue_q_tile(SharedStorage<kDqk>& s, const uint16_t* q_row0, int rows) {
+  constexpr int kChunks = kDqk / 8;
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int row = c / kChunks, tile = (c % kChunks) / 8, chunk = c % 8;
+    const bool read = row < rows;
+    sm90::cp_async_16(s.q + tile * kTileBytes + sm90::swizzled_offset(row, chunk),
+                      q_row0 + (read ? static_cast<int64_t>(row) * kDqk + (c % kChunks) * 8 : 0), read);
   }
 }
 
