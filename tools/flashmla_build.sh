@@ -96,6 +96,13 @@ EOF
   export GIT_CEILING_DIRECTORIES=$PREFIX
   export FLASH_MLA_DISABLE_SM100=1 FLASH_MLA_DISABLE_FP16=1
   export MAX_JOBS=${MAX_JOBS:-$(nproc)} NVCC_THREADS=${NVCC_THREADS:-4}
+  # CUDA 13 keeps libcu++ (cuda/std/..., which CUTLASS includes) under include/cccl, off nvcc's and
+  # the host compiler's default paths.
+  cccl=$(dirname "$(dirname "$(command -v nvcc)")")/include/cccl
+  if [ -d "$cccl" ]; then
+    export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-I$cccl"
+    export CPLUS_INCLUDE_PATH="$cccl${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}"
+  fi
   echo "flashmla_build.sh: building $SRC ($hash) into $PREFIX/site, MAX_JOBS=$MAX_JOBS; log: $LOG"
   t0=$SECONDS
   if ! "$PY" -m pip install -v --no-build-isolation --no-deps --no-index --no-cache-dir --target "$PREFIX/site" \
