@@ -4,7 +4,8 @@
 jax_flashmla.indexer's paged_mqa_logits (DeepGEMM's fp8_paged_mqa_logits contract: FP8 queries of 64
 heads x 128 channels, per-head weights, the 132-byte paged FP8 key pool, pages of 64) and topk_slots
 (the top-k positions of each query turned into global cache slots), each alone and the two in one
-jitted call, timed with mla_bench's machinery (profiler device times, the L2 flushed before each
+jitted call, and the pure-JAX logits program beside the library's call (on an SM90 GPU the library
+runs its fused kernel: "x XLA" is the speed-up, "match" compares the two's logits), timed with mla_bench's machinery (profiler device times, the L2 flushed before each
 iteration) at V3.2's decode shapes: b 64 / 128, next_n 1 / 2, every request at context 4096 / 16384
 / 65536, topk 2048. The logits are reported as GB/s of the key bytes they read (132 bytes a token:
 128 e4m3 values and a float32 scale; every request's keys once a step, whatever next_n) against the
@@ -110,6 +111,10 @@ def run_indexer(jax, timer, settings, cases, opts, on_row=None) -> list[dict]:
     def bench_indexer_logits(q, pool, weights, lens, table):
         return ix.paged_mqa_logits(q, pool, weights, lens, table, table.shape[1] * PAGE_SIZE)
 
+    def bench_indexer_logits_xla(q, pool, weights, lens, table):  # the pure-JAX program, on any platform
+        limits = ix.visible_limits(lens, q.shape[1])
+        return ix._paged_mqa_logits(q, pool, weights, limits, table, table.shape[1] * PAGE_SIZE, 8)
+
     def bench_indexer_topk(logits, lens, table):
         return ix.topk_slots(logits, lens, table, opts.topk)
 
@@ -121,6 +126,7 @@ def run_indexer(jax, timer, settings, cases, opts, on_row=None) -> list[dict]:
 
     logits_fn, topk_fn, step_fn = (jax.jit(f) for f in (bench_indexer_logits, bench_indexer_topk, bench_indexer_step))
     attn_fn = jax.jit(bench_sparse_attention)
+    xla_fn = jax.jit(bench_indexer_logits_xla)
     results, pools = [], {}
     for c in cases:
         pages_per_seq = -(-c.context // PAGE_SIZE)
@@ -160,6 +166,14 @@ def run_indexer(jax, timer, settings, cases, opts, on_row=None) -> list[dict]:
             logits = jax.block_until_ready(logits_fn(q, index_pool, weights, lens, table))
             slots = jax.block_until_ready(topk_fn(logits, lens, table))
             jax.block_until_ready(step_fn(q, index_pool, weights, lens, table))
+            rec["logits_path"] = mla_bench.lowered_path(logits_fn, q, index_pool, weights, lens, table)
+            if not opts.no_xla:  # the fused logits against the pure-JAX program's, on the first requests
+                want = np.asarray(xla_fn(q, index_pool, weights, lens, table)[:4])
+                got = np.asarray(logits[:4])
+                fin = np.isfinite(want)
+                rec["logits_match"] = bool(np.array_equal(np.isneginf(got), np.isneginf(want)) and
+                                           np.abs(got[fin] - want[fin]).max(initial=0.0)
+                                           <= 2e-3 * np.abs(want[fin]).max(initial=0.0))
             if attn_pool is not None:
                 attn_q = jax.random.normal(jax.random.fold_in(key, 2), (c.b, c.next_n, opts.attn_heads, 576),
                                            jnp.bfloat16)
@@ -171,6 +185,8 @@ def run_indexer(jax, timer, settings, cases, opts, on_row=None) -> list[dict]:
             calls = {"logits": (lambda: logits_fn(q, index_pool, weights, lens, table), "bench_indexer_logits"),
                      "topk": (lambda: topk_fn(logits, lens, table), "bench_indexer_topk"),
                      "step": (lambda: step_fn(q, index_pool, weights, lens, table), "bench_indexer_step")}
+            if not opts.no_xla:
+                calls["xla"] = (lambda: xla_fn(q, index_pool, weights, lens, table), "bench_indexer_logits_xla")
             if attn_q is not None:
                 calls["attn"] = (lambda: attn_fn(attn_q, attn_pool, slots), "bench_sparse_attention")
             dev = timer.device_ms([(label, fn, settings.iters, hint) for label, (fn, hint) in calls.items()])
@@ -179,6 +195,8 @@ def run_indexer(jax, timer, settings, cases, opts, on_row=None) -> list[dict]:
                 rec[f"{label}_ms"], rec["src"] = t["ms"], t["src"]
             rec["gbps"] = rec["key_bytes"] / (rec["logits_ms"] * 1e-3) / 1e9
             rec["tflops"] = rec["flops"] / (rec["logits_ms"] * 1e-3) / 1e12
+            if "xla_ms" in rec:
+                rec["xla_speedup"] = rec["xla_ms"] / rec["logits_ms"]
             parts = [rec["logits_ms"], rec["topk_ms"]] + ([rec["attn_ms"]] if "attn_ms" in rec else [])
             if len(parts) == 3:
                 rec["decode_ms"] = sum(parts)
@@ -200,10 +218,11 @@ def run_indexer(jax, timer, settings, cases, opts, on_row=None) -> list[dict]:
 
 COLUMNS = [
     ("b", "b", "d"), ("next_n", "next_n", "d"), ("context", "context", "d"), ("logits ms", "logits_ms", ".3f"),
-    ("GB/s", "gbps", "num"), ("BW%", "bw_pct", ".1f"), ("TFLOPS", "tflops", "num"), ("top-k ms", "topk_ms", ".3f"),
+    ("GB/s", "gbps", "num"), ("BW%", "bw_pct", ".1f"), ("TFLOPS", "tflops", "num"), ("XLA ms", "xla_ms", ".3f"),
+    ("x XLA", "xla_speedup", ".1f"), ("match", "logits_match", "s"), ("top-k ms", "topk_ms", ".3f"),
     ("both ms", "step_ms", ".3f"), ("attn ms", "attn_ms", ".3f"), ("logits %", "logits_pct", ".0f"),
     ("top-k %", "topk_pct", ".0f"), ("attn %", "attn_pct", ".0f"), ("top-k ok", "topk_ok", "s"), ("src", "src", "s"),
-    ("attn path", "attn_path", "s"),
+    ("logits path", "logits_path", "s"), ("attn path", "attn_path", "s"),
 ]
 
 
@@ -257,6 +276,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=None, help="tokens selected a query (default 2048; --smoke: 32)")
     p.add_argument("--attn-heads", type=int, default=128, help="h_q of the sparse attention (default 128)")
     p.add_argument("--no-attention", action="store_true", help="the indexer only (no step share)")
+    p.add_argument("--no-xla", action="store_true",
+                   help="skip the pure-JAX logits (timed beside the library's call by default: 'XLA ms', 'x XLA')")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (runs on the CPU in seconds)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", action="store_true", help="print markdown tables at the end")

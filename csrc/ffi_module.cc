@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/indexer_params.h"
 #include "common/kv_formats.h"
 #include "common/mla_contract.h"
 #include "xla/ffi/api/ffi.h"
@@ -19,6 +20,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmDecodeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparseDecodeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparsePrefillCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparsePrefillBwdCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmIndexerLogitsCuda);
 #endif
 
 namespace nb = nanobind;
@@ -65,6 +67,7 @@ NB_MODULE(_ext, m) {
     targets["jax_flashmla_sparse_decode"] = handler_capsule(JfmSparseDecodeCuda);
     targets["jax_flashmla_sparse_prefill"] = handler_capsule(JfmSparsePrefillCuda);
     targets["jax_flashmla_sparse_prefill_bwd"] = handler_capsule(JfmSparsePrefillBwdCuda);  // CUDA only
+    targets["jax_flashmla_indexer_logits"] = handler_capsule(JfmIndexerLogitsCuda);  // CUDA only
 #endif
     return targets;
   });
@@ -115,6 +118,11 @@ NB_MODULE(_ext, m) {
     c["KV_FORMATS"] = formats;
     c["FP8_E4M3_MAX"] = jax_flashmla::kFp8E4m3Max;
     c["FP8_MIN_SCALE"] = jax_flashmla::kFp8MinScale;
+    // The domain of the SM90 indexer-logits kernel (indexer_params.h).
+    c["INDEXER_HEAD_DIM"] = jax_flashmla::kIndexerHeadDim;
+    c["INDEXER_MAX_HEADS"] = jax_flashmla::kIndexerMaxHeads;
+    c["INDEXER_PAGE_SIZE"] = jax_flashmla::kIndexerPageSize;
+    c["INDEXER_ROW_BYTES"] = jax_flashmla::kIndexerRowBytes;
     return c;
   });
 

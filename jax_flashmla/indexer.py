@@ -1,7 +1,10 @@
 """DeepSeek-V3.2's lightning indexer, the operations: FP8 index keys in DeepGEMM's paged layout, the
 indexer logits with the contracts of DeepGEMM's ``fp8_mqa_logits`` (prefill) and
 ``fp8_paged_mqa_logits`` (decode), and the top-k selection that turns logits into the indices the
-sparse attention ops take. Pure JAX: jittable, vmappable, right on every platform (no fused kernel).
+sparse attention ops take. Pure JAX, jittable and vmappable, right on every platform; on an SM90 GPU
+``paged_mqa_logits`` runs a fused kernel instead for e4m3 queries of 128 channels and up to 64 heads
+over pages of 64 keys (DeepSeek-V3.2's indexer; ops/indexer_logits.py), the same numbers up to the
+tensor cores' rounding of each score's sum.
 
 The indexer scores every cached token ``t`` for a query token with ``heads`` index queries ``q_h``
 (DeepSeek-V3.2: 64 heads of 128 channels), one index key ``k_t`` per token (shared by the heads) and
@@ -40,6 +43,7 @@ from jax import lax
 
 from ._contract import PAGE_SIZE, _fail, _shape, as_array
 from .kv_formats import _from_bytes, _to_bytes
+from .ops import indexer_logits as _fused
 
 INDEX_HEADS = 64  # DeepSeek-V3.2's index_n_heads
 INDEX_HEAD_DIM = 128  # its index_head_dim
@@ -307,10 +311,15 @@ def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_contex
     pages of request ``i`` in order; max_context_len: a static int, the logits' width.
     Returns float32 [b * next_n, max_context_len]: row ``i * next_n + j``, column ``p`` (position ``p``
     of request ``i``): ``sum_h weights[row, h] * relu(q[i, j, h] . values) * scale`` of the key at that
-    position, -inf where the query does not see ``p`` (and past the block table). Computed
-    ``pages_per_chunk`` pages at a time: at most [b, next_n, h, pages_per_chunk * page_size] scores
-    exist at once; pages outside the table are never read, and what a query does not see (padding
-    entries of the table included) never shows in its logits.
+    position, -inf where the query does not see ``p`` (and past the block table). A page id outside
+    the pool at a seen position is clamped into it (a caller's bug, read as the nearest page). What a
+    query does not see (padding entries of the table included) never shows in its logits.
+
+    On an SM90 GPU, e4m3 ``q`` with d = 128 and 1 to 64 heads over pages of 64 keys run the fused
+    kernel (ops/indexer_logits.py): FP8 tensor-core products, pages past a query's limit never read,
+    no [b, next_n, h, context] scores in memory; it has no derivative. Everywhere else the pure-JAX
+    program runs, ``pages_per_chunk`` pages at a time (at most [b, next_n, h, pages_per_chunk *
+    page_size] scores exist at once).
     """
     q = _check_float("q", q, 4)
     b, next_n, h, d = _shape(q)
@@ -329,6 +338,9 @@ def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_contex
     if _shape(limits)[0] != b:
         _fail("context_lens", f"[{b}] or [{b}, {next_n}]", _shape(as_array("context_lens", context_lens)))
     per_chunk = _chunk(pages_per_chunk, -(-int(max_context_len) // _shape(kv_cache)[1]))
+    if _fused.kernel_supports(q.dtype, _shape(q), _shape(kv_cache)):
+        return _fused.indexer_logits(q, kv_cache, weights.astype(jnp.float32), limits, block_table,
+                                     max_context_len=int(max_context_len), pages_per_chunk=per_chunk)
     return _paged_mqa_logits(q, kv_cache, weights, limits, block_table, int(max_context_len), per_chunk)
 
 

@@ -124,7 +124,7 @@ do_test() {
   echo; echo "==== test ===="
   ensure_built
   run_pytest gpu_tests.log -m gpu test_gpu_decode.py test_gpu_sparse_decode.py test_gpu_sparse_prefill.py \
-    test_gpu_sparse_prefill_bwd.py --durations=8
+    test_gpu_sparse_prefill_bwd.py test_gpu_indexer.py --durations=8
   rc[test]=$?
   [ "${rc[test]}" = 124 ] && echo "pytest stopped by TEST_TIMEOUT=${TEST_TIMEOUT:-540} s (a hang, or too many cases for one call)"
   dur[test]=$((SECONDS - t0))

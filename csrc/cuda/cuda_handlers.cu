@@ -10,6 +10,7 @@
 #include <string>
 
 #include "common/ffi_params.h"
+#include "common/indexer_ffi_params.h"
 #include "common/sparse_ffi_params.h"
 #include "cuda/mla_kernels.h"
 
@@ -187,6 +188,25 @@ ffi::Error sparse_prefill_bwd_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::A
   return ffi::Error::Success();
 }
 
+// DeepGEMM's fp8_paged_mqa_logits (read_indexer_logits_params); limits and page ids stay on the
+// device, where the kernel clamps them.
+ffi::Error indexer_logits_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv_cache,
+                               ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> limits,
+                               ffi::Buffer<ffi::S32> block_table, ffi::ResultBuffer<ffi::F32> logits) {
+  IndexerLogitsParams p;
+  if (auto err = read_indexer_logits_params(q, kv_cache, weights, limits, block_table, logits, p); err.failure()) {
+    return err;
+  }
+  int sm_count = 0;
+  if (cudaError_t err = current_sm_count(sm_count); err != cudaSuccess) return cuda_error("SM count", err);
+  const int64_t page_columns = (p.logits_width + kIndexerPageSize - 1) / kIndexerPageSize;
+  p.pages_per_cta = choose_indexer_pages_per_cta(static_cast<int64_t>(p.batch) * p.next_n, page_columns, sm_count);
+  if (cudaError_t err = launch_indexer_logits(p, stream); err != cudaSuccess) {
+    return cuda_error("indexer logits kernel launch", err);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jax_flashmla
 
@@ -206,5 +226,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparsePrefillCuda, jax_flashmla::sparse_prefill
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparsePrefillBwdCuda, jax_flashmla::sparse_prefill_bwd_cuda,
                               JFM_BIND_SPARSE_PREFILL_BWD_ARGS(
+                                  xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmIndexerLogitsCuda, jax_flashmla::indexer_logits_cuda,
+                              JFM_BIND_INDEXER_LOGITS_ARGS(
                                   xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -7,6 +7,8 @@ evaluation, lowering per platform, batching, differentiation and partitioning.
 - sparse_decode: the sparse MLA decode over an FP8 token pool (flash_mla_with_kvcache with indices).
 - sparse_prefill: the sparse MLA prefill over a bf16 kv (flash_mla_sparse_fwd).
 - sparse_prefill_bwd: the sparse prefill's memory-bounded pure-JAX backward (dq, dkv, d_sink).
+- indexer_logits: the lightning indexer's decode logits (DeepGEMM's fp8_paged_mqa_logits), fused on
+  SM90; the indexer's pure-JAX operations are in jax_flashmla.indexer.
 
 They share the contract (_contract), the extension (_ffi), the per-platform choice (_platform) and
 the partitioning pieces (_partition). The public functions are in jax_flashmla.api.
