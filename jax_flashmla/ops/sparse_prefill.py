@@ -37,8 +37,9 @@ parameters, plus dkv_dtype), lowered to ops/sparse_prefill_bwd.py (pure JAX, in 
 out and lse) everywhere by default. With JAX_FLASHMLA_SPARSE_PREFILL_BWD_KERNEL=1 at lowering time an
 SM90 GPU runs the CUDA backward kernel instead (csrc/cuda/sparse_prefill_bwd/): the per-row factors
 sig and delta and d_sink in JAX (sparse_prefill_bwd.row_factors), then the custom call, which returns
-dq and a float32 dkv that is converted after. The kernel is opt-in until its GPU suite
-(tests/test_gpu_sparse_prefill_bwd.py) passes on a Hopper GPU; JAX_FLASHMLA_FORCE_FALLBACK=1 or an
+dq and a float32 dkv that is converted after. Its GPU suite (tests/test_gpu_sparse_prefill_bwd.py)
+passes on an H100; it stays opt-in until the sharded and transformed gradient tests have run with it
+on a GPU and it reaches its speed target (docs/kernel.md). JAX_FLASHMLA_FORCE_FALLBACK=1 or an
 extension without CUDA kernels keeps the pure-JAX program either way.
   - vmap: folds like the forward (kv always per member, so dkv is; a sink is applied outside).
   - JVP (second derivatives): the tangents of its pure-JAX program, not partitioned.
