@@ -10,7 +10,8 @@ absolute values): the FP8 tensor cores add the 128 products of a score in float3
 mantissa bits than a float32 add; a key of the wrong position or page is off by the logit's own size.
 What it covers, over shuffled pages whose unused pages hold NaN, and NaN in the slots past each
 request's length inside its last page (seen by nobody, so never in a logit):
-  - DeepSeek-V3.2's 64 heads and 1, 17, 33 (a partial row group, zero-padded), next_n 1 and 2, lengths
+  - DeepSeek-V3.2's 64 heads and 1, 17, 33 (a partial row group, zero-padded), next_n 1 to 4 (two
+    tokens a CTA for even next_n, their limits different), lengths
     0, 1, 63, 64, 65 and several pages, max_context_len not a multiple of 64 and shorter than a
     request (columns cut), context_lens [b] and [b, next_n] (negative limits included);
   - page ids outside the pool at a seen position (clamped, as the pure-JAX path does) and past the
@@ -128,6 +129,8 @@ CASES = [  # (lens, next_n, h, max_context_len, two_d)
     ([257, 5, 128], 2, 17, 250, True),   # max_context_len cuts request 0
     ([70, 190], 1, 1, 192, False),
     ([100, 33, 64], 2, 33, 130, True),
+    ([100, 40], 4, 64, 128, True),       # two CTAs of two tokens a request
+    ([90, 10, 130], 3, 64, 192, True),   # odd next_n: one token a CTA
 ]
 
 

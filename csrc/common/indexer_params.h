@@ -25,7 +25,7 @@ struct IndexerLogitsParams {
   const int32_t* limits = nullptr;   // [batch, next_n]: query (i, j) sees positions < limits[i, j]
   const int32_t* block_table = nullptr;  // [batch, table_width]
   float* logits = nullptr;           // [batch * next_n, logits_width]
-  int pages_per_cta = 1;             // page columns one CTA walks (the launcher's choice)
+  int pages_per_cta = 1;             // page columns one CTA walks (set by the launcher)
 };
 
 }  // namespace jax_flashmla

@@ -199,9 +199,7 @@ ffi::Error indexer_logits_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBu
   }
   int sm_count = 0;
   if (cudaError_t err = current_sm_count(sm_count); err != cudaSuccess) return cuda_error("SM count", err);
-  const int64_t page_columns = (p.logits_width + kIndexerPageSize - 1) / kIndexerPageSize;
-  p.pages_per_cta = choose_indexer_pages_per_cta(static_cast<int64_t>(p.batch) * p.next_n, page_columns, sm_count);
-  if (cudaError_t err = launch_indexer_logits(p, stream); err != cudaSuccess) {
+  if (cudaError_t err = launch_indexer_logits(p, sm_count, stream); err != cudaSuccess) {
     return cuda_error("indexer logits kernel launch", err);
   }
   return ffi::Error::Success();

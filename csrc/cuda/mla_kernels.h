@@ -43,13 +43,9 @@ cudaError_t launch_sparse_prefill(const SparsePrefillParams& p, cudaStream_t str
 // red.global.add. Index values are read on the device and masked as the forward masks them.
 cudaError_t launch_sparse_prefill_bwd(const SparsePrefillBwdParams& p, cudaStream_t stream);
 
-// The indexer logits (indexer_logits/): one CTA per (request, query token, run of pages_per_cta page
-// columns), FP8 tensor-core scores, -inf past each query's limit. Page ids outside the pool are
-// clamped into it, limits past the block table cut to it.
-cudaError_t launch_indexer_logits(const IndexerLogitsParams& p, cudaStream_t stream);
-
-// Page columns one CTA of the indexer-logits kernel walks, for `rows` query tokens over `page_columns`
-// columns on `sm_count` SMs.
-int choose_indexer_pages_per_cta(int64_t rows, int64_t page_columns, int sm_count);
+// The indexer logits (indexer_logits/): one CTA per (request, one or two query tokens, run of page
+// columns), FP8 tensor-core scores, -inf past each query's limit; `sm_count` sizes the runs. Page ids
+// outside the pool are clamped into it, limits past the block table cut to it.
+cudaError_t launch_indexer_logits(const IndexerLogitsParams& p, int sm_count, cudaStream_t stream);
 
 }  // namespace jax_flashmla
