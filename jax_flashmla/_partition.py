@@ -219,8 +219,9 @@ def partitioned(fun, rule: str, partition, infer, num_static: int = 2, partition
     """`fun(*static, *operands)` (`num_static` leading static arguments: the primitive's parameters)
     as a custom_partitioning op with the Shardy `rule`; every factor but `partitioned_factors` (batch,
     q heads, pages, kv heads) must stay whole."""
-    # Shardy wants the factors that need replication in factor order.
-    factors = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
+    # Shardy wants the factors that need replication in factor order (compound dims "(b n)" included).
+    words = rule.replace(",", " ").replace("->", " ").replace("(", " ").replace(")", " ")
+    factors = list(dict.fromkeys(words.split()))
     keep_whole = tuple(f for f in factors if f not in partitioned_factors)
     cp = custom_partitioning(fun, static_argnums=tuple(range(num_static)))
     cp.def_partition(

@@ -494,3 +494,87 @@ def test_readme_indexer_snippet():
     section = readme.split("**The lightning indexer**", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "README.md (The lightning indexer)", "exec"), {})
+
+
+# ---- the decode logits under named shardings --------------------------------------------------------
+
+def _sharded_problem(rng, shards):
+    """A paged problem in the fused op's domain (e4m3 q, 64 heads x 128, pages of 64) whose requests'
+    pages lie in their shard's slice of the pool: request i of b uses pages of slice i // (b / shards)."""
+    b, next_n, h, d, page, pages_per_shard = 4, 2, 64, 128, 64, 4
+    lens = [130, 64, 1, 100]
+    num_pages = pages_per_shard * shards
+    table = np.zeros((b, 3), np.int32)
+    for i, n in enumerate(lens):
+        base = (i // (b // shards)) * pages_per_shard
+        used = rng.permutation(pages_per_shard)[:3] + base
+        table[i] = used
+    keys = jnp.asarray(rng.standard_normal((b * 192, d)), jnp.bfloat16)
+    pos = np.broadcast_to(np.arange(192), (b, 192))
+    slots = np.where(pos < np.asarray(lens)[:, None], table[np.arange(b)[:, None], pos // page] * page + pos % page, -1)
+    pool = ix.write_keys(ix.init_key_pool(num_pages), jnp.asarray(slots.reshape(-1), jnp.int32), keys)
+    q, _ = ix.quantize_fp8(jnp.asarray(rng.standard_normal((b, next_n, h, d)), jnp.bfloat16))
+    w = jnp.asarray(rng.standard_normal((b * next_n, h)), jnp.float32)
+    return q, pool, w, jnp.asarray(lens, jnp.int32), jnp.asarray(table)
+
+
+def _collectives(hlo):
+    return re.findall(r"\b(?:all-gather|all-to-all|all-reduce|collective-permute|reduce-scatter)\b[^\n]*", hlo)
+
+
+@pytest.mark.parametrize("pool_split", [False, True])
+def test_paged_mqa_logits_request_parallel(pool_split):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from mla_cases import mesh_of
+
+    mesh = mesh_of((2,), ("x",))
+    q, pool, w, lens, table = _sharded_problem(np.random.default_rng(21), 2)
+    want = np.asarray(ix.paged_mqa_logits(q, pool, w, lens, table, 192))
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    args = (put(q, P("x")), put(pool, P("x") if pool_split else P()), put(w, P("x")), put(lens, P("x")),
+            put(table, P("x")))
+    call = jax.jit(lambda *a: ix.paged_mqa_logits(*a, 192))
+    got = call(*args)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert got.sharding.spec[0] == "x"  # the logits' rows stay split with the requests
+    hlo = call.lower(*args).compile().as_text()
+    assert _collectives(hlo) == [], _collectives(hlo)  # no gather of the pool, no reduction
+
+
+def test_paged_mqa_logits_head_split_is_gathered_not_wrong():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from mla_cases import mesh_of
+
+    mesh = mesh_of((2,), ("x",))
+    q, pool, w, lens, table = _sharded_problem(np.random.default_rng(22), 1)
+    want = np.asarray(ix.paged_mqa_logits(q, pool, w, lens, table, 192))
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    got = jax.jit(lambda *a: ix.paged_mqa_logits(*a, 192))(
+        put(q, P(None, None, "x")), put(pool, P()), put(w, P(None, "x")), put(lens, P()), put(table, P()))
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_paged_mqa_logits_in_shard_map():
+    from jax.sharding import PartitionSpec as P
+    from mla_cases import mesh_of
+
+    mesh = mesh_of((2,), ("x",))
+    q, pool, w, lens, table = _sharded_problem(np.random.default_rng(23), 1)
+    want = np.asarray(ix.paged_mqa_logits(q, pool, w, lens, table, 192))
+    fn = jax.shard_map(lambda q, pool, w, lens, table: ix.paged_mqa_logits(q, pool, w, lens, table, 192),
+                       mesh=mesh, in_specs=(P("x"), P(), P("x"), P("x"), P("x")), out_specs=P("x"))
+    np.testing.assert_array_equal(np.asarray(jax.jit(fn)(q, pool, w, lens, table)), want)
+
+
+def test_paged_mqa_logits_vmap_in_the_fused_domain():
+    """The fused op's batching rule (one pool, and a pool per member) against per-member calls."""
+    q, pool, w, lens, table = _sharded_problem(np.random.default_rng(24), 1)
+    call = lambda q, pool, w, lens, table: ix.paged_mqa_logits(q, pool, w, lens, table, 160)  # noqa: E731
+    q2, w2, l2, t2 = (jnp.stack([x, x[::-1]]) for x in (q, w, lens, table))
+    pools = jnp.stack([pool, jnp.roll(pool, 1, axis=0)])
+    for in_axes, ps in (((0, None, 0, 0, 0), pool), ((0, 0, 0, 0, 0), pools)):
+        got = np.asarray(jax.vmap(call, in_axes=in_axes)(q2, ps, w2, l2, t2))
+        for m in range(2):
+            member_pool = ps if in_axes[1] is None else ps[m]
+            want = np.asarray(call(q2[m], member_pool, w2[m], l2[m], t2[m]))
+            np.testing.assert_array_equal(got[m], want)

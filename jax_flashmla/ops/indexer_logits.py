@@ -19,8 +19,15 @@ max_context_len and pages_per_chunk.
     pool first, as both paths clamp) move up by m * num_pages.
   - No derivative: the logits feed a top-k selection. jax.grad through a call in the kernel's domain
     raises JAX's missing-rule error; indexer.mqa_logits (pure JAX) is differentiable.
-  - shard_map runs the op per shard; under named shardings without shard_map XLA gathers its
-    operands (no partitioning rule of its own).
+  - shard_map: the result is typed as varying over the operands' manual mesh axes.
+  - Named shardings: the lowering wraps the per-device op (indexer_logits_local_p) in
+    custom_partitioning. Request-parallel: q, weights, limits and block_table split on the requests
+    (b, and weights' and the logits' rows b * next_n with it), the logits' rows split alike. The key
+    pool is either whole (global page ids) or split on its pages over the same mesh axes as the
+    requests, each shard holding the pages of its own requests (data-parallel: page ids rebased onto
+    the shard's slice, as the decode ops rebase them; an id outside the shard's slice is then clamped
+    into that slice, not into the whole pool). Any other split (heads, channels, next_n, the logits'
+    columns, a request count the shards do not divide) is gathered: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .. import _contract, _ffi, _partition, _platform
 
@@ -38,7 +46,8 @@ MAX_HEADS: int = _contract._CPP["INDEXER_MAX_HEADS"]  # heads a query token
 PAGE_SIZE: int = _contract._CPP["INDEXER_PAGE_SIZE"]  # keys a page
 ROW_BYTES: int = _contract._CPP["INDEXER_ROW_BYTES"]  # a key's e4m3 values and its float32 scale
 
-indexer_logits_p = _ffi.primitive(_ffi.INDEXER_LOGITS_TARGET)
+indexer_logits_p = _ffi.primitive("jax_flashmla_indexer_logits_op")  # the public op, partitioned
+indexer_logits_local_p = _ffi.primitive(_ffi.INDEXER_LOGITS_TARGET)  # one device's call
 
 
 def kernel_supports(q_dtype, q_shape, pool_shape) -> bool:
@@ -77,10 +86,11 @@ def _cuda_lowering(ctx, q, kv_cache, weights, limits, block_table, *, max_contex
     return _ffi_call(ctx, q, kv_cache, weights, limits, block_table)
 
 
-indexer_logits_p.def_abstract_eval(_abstract_eval)
+indexer_logits_local_p.def_abstract_eval(_abstract_eval)
 # The CPU "FFI rule" is the pure-JAX program: the op has no CPU handler.
-_platform.register_lowerings(indexer_logits_p, mlir.lower_fun(_fallback, multiple_results=True), _fallback,
+_platform.register_lowerings(indexer_logits_local_p, mlir.lower_fun(_fallback, multiple_results=True), _fallback,
                              cuda_ffi_rule=_cuda_lowering)
+indexer_logits_p.def_abstract_eval(_abstract_eval)
 
 
 NOT_MAPPED = None  # JAX's marker of an operand without a mapped axis
@@ -107,3 +117,53 @@ def _batch_rule(args, dims, *, max_context_len, pages_per_chunk):
 
 
 batching.primitive_batchers[indexer_logits_p] = _batch_rule
+
+
+# ---- named shardings ---------------------------------------------------------------------------------
+#
+# Shardy factors: b requests, n query tokens, h heads, d channels, k pages, p keys a page, o the one
+# kv head, c a key's bytes, w the block table's columns, l the logits' columns. b and k may be split
+# (k only with b, which the partition rule checks); the rest stay whole.
+_RULE = "b n h d, k p o c, (b n) h, b n, b w -> (b n) l"
+_SPLIT_FACTORS = ("b", "k")
+
+
+def _layout(mesh, arg_shapes) -> _partition.Layout:
+    """Request-parallel or whole: the requests' mesh axes and whether the pool is split with them."""
+    lay = _partition.layout(mesh, arg_shapes[:2])
+    return _partition.Layout(lay.batch_axes, (), lay.k_on_blocks, False)
+
+
+def _body(max_context_len, pages_per_chunk, *operands):
+    return tuple(indexer_logits_local_p.bind(*operands, max_context_len=max_context_len,
+                                             pages_per_chunk=pages_per_chunk))
+
+
+def _result_sharding(mesh, lay):
+    return NamedSharding(mesh, P(_partition.spec_entry(lay.batch_axes), None))
+
+
+def _partition_rule(max_context_len, pages_per_chunk, mesh, arg_shapes, result_shape):
+    del result_shape
+    lay = _layout(mesh, arg_shapes)
+    bx = _partition.spec_entry(lay.batch_axes)
+
+    def lower_fn(q, kv_cache, weights, limits, block_table):
+        block_table = _partition.local_block_table(mesh, lay, kv_cache, block_table)
+        return _body(max_context_len, pages_per_chunk, q, kv_cache, weights, limits, block_table)
+
+    operand_shardings = tuple(NamedSharding(mesh, spec) for spec in (
+        P(bx, None, None, None), P(bx if lay.k_on_blocks else None, None, None, None), P(bx, None), P(bx, None),
+        P(bx, None)))
+    return mesh, lower_fn, (_result_sharding(mesh, lay),), operand_shardings
+
+
+def _infer(max_context_len, pages_per_chunk, mesh, arg_shapes, result_shape):
+    del max_context_len, pages_per_chunk, result_shape
+    return (_result_sharding(mesh, _layout(mesh, arg_shapes)),)
+
+
+_partitioned_op = _partition.partitioned(_body, _RULE, _partition_rule, _infer, partitioned_factors=_SPLIT_FACTORS)
+mlir.register_lowering(indexer_logits_p, _partition.lower_partitioned(
+    _partitioned_op, _body, param_names=("max_context_len", "pages_per_chunk")))
+_partition.require_devices_during_lowering(indexer_logits_p)
