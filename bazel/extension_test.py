@@ -27,9 +27,9 @@ class BazelExtensionTest(unittest.TestCase):
         self.assertEqual(_ffi.HAS_CUDA_KERNELS, EXPECT_CUDA)
         ops = {_ffi.METADATA_TARGET, _ffi.DECODE_TARGET, _ffi.SPARSE_DECODE_TARGET, _ffi.SPARSE_PREFILL_TARGET}
         self.assertEqual(set(_ext.cpu_targets()), ops)
-        # The sparse prefill's backward and the indexer logits have a CUDA kernel only (elsewhere they
-        # are pure JAX).
-        cuda_ops = ops | {_ffi.SPARSE_PREFILL_BWD_TARGET, _ffi.INDEXER_LOGITS_TARGET}
+        # The sparse prefill's backward and the indexer's logits and top-k have a CUDA kernel only
+        # (elsewhere they are pure JAX).
+        cuda_ops = ops | {_ffi.SPARSE_PREFILL_BWD_TARGET, _ffi.INDEXER_LOGITS_TARGET, _ffi.INDEXER_TOPK_TARGET}
         self.assertEqual(set(_ext.cuda_targets()), cuda_ops if EXPECT_CUDA else set())
 
 

@@ -127,6 +127,20 @@ def run_indexer(jax, timer, settings, cases, opts, on_row=None) -> list[dict]:
     logits_fn, topk_fn, step_fn = (jax.jit(f) for f in (bench_indexer_logits, bench_indexer_topk, bench_indexer_step))
     attn_fn = jax.jit(bench_sparse_attention)
     xla_fn = jax.jit(bench_indexer_logits_xla)
+
+    def bench_indexer_topk_kernel(logits, lens, table):  # the same selection, lowered with the opt-in kernel
+        return ix.topk_slots(logits, lens, table, opts.topk)
+
+    def topk_kernel_fn(*args):  # the opt-in is read when the call is lowered: compile with it set
+        previous = os.environ.get(ix._fused_topk.KERNEL_ENV)
+        os.environ[ix._fused_topk.KERNEL_ENV] = "1"
+        try:
+            return jax.jit(bench_indexer_topk_kernel).lower(*args).compile()
+        finally:
+            if previous is None:
+                del os.environ[ix._fused_topk.KERNEL_ENV]
+            else:
+                os.environ[ix._fused_topk.KERNEL_ENV] = previous
     results, pools = [], {}
     for c in cases:
         pages_per_seq = -(-c.context // PAGE_SIZE)
@@ -167,6 +181,11 @@ def run_indexer(jax, timer, settings, cases, opts, on_row=None) -> list[dict]:
             slots = jax.block_until_ready(topk_fn(logits, lens, table))
             jax.block_until_ready(step_fn(q, index_pool, weights, lens, table))
             rec["logits_path"] = mla_bench.lowered_path(logits_fn, q, index_pool, weights, lens, table)
+            topk_kernel = None
+            if opts.topk_kernel:  # the opt-in kernel's slots against the default selection's
+                topk_kernel = topk_kernel_fn(logits, lens, table)
+                rec["topk_kernel_ok"] = bool(np.array_equal(np.asarray(topk_kernel(logits, lens, table)),
+                                                            np.asarray(slots)))
             if not opts.no_xla:  # the fused logits against the pure-JAX program's, on the first requests
                 want = np.asarray(xla_fn(q, index_pool, weights, lens, table)[:4])
                 got = np.asarray(logits[:4])
@@ -185,6 +204,8 @@ def run_indexer(jax, timer, settings, cases, opts, on_row=None) -> list[dict]:
             calls = {"logits": (lambda: logits_fn(q, index_pool, weights, lens, table), "bench_indexer_logits"),
                      "topk": (lambda: topk_fn(logits, lens, table), "bench_indexer_topk"),
                      "step": (lambda: step_fn(q, index_pool, weights, lens, table), "bench_indexer_step")}
+            if topk_kernel is not None:
+                calls["topk_kernel"] = (lambda: topk_kernel(logits, lens, table), "bench_indexer_topk_kernel")
             if not opts.no_xla:
                 calls["xla"] = (lambda: xla_fn(q, index_pool, weights, lens, table), "bench_indexer_logits_xla")
             if attn_q is not None:
@@ -220,6 +241,7 @@ COLUMNS = [
     ("b", "b", "d"), ("next_n", "next_n", "d"), ("context", "context", "d"), ("logits ms", "logits_ms", ".3f"),
     ("GB/s", "gbps", "num"), ("BW%", "bw_pct", ".1f"), ("TFLOPS", "tflops", "num"), ("XLA ms", "xla_ms", ".3f"),
     ("x XLA", "xla_speedup", ".1f"), ("match", "logits_match", "s"), ("top-k ms", "topk_ms", ".3f"),
+    ("top-k kernel ms", "topk_kernel_ms", ".3f"), ("kernel ok", "topk_kernel_ok", "s"),
     ("both ms", "step_ms", ".3f"), ("attn ms", "attn_ms", ".3f"), ("logits %", "logits_pct", ".0f"),
     ("top-k %", "topk_pct", ".0f"), ("attn %", "attn_pct", ".0f"), ("top-k ok", "topk_ok", "s"), ("src", "src", "s"),
     ("logits path", "logits_path", "s"), ("attn path", "attn_path", "s"),
@@ -276,6 +298,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=None, help="tokens selected a query (default 2048; --smoke: 32)")
     p.add_argument("--attn-heads", type=int, default=128, help="h_q of the sparse attention (default 128)")
     p.add_argument("--no-attention", action="store_true", help="the indexer only (no step share)")
+    p.add_argument("--topk-kernel", action="store_true",
+                   help="also time topk_slots with the opt-in SM90 top-k kernel ('top-k kernel ms'; 'kernel ok': "
+                        "its slots equal the default selection's)")
     p.add_argument("--no-xla", action="store_true",
                    help="skip the pure-JAX logits (timed beside the library's call by default: 'XLA ms', 'x XLA')")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (runs on the CPU in seconds)")

@@ -21,6 +21,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparseDecodeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparsePrefillCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmSparsePrefillBwdCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmIndexerLogitsCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JfmIndexerTopkCuda);
 #endif
 
 namespace nb = nanobind;
@@ -68,6 +69,7 @@ NB_MODULE(_ext, m) {
     targets["jax_flashmla_sparse_prefill"] = handler_capsule(JfmSparsePrefillCuda);
     targets["jax_flashmla_sparse_prefill_bwd"] = handler_capsule(JfmSparsePrefillBwdCuda);  // CUDA only
     targets["jax_flashmla_indexer_logits"] = handler_capsule(JfmIndexerLogitsCuda);  // CUDA only
+    targets["jax_flashmla_indexer_topk"] = handler_capsule(JfmIndexerTopkCuda);  // CUDA only, opt-in
 #endif
     return targets;
   });
@@ -123,6 +125,7 @@ NB_MODULE(_ext, m) {
     c["INDEXER_MAX_HEADS"] = jax_flashmla::kIndexerMaxHeads;
     c["INDEXER_PAGE_SIZE"] = jax_flashmla::kIndexerPageSize;
     c["INDEXER_ROW_BYTES"] = jax_flashmla::kIndexerRowBytes;
+    c["INDEXER_TOPK_MAX"] = jax_flashmla::kIndexerTopkMax;
     return c;
   });
 

@@ -16,6 +16,7 @@ SPARSE_DECODE_TARGET = "jax_flashmla_sparse_decode"  # CPU and CUDA (SM90)
 SPARSE_PREFILL_TARGET = "jax_flashmla_sparse_prefill"  # CPU and CUDA (SM90)
 SPARSE_PREFILL_BWD_TARGET = "jax_flashmla_sparse_prefill_bwd"  # CUDA (SM90) only
 INDEXER_LOGITS_TARGET = "jax_flashmla_indexer_logits"  # CUDA (SM90) only
+INDEXER_TOPK_TARGET = "jax_flashmla_indexer_topk"  # CUDA (SM90) only, opt-in
 
 # True when the extension was built with nvcc, i.e. it carries the SM90 kernels.
 HAS_CUDA_KERNELS: bool = bool(_ext.built_with_cuda())

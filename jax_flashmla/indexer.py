@@ -44,6 +44,7 @@ from jax import lax
 from ._contract import PAGE_SIZE, _fail, _shape, as_array
 from .kv_formats import _from_bytes, _to_bytes
 from .ops import indexer_logits as _fused
+from .ops import indexer_topk as _fused_topk
 
 INDEX_HEADS = 64  # DeepSeek-V3.2's index_n_heads
 INDEX_HEAD_DIM = 128  # its index_head_dim
@@ -444,7 +445,11 @@ def topk_slots(logits, context_lens, block_table, topk: int, page_size: int = PA
 def _topk_slots(logits, limits, block_table, topk, page_size):
     b, next_n = limits.shape
     limits = jnp.minimum(limits, block_table.shape[1] * page_size).reshape(b * next_n)
-    positions = _select(logits, jnp.zeros_like(limits), limits, topk).reshape(b, next_n, topk)
+    if _fused_topk.kernel_supports(logits.dtype, topk):
+        positions = _fused_topk.indexer_topk(logits, limits, topk=topk)
+    else:
+        positions = _select(logits, jnp.zeros_like(limits), limits, topk)
+    positions = positions.reshape(b, next_n, topk)
     return jnp.where(positions >= 0, _slots_of(block_table, positions, page_size), -1)
 
 

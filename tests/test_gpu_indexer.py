@@ -19,6 +19,11 @@ request's length inside its last page (seen by nobody, so never in a logit):
   - NaN in a seen key, in a weight, in q: exactly the logits that use them;
   - vmap over requests with one pool and with a pool per member; a long context (4,100 tokens) where
     CTAs walk many pages; the fused op against the same call with JAX_FLASHMLA_FORCE_FALLBACK=1.
+
+The opt-in top-k kernel (csrc/cuda/indexer_topk/, JAX_FLASHMLA_INDEXER_TOPK_KERNEL=1) against the
+pure-JAX selection, position for position: heavy ties, +0 and -0, NaN, +-inf, rows of equal values,
+visible counts of 0, negative, below topk and past the width, widths up to 65,536, topk 7 to 2048;
+through topk_slots, and under vmap.
 """
 
 from __future__ import annotations
@@ -215,3 +220,46 @@ def test_against_the_forced_fallback(monkeypatch):
     np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
     fin = np.isfinite(want)
     assert np.abs(got[fin] - want[fin]).max() <= 1e-2 * np.abs(want[fin]).max()
+
+
+# ---- the opt-in top-k kernel (csrc/cuda/indexer_topk/) ------------------------------------------------
+
+def _topk_rows(rng, rows, width):
+    """Logits with the selection's hard cases: heavy ties, +0 and -0, NaN, +-inf, -inf as 'not seen'."""
+    x = rng.standard_normal((rows, width)).astype(np.float32)
+    x[0] = np.round(x[0] * 2) / 2  # a few values, many ties
+    x[1, ::7] = 0.0
+    x[1, 3::7] = -0.0
+    x[2, 5::97] = np.nan
+    x[3, 11::131] = np.inf
+    x[3, 13::131] = -np.inf
+    x[4] = 1.0  # all equal: the first topk positions
+    return jnp.asarray(x)
+
+
+@pytest.mark.parametrize("width,topk", [(5000, 2048), (3000, 7), (700, 2048), (65536, 2048), (513, 512)])
+def test_topk_kernel_matches_the_pure_jax_selection(monkeypatch, width, topk):
+    rng = np.random.default_rng(width + topk)
+    rows = 9
+    logits = _topk_rows(rng, rows, width)
+    visible = jnp.asarray([width, width, width, width, width, 0, -4, min(topk, width) - 1, width + 99], jnp.int32)
+    want = np.asarray(ix._select(logits, jnp.zeros_like(visible), visible, topk))
+    monkeypatch.setenv(ix._fused_topk.KERNEL_ENV, "1")
+    got = np.asarray(jax.jit(lambda l, v: ix._fused_topk.indexer_topk(l, v, topk=topk))(logits, visible))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_topk_kernel_in_topk_slots_and_vmap(monkeypatch):
+    rng = np.random.default_rng(16)
+    lens = [300, 90]
+    q, pool, w, context_lens, table, _ = make_problem(rng, lens, 2, 64, num_pages=12)
+    logits = ix.paged_mqa_logits(q, pool, w, context_lens, table, 320)
+    want = np.asarray(ix.topk_slots(logits, context_lens, table, 128))
+    monkeypatch.setenv(ix._fused_topk.KERNEL_ENV, "1")
+    got = np.asarray(jax.jit(lambda *a: ix.topk_slots(*a, 128))(logits, context_lens, table))
+    np.testing.assert_array_equal(got, want)
+    both = jax.vmap(lambda l, v: ix._fused_topk.indexer_topk(l, v, topk=64))(
+        jnp.stack([logits, -logits]), jnp.asarray([[320, 5, 0, 77], [1, 320, 64, 65]], jnp.int32))
+    for m, (l, v) in enumerate(((logits, [320, 5, 0, 77]), (-logits, [1, 320, 64, 65]))):
+        v = jnp.asarray(v, jnp.int32)
+        np.testing.assert_array_equal(np.asarray(both[m]), np.asarray(ix._select(l, jnp.zeros_like(v), v, 64)))

@@ -57,7 +57,34 @@ inline ffi::Error read_indexer_logits_params(ffi::AnyBuffer q, ffi::AnyBuffer kv
   return ffi::Error::Success();
 }
 
+// Operands: logits float32 [rows, width], visible int32 [rows]; result positions int32 [rows, topk].
+inline ffi::Error read_indexer_topk_params(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> visible,
+                                           ffi::ResultBuffer<ffi::S32> positions, IndexerTopkParams& p) {
+  auto ld = logits.dimensions();
+  if (ld.size() != 2 || ld[1] > std::numeric_limits<int32_t>::max()) {
+    return invalid("logits must be float32 [rows, width] with width < 2^31");
+  }
+  auto vd = visible.dimensions();
+  if (vd.size() != 1 || vd[0] != ld[0]) return invalid("visible must be int32 [rows]");
+  auto pd = positions->dimensions();
+  if (pd.size() != 2 || pd[0] != ld[0] || pd[1] < 1 || pd[1] > kIndexerTopkMax) {
+    return invalid("positions must be int32 [rows, topk] with 1 <= topk <= 2048");
+  }
+  p.rows = ld[0];
+  p.width = ld[1];
+  p.topk = static_cast<int>(pd[1]);
+  p.logits = logits.typed_data();
+  p.visible = visible.typed_data();
+  p.positions = positions->typed_data();
+  return ffi::Error::Success();
+}
+
 }  // namespace jax_flashmla
+
+#define JFM_BIND_INDEXER_TOPK_ARGS(binding)                         \
+  binding.Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()  /* logits */   \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()     /* visible */  \
+      .Ret<::xla::ffi::Buffer<::xla::ffi::S32>>()     /* positions */
 
 #define JFM_BIND_INDEXER_LOGITS_ARGS(binding)                         \
   binding.Arg<::xla::ffi::AnyBuffer>()             /* q */            \

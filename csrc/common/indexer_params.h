@@ -28,4 +28,16 @@ struct IndexerLogitsParams {
   int pages_per_cta = 1;             // page columns one CTA walks (set by the launcher)
 };
 
+// The top-k of the indexer's logits (indexer._select with lo = 0), the opt-in SM90 kernel's operands.
+constexpr int kIndexerTopkMax = 2048;  // the kernel's largest topk (DeepSeek-V3.2's index_topk)
+
+struct IndexerTopkParams {
+  int64_t rows = 0;
+  int64_t width = 0;               // logits' columns, < 2^31
+  int topk = 0;                    // 1 .. kIndexerTopkMax
+  const float* logits = nullptr;   // [rows, width]
+  const int32_t* visible = nullptr;  // [rows]: row r picks among positions < visible[r]
+  int32_t* positions = nullptr;    // [rows, topk]: best first, -1 past the visible count
+};
+
 }  // namespace jax_flashmla

@@ -205,6 +205,17 @@ ffi::Error indexer_logits_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBu
   return ffi::Error::Success();
 }
 
+// The indexer's top-k (read_indexer_topk_params), opt-in from Python; the counts stay on the device.
+ffi::Error indexer_topk_cuda(cudaStream_t stream, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> visible,
+                             ffi::ResultBuffer<ffi::S32> positions) {
+  IndexerTopkParams p;
+  if (auto err = read_indexer_topk_params(logits, visible, positions, p); err.failure()) return err;
+  if (cudaError_t err = launch_indexer_topk(p, stream); err != cudaSuccess) {
+    return cuda_error("indexer top-k kernel launch", err);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jax_flashmla
 
@@ -228,5 +239,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparsePrefillBwdCuda, jax_flashmla::sparse_pref
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmIndexerLogitsCuda, jax_flashmla::indexer_logits_cuda,
                               JFM_BIND_INDEXER_LOGITS_ARGS(
+                                  xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmIndexerTopkCuda, jax_flashmla::indexer_topk_cuda,
+                              JFM_BIND_INDEXER_TOPK_ARGS(
                                   xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -48,4 +48,8 @@ cudaError_t launch_sparse_prefill_bwd(const SparsePrefillBwdParams& p, cudaStrea
 // outside the pool are clamped into it, limits past the block table cut to it.
 cudaError_t launch_indexer_logits(const IndexerLogitsParams& p, int sm_count, cudaStream_t stream);
 
+// The top-k of the indexer's logits (indexer_topk/, opt-in): one CTA per row, radix select, then a
+// block sort of the picked (key, position) pairs.
+cudaError_t launch_indexer_topk(const IndexerTopkParams& p, cudaStream_t stream);
+
 }  // namespace jax_flashmla

@@ -9,6 +9,7 @@ evaluation, lowering per platform, batching, differentiation and partitioning.
 - sparse_prefill_bwd: the sparse prefill's memory-bounded pure-JAX backward (dq, dkv, d_sink).
 - indexer_logits: the lightning indexer's decode logits (DeepGEMM's fp8_paged_mqa_logits), fused on
   SM90; the indexer's pure-JAX operations are in jax_flashmla.indexer.
+- indexer_topk: the decode logits' top-k, with an opt-in SM90 kernel.
 
 They share the contract (_contract), the extension (_ffi), the per-platform choice (_platform) and
 the partitioning pieces (_partition). The public functions are in jax_flashmla.api.
