@@ -33,10 +33,9 @@ import numpy as np
 from jax.interpreters import ad, batching, mlir
 
 from .. import _contract, _ffi, _partition, _platform, reference
+from .._vmap import NOT_MAPPED, mapped_size, moved
 from . import metadata
 from .decode_bwd import mla_attention_bwd
-
-NOT_MAPPED = None  # JAX's marker of an operand without a mapped axis
 
 
 # ---- mla_decode_p: the per-device op ------------------------------------------------------------------
@@ -86,13 +85,6 @@ def _abstract_eval(q, k_cache, block_table, cache_seqlens, *plan_args, softmax_s
                                    *plan_args)
 
 
-def _moved(x, bdim, size):
-    """x with its mapped axis first, broadcast to `size` members when it is not mapped."""
-    if bdim is NOT_MAPPED:
-        return jnp.broadcast_to(x, (size,) + x.shape)
-    return jnp.moveaxis(x, bdim, 0)
-
-
 def fold_requests(size, q, k_cache, block_table, cache_seqlens, dims):
     """Folds the mapped axis of the four decode operands into their batch.
 
@@ -100,9 +92,9 @@ def fold_requests(size, q, k_cache, block_table, cache_seqlens, dims):
     offsets applied, cache_seqlens [B*b]).
     """
     q_dim, k_dim, bt_dim, sl_dim = dims
-    q = _moved(q, q_dim, size)
-    block_table = _moved(block_table, bt_dim, size)
-    cache_seqlens = _moved(cache_seqlens, sl_dim, size)
+    q = moved(q, q_dim, size)
+    block_table = moved(block_table, bt_dim, size)
+    cache_seqlens = moved(cache_seqlens, sl_dim, size)
     if k_dim is not NOT_MAPPED:
         k_cache = jnp.moveaxis(k_cache, k_dim, 0)
         num_blocks = k_cache.shape[1]
@@ -117,7 +109,7 @@ def fold_requests(size, q, k_cache, block_table, cache_seqlens, dims):
 
 
 def _batch_rule(args, dims, *, softmax_scale, causal):
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not NOT_MAPPED)
+    size = mapped_size(args, dims)
     # Plans of members are dropped: the folded batch is planned inside the call.
     q, k_cache, block_table, cache_seqlens = fold_requests(size, *args[:4], dims[:4])
     out, lse = mla_attention_p.bind(q, k_cache, block_table, cache_seqlens,

@@ -39,6 +39,7 @@ from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .. import _contract, _ffi, _partition, _platform
+from .._vmap import NOT_MAPPED, mapped_size, moved
 
 # The kernel's domain, from csrc/common/indexer_params.h.
 HEAD_DIM: int = _contract._CPP["INDEXER_HEAD_DIM"]  # channels of a query head and of a key
@@ -93,18 +94,13 @@ _platform.register_lowerings(indexer_logits_local_p, mlir.lower_fun(_fallback, m
 indexer_logits_p.def_abstract_eval(_abstract_eval)
 
 
-NOT_MAPPED = None  # JAX's marker of an operand without a mapped axis
-
-
 def _batch_rule(args, dims, *, max_context_len, pages_per_chunk):
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not NOT_MAPPED)
-    front = [jnp.moveaxis(x, d, 0) if d is not NOT_MAPPED else jnp.broadcast_to(x, (size,) + x.shape)
-             for x, d in zip(args, dims)]
-    q, kv_cache, weights, limits, block_table = front
+    size = mapped_size(args, dims)
+    q, weights, limits, block_table = (moved(args[i], dims[i], size) for i in (0, 2, 3, 4))
     b, next_n = q.shape[1:3]
-    if dims[1] is NOT_MAPPED:
-        kv_cache = args[1]  # one pool shared by every member: page ids unchanged
-    else:
+    kv_cache = args[1]  # unmapped: one pool shared by every member, page ids unchanged
+    if dims[1] is not NOT_MAPPED:
+        kv_cache = moved(kv_cache, dims[1], size)
         num_pages = kv_cache.shape[1]
         member = jnp.arange(size, dtype=jnp.int32)[:, None, None]
         block_table = jnp.clip(block_table, 0, num_pages - 1) + member * num_pages

@@ -26,6 +26,7 @@ import numpy as np
 from jax.interpreters import batching, mlir
 
 from .. import _contract, _ffi, _partition, _platform
+from .._vmap import mapped_size, moved
 
 MAX_TOPK: int = _contract._CPP["INDEXER_TOPK_MAX"]  # the kernel's largest topk (csrc/common/indexer_params.h)
 KERNEL_ENV = "JAX_FLASHMLA_INDEXER_TOPK_KERNEL"
@@ -68,13 +69,10 @@ def _cuda_lowering(ctx, logits, visible, *, topk):
 indexer_topk_p.def_abstract_eval(_abstract_eval)
 _platform.register_lowerings(indexer_topk_p, _fallback_rule, _fallback, cuda_ffi_rule=_cuda_lowering)
 
-NOT_MAPPED = None  # JAX's marker of an operand without a mapped axis
-
 
 def _batch_rule(args, dims, *, topk):
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not NOT_MAPPED)
-    logits, visible = (jnp.moveaxis(x, d, 0) if d is not NOT_MAPPED else jnp.broadcast_to(x, (size,) + x.shape)
-                       for x, d in zip(args, dims))
+    size = mapped_size(args, dims)
+    logits, visible = (moved(x, d, size) for x, d in zip(args, dims))
     rows = logits.shape[1]
     (positions,) = indexer_topk_p.bind(logits.reshape(size * rows, logits.shape[2]), visible.reshape(size * rows),
                                        topk=topk)

@@ -53,8 +53,8 @@ from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .. import _contract, _ffi, _partition, _platform, kv_formats, reference
+from .._vmap import NOT_MAPPED, mapped_size, moved
 
-NOT_MAPPED = None  # JAX's marker of an operand without a mapped axis
 
 sparse_decode_p = _ffi.primitive(_ffi.SPARSE_DECODE_TARGET)
 
@@ -167,12 +167,6 @@ sparse_attention_p.def_abstract_eval(_abstract_eval)
 
 # ---- vmap -------------------------------------------------------------------------------------------------
 
-def _moved(x, bdim, size):
-    """x with its mapped axis first, broadcast to `size` members when it is not mapped."""
-    if bdim is NOT_MAPPED:
-        return jnp.broadcast_to(x, (size,) + x.shape)
-    return jnp.moveaxis(x, bdim, 0)
-
 
 def _fold_pool(size, pool, pool_dim, ids):
     """One pool for all members and the members' ids [size, b, s_q, topk] into it."""
@@ -192,20 +186,20 @@ def _fold_pool(size, pool, pool_dim, ids):
 
 
 def _batch_rule(args, dims, *, softmax_scale):
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not NOT_MAPPED)
+    size = mapped_size(args, dims)
     q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices, extra_topk_length = args
     q_dim, k_dim, i_dim, tl_dim, sink_dim, ek_dim, ei_dim, etl_dim = dims
-    q = _moved(q, q_dim, size)
+    q = moved(q, q_dim, size)
     b = q.shape[1]
-    indices = _moved(indices, i_dim, size)
-    extra_indices = _moved(extra_indices, ei_dim, size)
+    indices = moved(indices, i_dim, size)
+    extra_indices = moved(extra_indices, ei_dim, size)
     k_cache, indices = _fold_pool(size, k_cache, k_dim, indices)
     if extra_indices.shape[-1] > 0:
         extra_k_cache, extra_indices = _fold_pool(size, extra_k_cache, ek_dim, extra_indices)
     elif ek_dim is not NOT_MAPPED:
         extra_k_cache = jnp.moveaxis(extra_k_cache, ek_dim, 0)[0]
     fold = lambda x: x.reshape((size * x.shape[1],) + x.shape[2:])
-    lengths = lambda x, d: x if (d is NOT_MAPPED and x.size == 0) else fold(_moved(x, d, size))
+    lengths = lambda x, d: x if (d is NOT_MAPPED and x.size == 0) else fold(moved(x, d, size))
     topk_length = lengths(topk_length, tl_dim)
     extra_topk_length = lengths(extra_topk_length, etl_dim)
     mapped_sink = sink_dim is not NOT_MAPPED

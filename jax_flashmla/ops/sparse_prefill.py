@@ -61,9 +61,9 @@ from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .. import _contract, _ffi, _partition, _platform, reference
+from .._vmap import NOT_MAPPED, mapped_size, moved
 from . import sparse_prefill_bwd
 
-NOT_MAPPED = None  # JAX's marker of an operand without a mapped axis
 
 sparse_prefill_local_p = _ffi.primitive(_ffi.SPARSE_PREFILL_TARGET)
 sparse_prefill_p = _ffi.primitive("jax_flashmla_sparse_prefill_fwd")
@@ -111,12 +111,6 @@ sparse_prefill_p.def_abstract_eval(_abstract_eval)
 
 # ---- vmap -------------------------------------------------------------------------------------------------
 
-def _moved(x, bdim, size):
-    """x with its mapped axis first, broadcast to `size` members when it is not mapped."""
-    if bdim is NOT_MAPPED:
-        return jnp.broadcast_to(x, (size,) + x.shape)
-    return jnp.moveaxis(x, bdim, 0)
-
 
 def fold_kv(kv, indices):
     """Members' kv [B, s_kv, 1, d] and ids [B, s_q, 1, topk] -> one kv [B * s_kv, 1, d] and the ids into
@@ -140,17 +134,17 @@ def apply_sink(out, lse, sink):
 
 
 def _batch_rule(args, dims, *, sm_scale, d_v):
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not NOT_MAPPED)
+    size = mapped_size(args, dims)
     q, kv, indices, topk_length, attn_sink = args
     q_dim, kv_dim, i_dim, tl_dim, sink_dim = dims
-    q = _moved(q, q_dim, size)
+    q = moved(q, q_dim, size)
     s_q = q.shape[1]
-    indices = _moved(indices, i_dim, size)
+    indices = moved(indices, i_dim, size)
     if kv_dim is not NOT_MAPPED:
         kv, indices = fold_kv(jnp.moveaxis(kv, kv_dim, 0), indices)
     fold = lambda x: x.reshape((size * x.shape[1],) + x.shape[2:])  # noqa: E731
     if not (tl_dim is NOT_MAPPED and topk_length.size == 0):
-        topk_length = fold(_moved(topk_length, tl_dim, size))
+        topk_length = fold(moved(topk_length, tl_dim, size))
     mapped_sink = sink_dim is not NOT_MAPPED
     call_sink = jnp.zeros((0,), jnp.float32) if mapped_sink else attn_sink
     out, max_logits, lse = sparse_prefill_p.bind(fold(q), kv, fold(indices), topk_length, call_sink,
@@ -297,24 +291,24 @@ def _bwd_batch_rule(args, dims, *, sm_scale, d_v, chunk_bytes):
     (broadcast first), so each member gets its own dkv. A sink (mapped or not) is taken out of the call:
     its factor sig = sigmoid(lse - sink) scales d_out before the call, and d_sink is computed per member
     here, exactly as the backward computes both."""
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not NOT_MAPPED)
+    size = mapped_size(args, dims)
     q, kv, indices, topk_length, attn_sink, out, lse, d_out, d_lse = args
     q_dim, kv_dim, i_dim, tl_dim, sink_dim, o_dim, l_dim, do_dim, dl_dim = dims
-    q, indices, out, lse, d_out = (_moved(x, d, size) for x, d in
+    q, indices, out, lse, d_out = (moved(x, d, size) for x, d in
                                    ((q, q_dim), (indices, i_dim), (out, o_dim), (lse, l_dim), (d_out, do_dim)))
     s_q = q.shape[1]
-    kv = _moved(kv, kv_dim, size)
+    kv = moved(kv, kv_dim, size)
     kv_shape = kv.shape[1:]
     kv, indices = fold_kv(kv, indices)
     fold = lambda x: x.reshape((size * x.shape[1],) + x.shape[2:])  # noqa: E731
     present = lambda x, d: not (d is NOT_MAPPED and x.size == 0)  # noqa: E731
     if present(topk_length, tl_dim):
-        topk_length = fold(_moved(topk_length, tl_dim, size))
+        topk_length = fold(moved(topk_length, tl_dim, size))
     if present(d_lse, dl_dim):
-        d_lse = fold(_moved(d_lse, dl_dim, size))
+        d_lse = fold(moved(d_lse, dl_dim, size))
     d_sink, sink_dim_out = attn_sink, NOT_MAPPED
     if present(attn_sink, sink_dim):
-        sink = _moved(attn_sink, sink_dim, size)[:, None, :].astype(jnp.float32)  # [B, 1, h_q]
+        sink = moved(attn_sink, sink_dim, size)[:, None, :].astype(jnp.float32)  # [B, 1, h_q]
         lse32 = lse.astype(jnp.float32)
         empty = lse32 == jnp.inf  # a token without a valid entry: no gradient from it
         sig = jax.nn.sigmoid(lse32 - sink)
