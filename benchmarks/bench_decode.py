@@ -10,6 +10,13 @@ and docs/performance.md.
   python3 benchmarks/bench_decode.py --smoke                         # tiny sizes; runs on the CPU
   python3 benchmarks/bench_decode.py --json out.json --markdown      # save; print a markdown table
   python3 benchmarks/bench_decode.py --from-json out.json --markdown # re-render saved results
+  python3 benchmarks/bench_decode.py --no-ref --flashmla             # FlashMLA side by side
+
+--flashmla times FlashMLA's own dense decode on the same inputs in the same process (a `flash_mla`
+build and a CUDA torch must import; tools/flashmla_build.sh): both calls with their plans made
+outside, wall clock per call over --sbs-calls back-to-back calls, median of --sbs-repeats repeats
+that alternate which side goes first, no L2 flush. FM/ours > 1 means ours is faster; "wall BW%" is
+the bytes over our side-by-side time, over the same run's copy bandwidth.
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
     p.add_argument("--from-json", help="print the table of a saved --json file and exit (no measuring)")
     p.add_argument("--verbose", action="store_true", help="per-trace attribution of the kernels")
+    p.add_argument("--flashmla", action="store_true",
+                   help="time FlashMLA's dense decode on the same inputs in this process (flash_mla and torch)")
+    p.add_argument("--sbs-calls", type=int, default=30, help="side by side: back-to-back calls per timing")
+    p.add_argument("--sbs-repeats", type=int, default=7, help="side by side: alternating repeats (median)")
     return p
 
 
@@ -63,6 +74,10 @@ def print_report(report: dict, markdown: bool) -> None:
     cols = mla_bench._columns(records)
     for i, rec in enumerate(records):
         print(mla_bench.format_row(rec, base, header=i == 0, columns=cols))
+    if report.get("flashmla"):
+        print(f"FlashMLA: {report['flashmla']}")
+    for line in mla_bench.side_by_side_summary(records):
+        print(line)
     if markdown:
         print("\n" + mla_bench.markdown(report))
 
@@ -89,11 +104,12 @@ def main(argv=None) -> int:
 
     timer = mla_bench.Timer(jax, settings)
     report = {"env": env, "settings": dataclasses.asdict(settings), "cases": args.cases}
+    fm = mla_bench.open_flashmla(report, args.sbs_calls, args.sbs_repeats) if args.flashmla else None
     report["baselines"] = mla_bench.run_baselines(jax, timer, settings)
     print(f"\n[matrix] {len(cases)} cases")
     cols = mla_bench._columns([dataclasses.asdict(c) for c in cases])
     report["matrix"] = mla_bench.run_matrix(
-        jax, timer, settings, cases,
+        jax, timer, settings, cases, fm=fm, sbs_calls=args.sbs_calls, sbs_repeats=args.sbs_repeats,
         on_row=lambda rec, first: print(mla_bench.format_row(rec, report["baselines"], header=first, columns=cols)))
     if args.json:
         mla_bench.write_json(args.json, report)

@@ -513,8 +513,10 @@ def measure_baselines(jax, timer: Timer, settings: Settings) -> dict:
     return {"copy": copy, "matmul": measured["matmul"]}
 
 
-def run_matrix(jax, timer: Timer, settings: Settings, cases: list[Case], on_row=None) -> list[dict]:
-    """One record per case (see the module's docstring); `on_row(rec, first_of_pool)` as each ends."""
+def run_matrix(jax, timer: Timer, settings: Settings, cases: list[Case], on_row=None, fm=None,
+               sbs_calls: int = 30, sbs_repeats: int = 7) -> list[dict]:
+    """One record per case (see the module's docstring); `on_row(rec, first_of_pool)` as each ends.
+    `fm` = (flash_mla, torch) adds FlashMLA's dense decode on the same inputs (dense_side_by_side)."""
     import jax.numpy as jnp
 
     def bench_kernel_call(q, k_cache, block_table, cache_seqlens, tile_md, num_splits):
@@ -598,6 +600,8 @@ def run_matrix(jax, timer: Timer, settings: Settings, cases: list[Case], on_row=
                 rec["cos_diff_vs_reference"] = float(cos_fn(out, ref_out))
             elif ref_err:
                 rec["xla_error"] = ref_err
+            if fm is not None:
+                rec.update(dense_side_by_side(jax, fm, kernel, out, call_args, sbs_calls, sbs_repeats))
             results.append(rec)
             if on_row is not None:
                 on_row(rec, c is group[0])
@@ -625,11 +629,19 @@ COLUMNS = [
 ]
 
 
+SBS_COLUMNS = [("ours wall ms", "ours_wall_ms", ".4f"), ("wall BW%", "wall_bw_pct", ".1f"),
+               ("FM wall ms", "fm_wall_ms", ".4f"), ("FM/ours", "fm_over_ours", ".3f"),
+               ("cos_diff FM", "cos_diff_vs_flashmla", ".1e")]
+
+
 def with_ratios(rec: dict, baselines: dict | None) -> dict:
-    """The record plus BW% and FLOP%: its rates over the same run's copy bandwidth and matmul."""
+    """The record plus BW% and FLOP%: its rates over the same run's copy bandwidth and matmul (and
+    wall BW%: the bytes over the side by side's wall time of our call, over the copy bandwidth)."""
     row = dict(rec)
     copy = (baselines or {}).get("copy", {}).get("gbps")
     mm = (baselines or {}).get("matmul", {}).get("tflops")
+    if rec.get("ours_wall_ms") and rec.get("bytes") and copy:
+        row["wall_bw_pct"] = 100 * rec["bytes"] / (rec["ours_wall_ms"] * 1e-3) / 1e9 / copy
     if rec.get("gbps") and copy:
         row["bw_pct"] = 100 * rec["gbps"] / copy
     if rec.get("tflops") and mm:
@@ -640,6 +652,8 @@ def with_ratios(rec: dict, baselines: dict | None) -> dict:
 def _columns(records):
     """The columns; b and h_kv only where they vary (the standard matrix fixes them)."""
     cols = list(COLUMNS)
+    if any("fm_wall_ms" in r or "fm_error" in r for r in records):
+        cols += SBS_COLUMNS
     for key in ("h_kv", "b"):
         if len({r.get(key) for r in records}) > 1:
             cols.insert(0, (key, key, "d"))
@@ -673,7 +687,26 @@ def markdown(report: dict) -> str:
         for rec in records:
             row = with_ratios(rec, base)
             out.append("| " + " | ".join(_f(row.get(k), f) for _, k, f in cols) + " |")
+    out += side_by_side_summary(records)
     return "\n".join(out)
+
+
+def side_by_side_summary(records: list[dict]) -> list[str]:
+    """FlashMLA/ours over the rows that have it: geomean, minimum, and the h_q 128, s_q 2 rows."""
+    sbs = [r for r in records if r.get("fm_over_ours")]
+    out = []
+    if sbs:
+        worst = min(sbs, key=lambda r: r["fm_over_ours"])
+        out.append(f"\nFlashMLA/ours (> 1: ours faster): geomean {geomean([r['fm_over_ours'] for r in sbs]):.3f} over "
+                   f"{len(sbs)} rows, min {worst['fm_over_ours']:.3f} (s_k={worst['s_k']} h_q={worst['h_q']} "
+                   f"s_q={worst['s_q']})")
+        heavy = [r for r in sbs if r["h_q"] == 128 and r["s_q"] == 2]
+        if heavy:
+            out.append("h_q 128, s_q 2: " + ", ".join(f"s_k {r['s_k']} {r['fm_over_ours']:.3f}" for r in heavy))
+    failed = [r for r in records if r.get("fm_error")]
+    if failed:
+        out.append(f"FlashMLA failed on {len(failed)} rows, first: {failed[0]['fm_error']}")
+    return out
 
 
 # ==== shared by the command lines ================================================================
@@ -845,6 +878,30 @@ def open_flashmla(report: dict, calls: int, repeats: int):
                           f"calls, median of {repeats} alternating repeats, no L2 flush")
     print(f"FlashMLA: {report['flashmla']}")
     return flash_mla, torch
+
+
+def dense_side_by_side(jax, fm, ours, out, call_args, calls: int, repeats: int) -> dict:
+    """FlashMLA's dense decode (causal, its plan made by the first, untimed call) on our q, cache, block
+    table and lengths shared through DLPack, and `ours` (our call, its plan made outside), timed alike
+    (interleaved_wall_ms). Returns the record's side-by-side fields, or fm_error."""
+    flash_mla, torch = fm
+    try:
+        q, cache, block_table, seqlens = (torch.from_dlpack(x) for x in call_args)
+        meta, _ = flash_mla.get_mla_metadata()
+
+        def theirs():
+            return flash_mla.flash_mla_with_kvcache(q, cache, block_table, seqlens, HEAD_DIM_V, meta, None,
+                                                    None, True)
+        fm_out, _ = theirs()
+        torch.cuda.synchronize()
+        diff = cos_diff(np.asarray(out, np.float32), fm_out.float().cpu().numpy())
+        times = interleaved_wall_ms({"ours": (ours, jax.block_until_ready),
+                                     "flashmla": (theirs, lambda _: torch.cuda.synchronize())}, calls, repeats)
+    except Exception as e:  # noqa: BLE001  (FlashMLA refuses or fails: the row keeps ours)
+        return {"fm_error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+    mine, fm_ms = median(times["ours"]), median(times["flashmla"])
+    return {"ours_wall_ms": mine, "fm_wall_ms": fm_ms, "fm_over_ours": fm_ms / mine, "cos_diff_vs_flashmla": diff,
+            "sbs_calls": calls, "sbs_repeats": repeats}
 
 
 def interleaved_wall_ms(sides: dict, calls: int, repeats: int) -> dict:

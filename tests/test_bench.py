@@ -148,3 +148,21 @@ def test_harness_times_a_build_without_the_testing_module(tmp_path):
     imported, generator = result.stdout.split()
     assert imported.startswith(str(tmp_path))
     assert pathlib.Path(generator).resolve() == (bench_dir.parent / "jax_flashmla" / "testing.py").resolve()
+
+
+def test_side_by_side_summary_and_wall_bandwidth():
+    recs = [{"s_k": 4096, "h_q": 16, "s_q": 1, "fm_over_ours": 1.02, "ours_wall_ms": 0.5, "bytes": 1.5e9},
+            {"s_k": 4096, "h_q": 128, "s_q": 2, "fm_over_ours": 0.95},
+            {"s_k": 8192, "h_q": 128, "s_q": 2, "fm_over_ours": 1.10},
+            {"s_k": 8192, "h_q": 16, "s_q": 1, "fm_error": "RuntimeError: no"}]
+    lines = mla_bench.side_by_side_summary(recs)
+    geo = (1.02 * 0.95 * 1.10) ** (1 / 3)
+    assert f"geomean {geo:.3f} over 3 rows, min 0.950 (s_k=4096 h_q=128 s_q=2)" in lines[0]
+    assert lines[1] == "h_q 128, s_q 2: s_k 4096 0.950, s_k 8192 1.100"
+    assert lines[2].startswith("FlashMLA failed on 1 rows")
+    # 1.5 GB in 0.5 ms is 3000 GB/s: 75% of a 4000 GB/s copy.
+    row = mla_bench.with_ratios(recs[0], {"copy": {"gbps": 4000.0}})
+    assert row["wall_bw_pct"] == pytest.approx(75.0)
+    assert mla_bench.side_by_side_summary([{"s_k": 1, "h_q": 1, "s_q": 1}]) == []
+    assert "FM/ours" in [h for h, _, _ in mla_bench._columns(recs)]
+    assert "FM/ours" not in [h for h, _, _ in mla_bench._columns([{"s_k": 1}])]
