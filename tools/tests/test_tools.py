@@ -104,3 +104,13 @@ def test_ab_variants_passes_a_variants_cmake_defines_to_its_build(tmp_path):
     assert any("bad: cmake.txt line 'JAX_FLASHMLA_SPARSE_DECODE_PIPELINE 0' is not NAME=VALUE: dropped" in line
                for line in lines), result.stdout
     assert not any("bad: would build" in line for line in lines)
+
+
+@needs_bash
+def test_side_by_side_refuses_an_unknown_step(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path))
+    result = subprocess.run(["bash", str(TOOLS / "side_by_side.sh"), "decode", "dense"], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 2
+    assert "unknown step 'dense' (decode sparse prefill pdl tests)" in result.stdout
+    assert not (tmp_path / "flashmla_build.log").exists()  # nothing was started

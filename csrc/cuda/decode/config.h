@@ -5,8 +5,18 @@
 
 #include "common/mla_contract.h"
 
+// 1: the decode kernel is launched as a programmatic dependent of the kernel before it in the stream
+// (launch.cuh), so its CTAs start as that kernel's leave and its prologue overlaps that kernel's tail;
+// it reads no input before grid_dependency_wait (schedule.cuh). 0 (default until an A/B on an H100
+// has timed it): a plain launch, after the previous kernel has completed.
+#ifndef JAX_FLASHMLA_DECODE_PDL
+#define JAX_FLASHMLA_DECODE_PDL 0
+#endif
+
 namespace jax_flashmla {
 namespace sm90 {
+
+constexpr bool kDependentLaunch = JAX_FLASHMLA_DECODE_PDL != 0;
 
 constexpr int kThreads = 256;                           // two consumer warpgroups
 constexpr int kChannelTile = 64;                        // channels per 128-byte swizzled tile

@@ -32,9 +32,21 @@ cudaError_t launch_instance(const DecodeParams& p, const CUtensorMap& k_map, cud
   if (cudaError_t err = allow_dynamic_smem<decode_kernel<Elem, kByPart>>(kSmemBytes); err != cudaSuccess) return err;
   // Row tiles innermost: the CTAs that read the same pages (one per row tile) get adjacent ids.
   // 2.6-3.4% faster on the multi-tile cases than parts innermost (H200, docs/performance.md).
-  const dim3 grid(ceil_div(p.rows_per_head_k, kRowsPerTile), p.num_heads_k, p.num_sm_parts);
-  decode_kernel<Elem, kByPart><<<grid, kThreads, kSmemBytes, stream>>>(k_map, p);
-  return cudaGetLastError();
+  // With kDependentLaunch, programmatic stream serialization: the grid may launch before the previous
+  // kernel in the stream has completed (its CTAs take SMs as that kernel's CTAs leave, instead of after
+  // the grid's end and a launch latency); the kernel waits for it (grid_dependency_wait) before
+  // reading any input.
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(ceil_div(p.rows_per_head_k, kRowsPerTile), p.num_heads_k, p.num_sm_parts);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = kDependentLaunch ? 1 : 0;
+  return cudaLaunchKernelEx(&config, decode_kernel<Elem, kByPart>, k_map, p);
 }
 
 // The decode kernel of element type Elem (without the combine).

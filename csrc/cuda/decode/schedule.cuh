@@ -155,6 +155,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_mbar_init();
   }
   __syncthreads();
+  // When launched as a dependent of the kernel before it in the stream (kDependentLaunch), the
+  // prologue above overlaps that kernel's tail, and nothing it wrote (the plan, q, the cache) is read
+  // before this wait returns: once that grid has completed and its writes are visible.
+  if constexpr (kDependentLaunch) grid_dependency_wait();
   allow_dependent_launch();  // the combine kernel waits for this grid's completion itself
   const uint64_t policy = evict_first_policy();
 

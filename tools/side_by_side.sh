@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One GPU visit's comparisons with FlashMLA, in one command: FlashMLA's SM90 kernels are built in the
+# background (tools/flashmla_build.sh) while this package builds, then the named benchmarks run with
+# --flashmla on the same inputs in one process. Nothing of FlashMLA enters this repository.
+#
+#   bash tools/side_by_side.sh [decode] [sparse] [prefill] [pdl] [tests]     # none named: decode
+#
+#   decode   bench_decode.py --no-ref --flashmla over the standard matrix (the dense decode, #31's table)
+#   sparse   bench_sparse.py --flashmla --suite v32 (SPARSE_ARGS adds options, e.g. --cases s_q=2)
+#   prefill  bench_prefill.py --flashmla --no-bwd --suite v32,v4 --cases s_kv=8192 (PREFILL_ARGS)
+#   pdl      A/B of the dense decode launched as a programmatic dependent (JAX_FLASHMLA_DECODE_PDL=1)
+#            against the default build, both beside FlashMLA: tools/ab_variants.sh with the field
+#            ours_wall_ms (the side by side's wall clock of our call); summary in $OUT/ab_summary.md
+#   tests    the GPU test files named by TEST_FILES (default test_gpu_decode.py) on this build
+#
+# Environment:
+#   FLASHMLA_SRC  FlashMLA's source (a `git archive` of deepseek-ai/FlashMLA) in an ignored folder or
+#                 outside the checkout; default .whl/flashmla. The nvidia-cutlass wheel as
+#                 tools/flashmla_build.sh says (default: .whl/ of this repository)
+#   OUT           logs and JSON (default /tmp/side_by_side_out)
+#   DECODE_ARGS   extra bench_decode.py arguments (default "--iters 20")
+#   TIME_LIMIT    seconds after which no further step starts (default 560)
+#
+# Time on a 16-core GPU machine: the FlashMLA build runs beside this package's (both compile all
+# their SM90 instances); the decode table takes about 2 minutes once both are built.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-${TMPDIR:-/tmp}/side_by_side_out}
+FLASHMLA_SRC=$(realpath -m "${FLASHMLA_SRC:-$REPO/.whl/flashmla}")
+LIMIT=${TIME_LIMIT:-560}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OUT
+SECONDS=0
+
+steps=()
+for a in "$@"; do
+  case "$a" in
+    decode|sparse|prefill|pdl|tests) steps+=("$a") ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
+    *) echo "side_by_side.sh: unknown step '$a' (decode sparse prefill pdl tests)"; exit 2 ;;
+  esac
+done
+[ ${#steps[@]} -eq 0 ] && steps=(decode)
+want() { local s; for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+left() { echo $((LIMIT - SECONDS)); }
+log() { echo "[side_by_side $(printf '%3d' $SECONDS)s] $*"; }
+
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
+
+# ---- builds: FlashMLA in the background, this package (or the A/B's two builds) meanwhile ---------
+(bash tools/flashmla_build.sh "$FLASHMLA_SRC" >"$OUT/flashmla_build.log" 2>&1; echo "rc $?" >"$OUT/flashmla_build.rc") &
+fm_pid=$!
+PDL_DIR=$REPO/tools/variants/pdl
+if want pdl; then
+  mkdir -p "$PDL_DIR" && echo "JAX_FLASHMLA_DECODE_PDL=1" >"$PDL_DIR/cmake.txt"
+  # REPS=0: build both variants only; the timed runs follow once FlashMLA is built.
+  VARIANTS="base pdl" REPS=0 OUT=$OUT/ab bash tools/ab_variants.sh >"$OUT/ab_build.log" 2>&1
+  log "A/B builds: $(grep -cE 'built|up to date' "$OUT/ab_build.log") lines of build status (ab_build.log)"
+fi
+if want decode || want sparse || want prefill || want tests; then
+  OUT=$OUT/device bash tools/device_check.sh build 2>&1 | tail -n 3
+fi
+wait "$fm_pid"
+log "FlashMLA build: $(cat "$OUT/flashmla_build.rc")"; tail -n 3 "$OUT/flashmla_build.log"
+# shellcheck disable=SC1091
+[ -f "${TMPDIR:-/tmp}/flashmla_build/env.sh" ] && . "${TMPDIR:-/tmp}/flashmla_build/env.sh"
+
+run_bench() {  # NAME SCRIPT ARGS...: from an empty folder, so the installed package is imported
+  local name=$1 script=$2; shift 2
+  if [ "$(left)" -lt 30 ]; then log "$name: not started (time limit)"; return; fi
+  log "$name"
+  (cd "$(mktemp -d)" && timeout "$(left)" python3 "$REPO/$script" "$@" --json "$OUT/$name.json" --markdown \
+    >"$OUT/$name.log" 2>&1; echo "rc $?" >>"$OUT/$name.log")
+  sed -n '/FlashMLA\/ours/,$p' "$OUT/$name.log" | head -n 8
+  tail -n 2 "$OUT/$name.log"
+}
+# shellcheck disable=SC2086
+want decode && run_bench decode benchmarks/bench_decode.py --no-ref --flashmla ${DECODE_ARGS:---iters 20}
+# shellcheck disable=SC2086
+want sparse && run_bench sparse benchmarks/bench_sparse.py --flashmla --suite v32 ${SPARSE_ARGS:-}
+# shellcheck disable=SC2086
+want prefill && run_bench prefill benchmarks/bench_prefill.py --flashmla --no-bwd ${PREFILL_ARGS:---suite v32,v4 --cases s_kv=8192}
+if want pdl && [ "$(left)" -gt 60 ]; then
+  log "A/B pdl against base"
+  VARIANTS="base pdl" AB_REF=base SKIP_QUICK=1 REPS=2 BENCH_ORDER=abba AB_FIELD=ours_wall_ms \
+    BENCH_ARGS="--no-ref --flashmla --iters 10 ${PDL_CASES:+--cases $PDL_CASES}" \
+    AB_BUDGET_S=$(($(left) - 20)) AB_HARD_S=$(left) OUT=$OUT/ab bash tools/ab_variants.sh >"$OUT/ab.log" 2>&1
+  head -n 40 "$OUT/ab/ab_summary.md"
+fi
+if want tests && [ "$(left)" -gt 30 ]; then
+  log "GPU tests: ${TEST_FILES:-test_gpu_decode.py}"
+  # shellcheck disable=SC2086
+  (cd tests && XLA_FLAGS=--xla_gpu_autotune_level=0 timeout "$(left)" python3 -m pytest -q -m gpu -rfE \
+    ${TEST_FILES:-test_gpu_decode.py} >"$OUT/tests.log" 2>&1; tail -n 4 "$OUT/tests.log")
+fi
+log "done; logs in $OUT"
