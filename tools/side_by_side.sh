@@ -3,14 +3,18 @@
 # background (tools/flashmla_build.sh) while this package builds, then the named benchmarks run with
 # --flashmla on the same inputs in one process. Nothing of FlashMLA enters this repository.
 #
-#   bash tools/side_by_side.sh [decode] [sparse] [prefill] [pdl] [tests]     # none named: decode
+#   bash tools/side_by_side.sh [decode] [sparse] [prefill] [pdl] [seesaw] [tests]   # none named: decode
 #
 #   decode   bench_decode.py --no-ref --flashmla over the standard matrix (the dense decode, #31's table)
 #   sparse   bench_sparse.py --flashmla --suite v32 (SPARSE_ARGS adds options, e.g. --cases s_q=2)
 #   prefill  bench_prefill.py --flashmla --no-bwd --suite v32,v4 --cases s_kv=8192 (PREFILL_ARGS)
 #   pdl      A/B of the dense decode launched as a programmatic dependent (JAX_FLASHMLA_DECODE_PDL=1)
 #            against the default build, both beside FlashMLA: tools/ab_variants.sh with the field
-#            ours_wall_ms (the side by side's wall clock of our call); summary in $OUT/ab_summary.md
+#            ours_wall_ms (the side by side's wall clock of our call); summary in $OUT/ab/ab_summary.md
+#   seesaw   the seesaw sparse FP8 decode (JAX_FLASHMLA_SPARSE_DECODE_SEESAW=1): its build runs
+#            test_gpu_sparse_decode.py first (the A/B's check), then bench_sparse.py --flashmla
+#            (SEESAW_ARGS, default "--suite v32 --iters 20") times both builds beside FlashMLA;
+#            summary in $OUT/ab_seesaw/ab_summary.md (ratios of ours_wall_ms)
 #   tests    the GPU test files named by TEST_FILES (default test_gpu_decode.py) on this build
 #
 # Environment:
@@ -36,9 +40,9 @@ SECONDS=0
 steps=()
 for a in "$@"; do
   case "$a" in
-    decode|sparse|prefill|pdl|tests) steps+=("$a") ;;
+    decode|sparse|prefill|pdl|seesaw|tests) steps+=("$a") ;;
     -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
-    *) echo "side_by_side.sh: unknown step '$a' (decode sparse prefill pdl tests)"; exit 2 ;;
+    *) echo "side_by_side.sh: unknown step '$a' (decode sparse prefill pdl seesaw tests)"; exit 2 ;;
   esac
 done
 [ ${#steps[@]} -eq 0 ] && steps=(decode)
@@ -51,12 +55,17 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee "$OU
 # ---- builds: FlashMLA in the background, this package (or the A/B's two builds) meanwhile ---------
 (bash tools/flashmla_build.sh "$FLASHMLA_SRC" >"$OUT/flashmla_build.log" 2>&1; echo "rc $?" >"$OUT/flashmla_build.rc") &
 fm_pid=$!
-PDL_DIR=$REPO/tools/variants/pdl
-if want pdl; then
-  mkdir -p "$PDL_DIR" && echo "JAX_FLASHMLA_DECODE_PDL=1" >"$PDL_DIR/cmake.txt"
-  # REPS=0: build both variants only; the timed runs follow once FlashMLA is built.
-  VARIANTS="base pdl" REPS=0 OUT=$OUT/ab bash tools/ab_variants.sh >"$OUT/ab_build.log" 2>&1
-  log "A/B builds: $(grep -cE 'built|up to date' "$OUT/ab_build.log") lines of build status (ab_build.log)"
+# The A/B variants: a folder of tools/variants (git-ignored) holding the build option.
+variant() { mkdir -p "$REPO/tools/variants/$1" && echo "$2" >"$REPO/tools/variants/$1/cmake.txt"; }
+want pdl && variant pdl JAX_FLASHMLA_DECODE_PDL=1
+want seesaw && variant seesaw JAX_FLASHMLA_SPARSE_DECODE_SEESAW=1
+ab_variants=()
+want pdl && ab_variants+=(pdl)
+want seesaw && ab_variants+=(seesaw)
+if [ ${#ab_variants[@]} -gt 0 ]; then
+  # REPS=0: build the variants only (in parallel); the timed runs follow once FlashMLA is built.
+  VARIANTS="base ${ab_variants[*]}" REPS=0 OUT=$OUT/ab_build bash tools/ab_variants.sh >"$OUT/ab_build.log" 2>&1
+  grep -E "registers|FAILED|error" "$OUT/ab_build.log" | head -n 12
 fi
 if want decode || want sparse || want prefill || want tests; then
   OUT=$OUT/device bash tools/device_check.sh build 2>&1 | tail -n 3
@@ -87,6 +96,14 @@ if want pdl && [ "$(left)" -gt 60 ]; then
     BENCH_ARGS="--no-ref --flashmla --iters 10 ${PDL_CASES:+--cases $PDL_CASES}" \
     AB_BUDGET_S=$(($(left) - 20)) AB_HARD_S=$(left) OUT=$OUT/ab bash tools/ab_variants.sh >"$OUT/ab.log" 2>&1
   head -n 40 "$OUT/ab/ab_summary.md"
+fi
+if want seesaw && [ "$(left)" -gt 60 ]; then
+  log "A/B seesaw against base (its GPU tests first)"
+  VARIANTS="base seesaw" AB_REF=base CHECK_VARIANTS=seesaw SKIP_QUICK=1 PYTEST_FILE=test_gpu_sparse_decode.py \
+    PYTEST_K="not nothing" PYTEST_TIMEOUT=240 REPS=1 AB_FIELD=ours_wall_ms AB_BENCH=benchmarks/bench_sparse.py \
+    BENCH_ARGS="--flashmla ${SEESAW_ARGS:---suite v32 --iters 20}" \
+    AB_BUDGET_S=$(($(left) - 20)) AB_HARD_S=$(left) OUT=$OUT/ab_seesaw bash tools/ab_variants.sh >"$OUT/ab_seesaw.log" 2>&1
+  head -n 40 "$OUT/ab_seesaw/ab_summary.md"
 fi
 if want tests && [ "$(left)" -gt 30 ]; then
   log "GPU tests: ${TEST_FILES:-test_gpu_decode.py}"

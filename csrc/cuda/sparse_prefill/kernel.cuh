@@ -1,7 +1,8 @@
 // The SM90 sparse prefill kernel: the dense decode kernel's schedule of two warpgroups over pairs of
 // 64-token units (decode/schedule.cuh explains it), its units here blocks of 64 gathered kv rows
 // instead of pages. config.h gives the work unit and shared memory, traits.h the layouts and GMMA
-// atoms, loads.cuh the gathers, epilogue.cuh the store; launch.cuh launches it.
+// atoms, schedule.cuh the walk over the blocks, loads.cuh the gathers (GatherSource), epilogue.cuh
+// the store; launch.cuh launches it. The sparse FP8 decode's seesaw kernel runs the same schedule.
 //
 // Per pair of blocks A (even, stage 0) and B (odd, stage 1): warpgroup 0 owns output channels 0..255
 // and computes S_A = Q K_A^T (64 heads x 64 entries) and its softmax; warpgroup 1 owns channels
@@ -17,15 +18,10 @@
 // start of the pair, so their latency hides under its math.
 #pragma once
 
-#include <cuda_bf16.h>
-
-#include <type_traits>
-
 #include "common/sparse_params.h"
-#include "cuda/decode/softmax.cuh"
 #include "cuda/sparse_prefill/epilogue.cuh"
 #include "cuda/sparse_prefill/loads.cuh"
-#include "cuda/sparse_prefill/traits.h"
+#include "cuda/sparse_prefill/schedule.cuh"
 
 namespace jax_flashmla {
 namespace sparse_sm90 {
@@ -34,91 +30,6 @@ namespace prefill {
 using sm90::RowPair;
 using sm90::RowState;
 using sm90::ThreadCoord;
-
-// S = Q K^T of the block in `stage` (raw scores), once both its parts have landed; returns with the
-// wgmma done.
-template <int kDqk>
-__device__ __forceinline__ void block_scores(SharedStorage<kDqk>& s, int stage, uint32_t parity, float* sc) {
-  sm90::mbar_wait(&s.k_full[stage][0], parity);
-  sm90::mbar_wait(&s.k_full[stage][1], parity);
-  sm90::wgmma_fence();  // after the wait loops: without it ptxas serializes every wgmma (C7520)
-  const uint64_t q = kmajor_desc(s.q), k = kmajor_desc(s.k[stage]);
-#pragma unroll
-  for (int t = 0; t < SharedStorage<kDqk>::kTiles; ++t) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t offset = t * kTileBytes + kk * 32;
-      scores_step(sc, desc_advance(q, offset), desc_advance(k, offset), (t | kk) != 0);
-    }
-  }
-  sm90::wgmma_commit();
-  sm90::wgmma_wait<0>();
-  sm90::pin_registers<32>(sc);
-}
-
-// Masks the scores of unread entries (bit e of `mask` clear) to -inf and returns the raw row maxima
-// of rows r_lo and r_lo + 8 over the block. fmaxf skips NaN scores; they reach the row sums through P.
-__device__ __forceinline__ RowPair mask_row_max(float* sc, uint64_t mask, int col_q) {
-  if (mask != ~0ull) {
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const int col = (i / 4) * 8 + col_q + (i & 1);
-      if (!((mask >> col) & 1u)) sc[i] = -INFINITY;
-    }
-  }
-  RowPair mx{-INFINITY, -INFINITY};
-#pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    if ((i >> 1) & 1) mx.hi = fmaxf(mx.hi, sc[i]); else mx.lo = fmaxf(mx.lo, sc[i]);
-  }
-#pragma unroll
-  for (int d = 1; d <= 2; d <<= 1) {
-    mx.lo = fmaxf(mx.lo, __shfl_xor_sync(0xffffffffu, mx.lo, d));
-    mx.hi = fmaxf(mx.hi, __shfl_xor_sync(0xffffffffu, mx.hi, d));
-  }
-  return mx;
-}
-
-// Hands the other warpgroup this thread's P fragment (into `p_tile`) and the running maxima of its
-// rows, then arrives on `barrier`; the fence makes P visible to wgmma.
-__device__ __forceinline__ void hand_off(const uint32_t* packed, uint8_t* p_tile, float* published,
-                                         const ThreadCoord& t, const RowState& st, int barrier) {
-  store_p(packed, p_tile, t.r_lo, t.col_q);
-  if (t.lane % 4 == 0) {
-    published[t.r_lo] = st.m_lo;
-    published[t.r_lo + 8] = st.m_hi;
-  }
-  sm90::fence_proxy_async();
-  sm90::bar_arrive(barrier, 2 * kWarpgroupThreads);
-}
-
-// Waits for this warpgroup's matrix work, keeping the accumulators live until it is done.
-__device__ __forceinline__ void finish_wgmma(float* o) {
-  sm90::wgmma_wait<0>();
-  sm90::pin_registers<128>(o);
-}
-
-// Issues O += P V[:, this warpgroup's channels] with P from `p_tile` (the other warpgroup's block);
-// the caller waits (finish_wgmma).
-__device__ __forceinline__ void issue_values_from_shared(float* o, const uint8_t* p_tile, const uint8_t* block,
-                                                         int wg) {
-  sm90::pin_registers<128>(o);
-  sm90::wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) values_step_ss(o, p_desc(p_tile, kk), v_desc(block, wg, kk));
-  sm90::wgmma_commit();
-}
-
-// O += P V[:, this warpgroup's channels] with P from registers (this warpgroup's own block), waited for.
-__device__ __forceinline__ void values_from_registers(float* o, uint32_t* packed, const uint8_t* block, int wg) {
-  sm90::pin_registers<128>(o);
-  sm90::wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) values_step_rs(o, packed + 4 * kk, v_desc(block, wg, kk));
-  sm90::wgmma_commit();
-  finish_wgmma(o);
-  sm90::pin_words<16>(packed);  // the RS wgmma read them until now
-}
 
 // Grid: one CTA per (query token, head tile), head tiles innermost, so the tiles of one token run side
 // by side and the second reads the token's rows from L2.
@@ -137,10 +48,6 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_prefill_kernel(const __gri
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   const int n = entries_of(p, token);
   const int blocks = ceil_div(n, kBlockN);
-  auto p_tile = [&](int stage) -> uint8_t* {
-    if constexpr (Storage::kSeparateP) return s.p[stage];
-    else return s.k[stage] + 8 * kTileBytes;  // the block's RoPE tile
-  };
 
   float o[128];
 #pragma unroll
@@ -149,111 +56,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_prefill_kernel(const __gri
   RowPair row_max{-INFINITY, -INFINITY};  // exact (log2 units), for max_logits: the base may lag it
   bool any_read = false;
 
-  if (blocks > 0) {
-    if (t.tid == 0) {
-      for (int i = 0; i < 2; ++i) {
-        for (int w = 0; w < 2; ++w) sm90::mbar_init(&s.k_full[i][w], kWarpgroupThreads);
-      }
-      sm90::fence_mbar_init();
-    }
-    issue_q_tile(s, p.q + tr.qo_row0 * kDqk, tr.rows);
-    sm90::cp_async_commit();
-    __syncthreads();  // the mbarriers are initialised
-    issue_part(s, p, 0, t.wg, 0, part_rows(p, token, n, 0));
-    if (blocks > 1) issue_part(s, p, 1, t.wg, 1, part_rows(p, token, n, 1));
-    sm90::cp_async_wait_group<0>();  // this thread's part of the Q tile (the block copies are not committed)
-    sm90::fence_proxy_async();
-    __syncthreads();
-
-    uint32_t uses[2] = {0, 0};  // blocks each stage has held so far: the parity of its mbarrier phases
-    // Folds a block's raw row maxima into the exact ones.
-    auto note_max = [&](RowPair mx) {
-      row_max.lo = fmaxf(row_max.lo, mx.lo * scale_log2);
-      row_max.hi = fmaxf(row_max.hi, mx.hi * scale_log2);
-    };
-    auto block_mask = [&](int b) { return *reinterpret_cast<const uint64_t*>(s.mask[b % kMaskSlots]); };
-
-    // One pair, blocks a and a + 1. kNext: a later pair follows (so this one has block B); kHasB:
-    // block a + 1 exists.
-    auto wg0_pair = [&](auto next_tag, auto has_b_tag, int a) {
-      constexpr bool kNext = decltype(next_tag)::value, kHasB = decltype(has_b_tag)::value;
-      PartRows next_a{}, next_b{};
-      if constexpr (kNext) {
-        next_a = part_rows(p, token, n, a + 2);
-        if (a + 3 < blocks) next_b = part_rows(p, token, n, a + 3);
-      }
-      float sc[32];
-      block_scores(s, 0, uses[0] & 1, sc);
-      const uint64_t mask = block_mask(a);
-      any_read |= mask != 0;
-      const RowPair mx = mask_row_max(sc, mask, t.col_q);
-      note_max(mx);
-      uint32_t packed[16];
-      const RowPair alpha = sm90::softmax_page<__nv_bfloat16>(sc, scale_log2, mx, st, packed);
-      hand_off(packed, p_tile(0), s.max_a, t, st, sm90::kBarMaxA);
-      sm90::rescale_rows(o, alpha);
-      values_from_registers(o, packed, s.k[0], 0);
-      // Stage 0's part 0 is done with once P_A V_A[:, L] is.
-      if constexpr (kNext) issue_part(s, p, 0, 0, a + 2, next_a);
-      if constexpr (kHasB) {
-        sm90::bar_sync(sm90::kBarMaxB, 2 * kWarpgroupThreads);
-        sm90::adopt_max(s.max_b, t.r_lo, o, st);
-        issue_values_from_shared(o, p_tile(1), s.k[1], 0);
-        finish_wgmma(o);
-        if (kNext && a + 3 < blocks) issue_part(s, p, 1, 0, a + 3, next_b);
-      }
-    };
-
-    auto wg1_pair = [&](auto next_tag, auto has_b_tag, int a) {
-      constexpr bool kNext = decltype(next_tag)::value, kHasB = decltype(has_b_tag)::value;
-      PartRows next_a{}, next_b{};
-      if constexpr (kNext) {
-        next_a = part_rows(p, token, n, a + 2);
-        if (a + 3 < blocks) next_b = part_rows(p, token, n, a + 3);
-      }
-      float sc[32];
-      RowPair mx{-INFINITY, -INFINITY};
-      if constexpr (kHasB) {
-        block_scores(s, 1, uses[1] & 1, sc);
-        const uint64_t mask = block_mask(a + 1);
-        any_read |= mask != 0;
-        mx = mask_row_max(sc, mask, t.col_q);
-        note_max(mx);
-      }
-      sm90::bar_sync(sm90::kBarMaxA, 2 * kWarpgroupThreads);
-      sm90::adopt_max(s.max_a, t.r_lo, o, st);
-      issue_values_from_shared(o, p_tile(0), s.k[0], 1);
-      if constexpr (kHasB) {
-        uint32_t packed[16];
-        const RowPair beta = sm90::softmax_page<__nv_bfloat16>(sc, scale_log2, mx, st, packed);
-        hand_off(packed, p_tile(1), s.max_b, t, st, sm90::kBarMaxB);
-        // Stage 0's part 1 (V_A[:, R], and P_A in its RoPE tile) is done with once P_A V_A[:, R] is.
-        finish_wgmma(o);
-        if constexpr (kNext) issue_part(s, p, 0, 1, a + 2, next_a);
-        sm90::rescale_rows(o, beta);
-        values_from_registers(o, packed, s.k[1], 1);
-        if (kNext && a + 3 < blocks) issue_part(s, p, 1, 1, a + 3, next_b);
-      } else {
-        finish_wgmma(o);
-      }
-    };
-
-    using Yes = std::true_type;
-    using No = std::false_type;
-    // The blocks in pairs: full pairs with a successor, then a last pair with or without block B.
-    auto walk_pairs = [&](auto pair) {
-      int a = 0;
-      for (; a + 2 < blocks; a += 2) {
-        pair(Yes{}, Yes{}, a);
-        ++uses[0];
-        ++uses[1];
-      }
-      if (a + 1 < blocks) pair(No{}, Yes{}, a);
-      else pair(No{}, No{}, a);
-    };
-    if (t.wg == 0) walk_pairs(wg0_pair);
-    else walk_pairs(wg1_pair);
-  }
+  walk_blocks(s, GatherSource{p, token, n}, blocks, p.q + tr.qo_row0 * kDqk, tr.rows, t, scale_log2, o, st,
+              row_max, any_read);
 
   finish_tile(p, s, o, t, st, row_max, any_read, tr);
 }

@@ -127,6 +127,21 @@ __device__ __forceinline__ void issue_part(SharedStorage<kDqk>& s, const SparseP
   }
 }
 
+// The prefill's source of blocks for walk_blocks (schedule.cuh): query token `token`'s first n
+// entries, their kv rows gathered by cp.async.
+struct GatherSource {
+  using Rows = PartRows;
+  const SparsePrefillParams& p;
+  int64_t token;
+  int n;
+
+  __device__ __forceinline__ Rows rows(int block) const { return part_rows(p, token, n, block); }
+  template <int kDqk>
+  __device__ __forceinline__ void fill(SharedStorage<kDqk>& s, int stage, int part, int block, const Rows& r) const {
+    issue_part(s, p, stage, part, block, r);
+  }
+};
+
 // Issues the copies of the Q tile: heads head0 .. head0 + rows - 1 of the token from `q_row0`, the
 // rows past `rows` zero-filled. All kThreads threads; the caller commits and waits.
 template <int kDqk>

@@ -1,0 +1,54 @@
+// The seesaw sparse FP8 decode kernel (config.h describes it): the grid of the mma.sync kernel, the
+// prefill's two-warpgroup walk over the split's entry blocks (sparse_prefill/schedule.cuh) fed by
+// DequantSource (loads.cuh), and the decode's epilogue (epilogue.cuh); launch.cuh launches it.
+#pragma once
+
+#include "common/sparse_params.h"
+#include "cuda/sparse_decode_seesaw/epilogue.cuh"
+#include "cuda/sparse_decode_seesaw/loads.cuh"
+#include "cuda/sparse_prefill/schedule.cuh"
+
+namespace jax_flashmla {
+namespace sparse_sm90 {
+namespace seesaw {
+
+// Grid: one CTA per (request, query token, split, head tile), head tiles innermost, then splits, then
+// query tokens (the mma.sync kernel's order: the CTAs that read the same tokens run side by side).
+template <KvFormat kFormat>
+__global__ void __launch_bounds__(kThreads, 1)
+    sparse_decode_seesaw_kernel(const __grid_constant__ SparseDecodeParams p) {
+  constexpr int kDqk = kv_format_layout(kFormat).d_qk;
+  extern __shared__ uint8_t smem_raw[];
+  // Aligned by an offset from smem_raw, so the compiler still knows these are shared-memory addresses.
+  Storage<kFormat>& s =
+      *reinterpret_cast<Storage<kFormat>*>(smem_raw + (1024 - sm90::smem_addr(smem_raw) % 1024) % 1024);
+
+  // With splits, the combine grid may launch now: it waits for this grid's completion itself.
+  sm90::allow_dependent_launch();
+  const int head_tiles = ceil_div(p.num_heads_q, kRows);
+  const int head_tile = blockIdx.x % head_tiles;
+  const int split = (blockIdx.x / head_tiles) % p.num_splits;
+  const int token = (blockIdx.x / head_tiles / p.num_splits) % p.seqlen_q;
+  const int req = blockIdx.x / head_tiles / p.num_splits / p.seqlen_q;
+  const int head0 = head_tile * kRows;
+  const TilePlace tp{(static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head0, req, token, head0,
+                     min(kRows, p.num_heads_q - head0), split};
+  const sm90::ThreadCoord t = sm90::thread_coord();
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const SplitRange range = split_range(p, req, split);
+  const int blocks = range.e_end > range.e_begin ? ceil_div(range.e_end - range.e_begin, kBlockN) : 0;
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  sm90::RowState st{-INFINITY, -INFINITY, 0.f, 0.f};
+  sm90::RowPair row_max{-INFINITY, -INFINITY};  // the walk's exact maxima (the decode returns no max_logits)
+  bool any_read = false;
+  prefill::walk_blocks(s, DequantSource<kFormat>{p, req, token, range}, blocks, p.q + tp.qo_row0 * kDqk, tp.rows,
+                       t, scale_log2, o, st, row_max, any_read);
+  finish_tile(p, s, o, t, st, tp);
+}
+
+}  // namespace seesaw
+}  // namespace sparse_sm90
+}  // namespace jax_flashmla
