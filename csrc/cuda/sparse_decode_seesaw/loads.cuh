@@ -31,6 +31,9 @@ struct DequantSource {
   struct Rows {
     int32_t id[2];
   };
+  // A part completes on two arrivals of each of its 128 threads: the cp.async arrival of its RoPE
+  // copies and the plain one after its dequantised stores.
+  static constexpr int kArrivals = 2 * prefill::kWarpgroupThreads;
 
   const SparseDecodeParams& p;
   int req, token;
@@ -78,9 +81,11 @@ struct DequantSource {
 
   // Part `part` of block `block` into stage `stage` (walk_blocks' contract, schedule.cuh): its e4m3
   // tiles dequantised (value * its group's scale, rounded to bfloat16, as the CPU handler does), the
-  // RoPE tile copied when it belongs to this part, unread rows as zeros. A thread converts, in each of
-  // its two rows, one 16-byte chunk (16 channels) of each of the part's e4m3 tiles: four adjacent
-  // threads cover a tile's 64 bytes of a token. All loads are issued before the first conversion.
+  // RoPE tile copied by cp.async when it belongs to this part, unread rows as zeros. A thread
+  // converts, in each of its two rows, one 16-byte chunk (16 channels) of each of the part's e4m3
+  // tiles: four adjacent threads cover a tile's 64 bytes of a token. The rows go one after the other
+  // (load, convert, store): holding both rows' values at once spills at 255 registers, so each fill
+  // waits for two global round trips.
   template <int kDqk>
   __device__ __forceinline__ void fill(prefill::SharedStorage<kDqk>& s, int stage, int part, int block,
                                        const Rows& r) const {
@@ -105,18 +110,20 @@ struct DequantSource {
         record = page_base + kv_record_offset(kFormat, slot);
         scales = page_base + kv_scale_offset(kFormat, pool.page_size, slot);
       }
+      // RoPE is bfloat16 already: copied by cp.async (zeros for an unread row), no registers.
+      if (rope_here) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          sm90::cp_async_16(base + kRopeTile * kTileBytes + sm90::swizzled_offset(row, c4 + 4 * k),
+                            read ? record + kRopeOffset + (c4 + 4 * k) * 16 : p.pool.bytes, read);
+        }
+      }
       uint4 raw[4];
-      uint4 rope[2];
 #pragma unroll
       for (int tt = 0; tt < 4; ++tt) {
         const int tile = 4 * part + tt;
         raw[tt] = make_uint4(0, 0, 0, 0);
         if (read && tile < kFp8Tiles) raw[tt] = __ldg(reinterpret_cast<const uint4*>(record + tile * 64) + c4);
-      }
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        rope[k] = make_uint4(0, 0, 0, 0);
-        if (read && rope_here) rope[k] = __ldg(reinterpret_cast<const uint4*>(record + kRopeOffset) + c4 + 4 * k);
       }
       // The scales' bytes (unread rows: 0.0f or 2^-127, either way their zero values stay zeros):
       // V3.2's part's two float32 (groups of 128 channels), MODEL1's 8-byte ue8m0 record (groups of 64).
@@ -133,16 +140,11 @@ struct DequantSource {
         dequant16(raw[tt], scale_of(scale_bits, tt, part), reinterpret_cast<uint16_t*>(tile_base + sm90::swizzled_offset(row, 2 * c4)),
                   reinterpret_cast<uint16_t*>(tile_base + sm90::swizzled_offset(row, 2 * c4 + 1)));
       }
-      if (rope_here) {
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          *reinterpret_cast<uint4*>(base + kRopeTile * kTileBytes + sm90::swizzled_offset(row, c4 + 4 * k)) = rope[k];
-        }
-      }
     }
     // The stores are generic-proxy writes that wgmma reads through the async proxy.
     sm90::fence_proxy_async();
     sm90::mbar_arrive(&s.k_full[stage][part]);
+    sm90::cp_async_mbar_arrive(&s.k_full[stage][part]);  // once this thread's RoPE copies have landed
     if (part == stage) {
       // Bit r of word w: entry 16 w + r of the block is read (lanes 4 q of this warp hold rows q, q + 8).
       uint32_t bits = 0;

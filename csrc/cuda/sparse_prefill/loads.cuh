@@ -131,6 +131,7 @@ __device__ __forceinline__ void issue_part(SharedStorage<kDqk>& s, const SparseP
 // entries, their kv rows gathered by cp.async.
 struct GatherSource {
   using Rows = PartRows;
+  static constexpr int kArrivals = kWarpgroupThreads;  // a part completes on its threads' cp.async arrivals
   const SparsePrefillParams& p;
   int64_t token;
   int n;

@@ -7,8 +7,8 @@
 //       by all 128 threads of warpgroup `part`; loads part `part` of the block into stage `stage`
 //       (V tiles 4 part .. 4 part + 3, and with d_qk 576 the RoPE tile when part == 1 - stage: the
 //       part of the warpgroup that reads the block's P from that tile), rows of unread entries as
-//       zeros; k_full[stage][part] completes after 128 arrivals once the part is in shared memory
-//       and visible to wgmma. When part == stage it also publishes the block's mask of read entries
+//       zeros; k_full[stage][part] completes after Source::kArrivals arrivals once the part is in
+//       shared memory and visible to wgmma. When part == stage it also publishes the block's mask of read entries
 //       in mask[block % kMaskSlots], visible to the warpgroup on return.
 //
 // prefill/loads.cuh's GatherSource copies bfloat16 rows by cp.async; the sparse FP8 decode's source
@@ -135,7 +135,7 @@ __device__ __forceinline__ void walk_blocks(SharedStorage<kDqk>& s, const Source
   if (blocks > 0) {
     if (t.tid == 0) {
       for (int i = 0; i < 2; ++i) {
-        for (int w = 0; w < 2; ++w) sm90::mbar_init(&s.k_full[i][w], kWarpgroupThreads);
+        for (int w = 0; w < 2; ++w) sm90::mbar_init(&s.k_full[i][w], Source::kArrivals);
       }
       sm90::fence_mbar_init();
     }
