@@ -98,6 +98,11 @@ __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepco
 
 // ---- TMA ----------------------------------------------------------------------------------------
 
+// Brings the 128-byte line holding `p` into L2 ahead of a load of it (no register, no wait).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // Fetches a TMA descriptor into the descriptor cache ahead of its first use.
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");

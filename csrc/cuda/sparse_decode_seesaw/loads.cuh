@@ -67,6 +67,34 @@ struct DequantSource {
     return r;
   }
 
+  // Where row i's token record and scales are in their pool (`read`: the entry is read).
+  __device__ __forceinline__ void locate(int block, int i, int32_t id, const uint8_t*& record,
+                                         const uint8_t*& scales) const {
+    int j;
+    const SparsePool& pool = pool_of(range.e_begin + block * kBlockN + row_of(i), j);
+    const int page = id / pool.page_size, slot = id % pool.page_size;
+    const uint8_t* page_base = pool.bytes + static_cast<int64_t>(page) * kv_page_bytes(kFormat, pool.page_size);
+    record = page_base + kv_record_offset(kFormat, slot);
+    scales = page_base + kv_scale_offset(kFormat, pool.page_size, slot);
+  }
+
+  // Starts bringing the lines a later fill of this part reads into L2, so that fill waits for L2
+  // rather than for memory: the four threads of a token take the first, middle and last line of the
+  // part's 256 e4m3 bytes and the line of its scales (RoPE goes by cp.async, not waited on here).
+  __device__ __forceinline__ void prefetch(int part, int block, const Rows& r) const {
+    const int c4 = threadIdx.x % 4;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (r.id[i] < 0) continue;
+      const uint8_t* record;
+      const uint8_t* scales;
+      locate(block, i, r.id[i], record, scales);
+      const int fp8_bytes = min(256, kLayout.d_nope - 256 * part);
+      const uint8_t* line = c4 == 3 ? scales : record + 256 * part + (c4 == 2 ? fp8_bytes - 1 : 128 * c4);
+      sm90::prefetch_l2(line);
+    }
+  }
+
   // The scale of tile 4 part + tt from the bytes fill loaded: a float32 (V3.2), or 2^(b - 127) for the
   // ue8m0 byte b (MODEL1; 0xFF is NaN, 0 the subnormal 2^-127: group_scale's rule).
   __device__ __forceinline__ static float scale_of(uint2 bits, int tt, int part) {
@@ -102,14 +130,7 @@ struct DequantSource {
       const bool read = r.id[i] >= 0;
       const uint8_t* record = nullptr;
       const uint8_t* scales = nullptr;
-      if (read) {
-        int j;
-        const SparsePool& pool = pool_of(range.e_begin + block * kBlockN + row, j);
-        const int page = r.id[i] / pool.page_size, slot = r.id[i] % pool.page_size;
-        const uint8_t* page_base = pool.bytes + static_cast<int64_t>(page) * kv_page_bytes(kFormat, pool.page_size);
-        record = page_base + kv_record_offset(kFormat, slot);
-        scales = page_base + kv_scale_offset(kFormat, pool.page_size, slot);
-      }
+      if (read) locate(block, i, r.id[i], record, scales);
       // RoPE is bfloat16 already: copied by cp.async (zeros for an unread row), no registers.
       if (rope_here) {
 #pragma unroll

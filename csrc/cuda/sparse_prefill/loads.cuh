@@ -137,6 +137,8 @@ struct GatherSource {
   int n;
 
   __device__ __forceinline__ Rows rows(int block) const { return part_rows(p, token, n, block); }
+  // The gathers are asynchronous already: nothing to prefetch.
+  __device__ __forceinline__ void prefetch(int, int, const Rows&) const {}
   template <int kDqk>
   __device__ __forceinline__ void fill(SharedStorage<kDqk>& s, int stage, int part, int block, const Rows& r) const {
     issue_part(s, p, stage, part, block, r);

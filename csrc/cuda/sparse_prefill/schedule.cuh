@@ -10,6 +10,8 @@
 //       zeros; k_full[stage][part] completes after Source::kArrivals arrivals once the part is in
 //       shared memory and visible to wgmma. When part == stage it also publishes the block's mask of read entries
 //       in mask[block % kMaskSlots], visible to the warpgroup on return.
+//   void prefetch(int part, int block, const Rows& rows) const: a hint, by warpgroup `part`, that it
+//       will fill that part of the block later in the pair (its rows read by then); may do nothing.
 //
 // prefill/loads.cuh's GatherSource copies bfloat16 rows by cp.async; the sparse FP8 decode's source
 // (sparse_decode_seesaw/loads.cuh) dequantises token records.
@@ -174,6 +176,10 @@ __device__ __forceinline__ void walk_blocks(SharedStorage<kDqk>& s, const Source
       uint32_t packed[16];
       const RowPair alpha = sm90::softmax_page<__nv_bfloat16>(sc, scale_log2, mx, st, packed);
       hand_off(packed, p_tile(0), s.max_a, t, st, sm90::kBarMaxA);
+      if constexpr (kNext) {
+        src.prefetch(0, a + 2, next_a);
+        if (a + 3 < blocks) src.prefetch(0, a + 3, next_b);
+      }
       sm90::rescale_rows(o, alpha);
       values_from_registers(o, packed, s.k[0], 0);
       // Stage 0's part 0 is done with once P_A V_A[:, L] is.
@@ -206,6 +212,10 @@ __device__ __forceinline__ void walk_blocks(SharedStorage<kDqk>& s, const Source
       sm90::bar_sync(sm90::kBarMaxA, 2 * kWarpgroupThreads);
       sm90::adopt_max(s.max_a, t.r_lo, o, st);
       issue_values_from_shared(o, p_tile(0), s.k[0], 1);
+      if constexpr (kNext) {
+        src.prefetch(1, a + 2, next_a);
+        if (a + 3 < blocks) src.prefetch(1, a + 3, next_b);
+      }
       if constexpr (kHasB) {
         uint32_t packed[16];
         const RowPair beta = sm90::softmax_page<__nv_bfloat16>(sc, scale_log2, mx, st, packed);
