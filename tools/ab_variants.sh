@@ -42,7 +42,8 @@
 #   SKIP_QUICK      1: skip quick_check.py in the check step (only the pytest subset runs)
 #   AB_VARIANTS_DIR where the overlays are (default tools/variants, git-ignored)
 #   PYTEST_K        pytest -k expression for $PYTEST_FILE (default: no pytest)
-#   PYTEST_FILE     the GPU test file of the check step (default test_gpu_decode.py)
+#   PYTEST_FILE     the GPU test files of the check step, space-separated (default test_gpu_decode.py)
+#   PYTEST_ARGS     more pytest arguments of the check step (default -x: stop at the first failure)
 #   AB_BENCH        the timing script (default benchmarks/bench_decode.py; benchmarks/bench_sparse.py
 #                   times the sparse decode, its rows keyed by format, s_k, topk, h_q, s_q)
 #   PYTEST_TIMEOUT  default 200;  CHECK_TIMEOUT default 150;  BUILD_TIMEOUT default 300
@@ -339,7 +340,7 @@ for n in $CHECK_VARIANTS; do
     # The variant's own tests/ (a tree/ overlay may change them); cwd tests/ holds no package.
     (cd "$AB/src_$n/tests" && PYTHONPATH="$AB/site_$n${PYTHONPATH:+:$PYTHONPATH}" XLA_FLAGS="$xla_flags" \
        timeout -k 10 "$(cap "${PYTEST_TIMEOUT:-200}")" python3 -m pytest -q -p no:cacheprovider -m gpu \
-       "$PYTEST_FILE" -k "$PYTEST_K" -x -rfEs) >"$W/logs/pytest_$n.log" 2>&1
+       $PYTEST_FILE -k "$PYTEST_K" ${PYTEST_ARGS--x} -rfEs) >"$W/logs/pytest_$n.log" 2>&1
     rc=$?
     last=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$W/logs/pytest_$n.log" | tail -n 1 | sed 's/=//g; s/^ *//; s/ *$//')
     if [ $rc -eq 0 ] && [[ "$last" == *passed* ]]; then res="PASS ($last)"

@@ -12,7 +12,8 @@
 #            against the default build, both beside FlashMLA: tools/ab_variants.sh with the field
 #            ours_wall_ms (the side by side's wall clock of our call); summary in $OUT/ab/ab_summary.md
 #   seesaw   the seesaw sparse FP8 decode (JAX_FLASHMLA_SPARSE_DECODE_SEESAW=1): its build runs
-#            test_gpu_sparse_decode.py first (the A/B's check), then bench_sparse.py --flashmla
+#            test_gpu_sparse_decode.py and test_gpu_sparse_prefill.py first (the A/B's check; the
+#            prefill runs the same schedule), then bench_sparse.py --flashmla
 #            (SEESAW_ARGS, default "--suite v32 --iters 20") times both builds beside FlashMLA;
 #            summary in $OUT/ab_seesaw/ab_summary.md (ratios of ours_wall_ms)
 #   tests    the GPU test files named by TEST_FILES (default test_gpu_decode.py) on this build
@@ -99,8 +100,8 @@ if want pdl && [ "$(left)" -gt 60 ]; then
 fi
 if want seesaw && [ "$(left)" -gt 60 ]; then
   log "A/B seesaw against base (its GPU tests first)"
-  VARIANTS="base seesaw" AB_REF=base CHECK_VARIANTS=seesaw SKIP_QUICK=1 PYTEST_FILE=test_gpu_sparse_decode.py \
-    PYTEST_K="not nothing" PYTEST_TIMEOUT=240 REPS=1 AB_FIELD=ours_wall_ms AB_BENCH=benchmarks/bench_sparse.py \
+  VARIANTS="base seesaw" AB_REF=base CHECK_VARIANTS=seesaw SKIP_QUICK=1 PYTEST_FILE="test_gpu_sparse_decode.py test_gpu_sparse_prefill.py" \
+    PYTEST_K="not nothing" PYTEST_ARGS="--maxfail=10" PYTEST_TIMEOUT=300 REPS=1 AB_FIELD=ours_wall_ms AB_BENCH=benchmarks/bench_sparse.py \
     BENCH_ARGS="--flashmla ${SEESAW_ARGS:---suite v32 --iters 20}" \
     AB_BUDGET_S=$(($(left) - 20)) AB_HARD_S=$(left) OUT=$OUT/ab_seesaw bash tools/ab_variants.sh >"$OUT/ab_seesaw.log" 2>&1
   head -n 40 "$OUT/ab_seesaw/ab_summary.md"
