@@ -11,12 +11,13 @@
 #   pdl      A/B of the dense decode launched as a programmatic dependent (JAX_FLASHMLA_DECODE_PDL=1)
 #            against the default build, both beside FlashMLA: tools/ab_variants.sh with the field
 #            ours_wall_ms (the side by side's wall clock of our call); summary in $OUT/ab/ab_summary.md
-#   seesaw   the seesaw sparse FP8 decode (JAX_FLASHMLA_SPARSE_DECODE_SEESAW=1): its build runs
-#            test_gpu_sparse_decode.py and test_gpu_sparse_prefill.py first (the A/B's check; the
-#            prefill runs the same schedule), then bench_sparse.py --flashmla
-#            (SEESAW_ARGS, default "--suite v32 --iters 20") times both builds beside FlashMLA;
-#            summary in $OUT/ab_seesaw/ab_summary.md (ratios of ours_wall_ms)
-#   tests    the GPU test files named by TEST_FILES (default test_gpu_decode.py) on this build
+#   seesaw   the seesaw sparse FP8 decode, warpgroup fills (JAX_FLASHMLA_SPARSE_DECODE_SEESAW=1,
+#            variant "seesaw") and producer warpgroup (=2, variant "producer"): each build runs
+#            SEESAW_TESTS (default test_gpu_sparse_decode.py) first (the A/B's check), then
+#            bench_sparse.py --flashmla (SEESAW_ARGS, default "--suite v32 --iters 20") times the
+#            three builds beside FlashMLA; summary in $OUT/ab_seesaw/ab_summary.md (ours_wall_ms)
+#   tests    the GPU test files named by TEST_FILES (default test_gpu_decode.py) on this build (the
+#            sparse prefill's, test_gpu_sparse_prefill.py, check its schedule that the seesaw shares)
 #
 # Environment:
 #   FLASHMLA_SRC  FlashMLA's source (a `git archive` of deepseek-ai/FlashMLA) in an ignored folder or
@@ -60,9 +61,10 @@ fm_pid=$!
 variant() { mkdir -p "$REPO/tools/variants/$1" && echo "$2" >"$REPO/tools/variants/$1/cmake.txt"; }
 want pdl && variant pdl JAX_FLASHMLA_DECODE_PDL=1
 want seesaw && variant seesaw JAX_FLASHMLA_SPARSE_DECODE_SEESAW=1
+want seesaw && variant producer JAX_FLASHMLA_SPARSE_DECODE_SEESAW=2
 ab_variants=()
 want pdl && ab_variants+=(pdl)
-want seesaw && ab_variants+=(seesaw)
+want seesaw && ab_variants+=(seesaw producer)
 if [ ${#ab_variants[@]} -gt 0 ]; then
   # REPS=0: build the variants only (in parallel); the timed runs follow once FlashMLA is built.
   VARIANTS="base ${ab_variants[*]}" REPS=0 OUT=$OUT/ab_build bash tools/ab_variants.sh >"$OUT/ab_build.log" 2>&1
@@ -99,8 +101,9 @@ if want pdl && [ "$(left)" -gt 60 ]; then
   head -n 40 "$OUT/ab/ab_summary.md"
 fi
 if want seesaw && [ "$(left)" -gt 60 ]; then
-  log "A/B seesaw against base (its GPU tests first)"
-  VARIANTS="base seesaw" AB_REF=base CHECK_VARIANTS=seesaw SKIP_QUICK=1 PYTEST_FILE="test_gpu_sparse_decode.py test_gpu_sparse_prefill.py" \
+  log "A/B seesaw and producer against base (their GPU tests first)"
+  VARIANTS="base seesaw producer" AB_REF=base CHECK_VARIANTS="seesaw producer" SKIP_QUICK=1 \
+    PYTEST_FILE="${SEESAW_TESTS:-test_gpu_sparse_decode.py}" \
     PYTEST_K="not nothing" PYTEST_ARGS="--maxfail=10" PYTEST_TIMEOUT=300 REPS=1 AB_FIELD=ours_wall_ms AB_BENCH=benchmarks/bench_sparse.py \
     BENCH_ARGS="--flashmla ${SEESAW_ARGS:---suite v32 --iters 20}" \
     AB_BUDGET_S=$(($(left) - 20)) AB_HARD_S=$(left) OUT=$OUT/ab_seesaw bash tools/ab_variants.sh >"$OUT/ab_seesaw.log" 2>&1

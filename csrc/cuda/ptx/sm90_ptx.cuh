@@ -98,6 +98,18 @@ __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepco
 
 // ---- TMA ----------------------------------------------------------------------------------------
 
+// Raises (inc) or lowers (dec) the registers each thread of this warpgroup holds to kRegs (a multiple
+// of 8, 24..256); all warps of the warpgroup execute it. A lowering returns registers to the CTA's pool
+// for another warpgroup's raise, which waits until the pool holds them.
+template <int kRegs>
+__device__ __forceinline__ void warpgroup_reg_alloc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void warpgroup_reg_dealloc() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+
 // Brings the 128-byte line holding `p` into L2 ahead of a load of it (no register, no wait).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));

@@ -15,11 +15,16 @@ extern template cudaError_t launch_sparse_decode_kernel<KvFormat::kModel1>(const
 
 namespace seesaw {
 // Instantiated in sparse_decode_seesaw_v32.cu and sparse_decode_seesaw_model1.cu.
-template <KvFormat kFormat>
+template <KvFormat kFormat, bool kProducer>
 cudaError_t launch_sparse_decode_seesaw_kernel(const SparseDecodeParams& p, cudaStream_t stream);
-extern template cudaError_t launch_sparse_decode_seesaw_kernel<KvFormat::kV32>(const SparseDecodeParams&, cudaStream_t);
-extern template cudaError_t launch_sparse_decode_seesaw_kernel<KvFormat::kModel1>(const SparseDecodeParams&,
-                                                                                  cudaStream_t);
+extern template cudaError_t launch_sparse_decode_seesaw_kernel<KvFormat::kV32, false>(const SparseDecodeParams&,
+                                                                                      cudaStream_t);
+extern template cudaError_t launch_sparse_decode_seesaw_kernel<KvFormat::kV32, true>(const SparseDecodeParams&,
+                                                                                     cudaStream_t);
+extern template cudaError_t launch_sparse_decode_seesaw_kernel<KvFormat::kModel1, false>(const SparseDecodeParams&,
+                                                                                        cudaStream_t);
+extern template cudaError_t launch_sparse_decode_seesaw_kernel<KvFormat::kModel1, true>(const SparseDecodeParams&,
+                                                                                       cudaStream_t);
 }  // namespace seesaw
 
 }  // namespace sparse_sm90
@@ -32,8 +37,9 @@ cudaError_t launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t strea
   const bool v32 = p.pool.format == KvFormat::kV32;
   cudaError_t err;
   if constexpr (ss::seesaw::kSelected) {
-    err = v32 ? ss::seesaw::launch_sparse_decode_seesaw_kernel<KvFormat::kV32>(p, stream)
-              : ss::seesaw::launch_sparse_decode_seesaw_kernel<KvFormat::kModel1>(p, stream);
+    constexpr bool kProducer = ss::seesaw::kSelectedProducer;
+    err = v32 ? ss::seesaw::launch_sparse_decode_seesaw_kernel<KvFormat::kV32, kProducer>(p, stream)
+              : ss::seesaw::launch_sparse_decode_seesaw_kernel<KvFormat::kModel1, kProducer>(p, stream);
   } else {
     err = v32 ? ss::launch_sparse_decode_kernel<KvFormat::kV32>(p, stream)
               : ss::launch_sparse_decode_kernel<KvFormat::kModel1>(p, stream);

@@ -19,9 +19,10 @@
 #include "common/kv_formats.h"
 #include "cuda/sparse_prefill/config.h"
 
-// 1: the sparse decode calls run this kernel (sparse_decode/sparse_decode.cu); 0 (default until it has
-// passed the GPU tests and been timed against the mma.sync kernel): the mma.sync kernel. Both are
-// compiled in every build.
+// Which kernel the sparse decode calls run (sparse_decode/sparse_decode.cu): 0 (default until the
+// seesaw kernel has passed the GPU tests and been timed against the mma.sync kernel) the mma.sync
+// kernel; 1 the seesaw kernel, each consumer warpgroup refilling the parts it has finished with; 2 the
+// seesaw kernel with a producer warpgroup (below). All three are compiled in every build.
 #ifndef JAX_FLASHMLA_SPARSE_DECODE_SEESAW
 #define JAX_FLASHMLA_SPARSE_DECODE_SEESAW 0
 #endif
@@ -31,14 +32,39 @@ namespace sparse_sm90 {
 namespace seesaw {
 
 constexpr bool kSelected = JAX_FLASHMLA_SPARSE_DECODE_SEESAW != 0;
+constexpr bool kSelectedProducer = JAX_FLASHMLA_SPARSE_DECODE_SEESAW == 2;
+
+// With a producer warpgroup (kProducer): a third warpgroup (threads 256..383) loads and dequantises
+// every part, so the two consumer warpgroups never wait on memory; a consumer that is done with a part
+// arrives on the part's k_free mbarrier instead of refilling it, and the producer waits there.
+// Registers: the CTA's pool holds 168 a thread at launch (384 threads); the producer lowers itself to
+// kProducerRegs and the consumers raise themselves to kConsumerRegs, which the pool can pay for:
+// 128 * (168 - 56) = 256 * (224 - 168).
+constexpr int kProducerRegs = 56;
+constexpr int kConsumerRegs = 224;
+static_assert(128 * (168 - kProducerRegs) >= 256 * (kConsumerRegs - 168), "the register split must fit the pool");
+
+template <bool kProducer>
+constexpr int threads() {
+  return kProducer ? kThreads + 128 : kThreads;
+}
+
+// The prefill's plan, plus the producer's k_free mbarriers.
+template <int kDqk>
+struct SeesawStorage : prefill::SharedStorage<kDqk> {
+  uint64_t k_free[2][2];  // [stage][part] the consumers are done with the part (128 arrivals)
+};
 
 template <KvFormat kFormat>
-using Storage = prefill::SharedStorage<kv_format_layout(kFormat).d_qk>;
+using Storage = SeesawStorage<kv_format_layout(kFormat).d_qk>;
 
 template <KvFormat kFormat>
 constexpr int smem_bytes() {
-  return prefill::smem_bytes<kv_format_layout(kFormat).d_qk>();
+  return static_cast<int>(sizeof(Storage<kFormat>)) + 1024;  // + room to align the dynamic base
 }
+
+static_assert(smem_bytes<KvFormat::kV32>() <= 227 * 1024 && smem_bytes<KvFormat::kModel1>() <= 227 * 1024,
+              "the seesaw plan must fit one SM's shared memory");
 
 // The 64-channel tiles of a block that hold e4m3 values (the rest of the token, RoPE, is bfloat16).
 template <KvFormat kFormat>

@@ -15,6 +15,7 @@
 #include "common/sparse_params.h"
 #include "cuda/decode/softmax.cuh"
 #include "cuda/sparse_decode_seesaw/config.h"
+#include "cuda/sparse_prefill/schedule.cuh"
 
 namespace jax_flashmla {
 namespace sparse_sm90 {
@@ -27,9 +28,9 @@ struct TilePlace {
   int req, token, head0, rows, split;
 };
 
-// `st` holds this thread's partial row sums over its own columns and blocks. All kThreads threads
-// call it.
-template <int kDqk>
+// `st` holds this thread's partial row sums over its own columns and blocks. The two consumer
+// warpgroups (kThreads threads) call it; kProducerFed: a producer warpgroup, which does not, exists.
+template <bool kProducerFed, int kDqk>
 __device__ __forceinline__ void finish_tile(const SparseDecodeParams& p, prefill::SharedStorage<kDqk>& s,
                                             const float* o, const sm90::ThreadCoord& t, sm90::RowState st,
                                             const TilePlace& tp) {
@@ -42,7 +43,7 @@ __device__ __forceinline__ void finish_tile(const SparseDecodeParams& p, prefill
     s.row_sum[t.wg][t.r_lo] = st.l_lo;
     s.row_sum[t.wg][t.r_lo + 8] = st.l_hi;
   }
-  __syncthreads();
+  prefill::consumers_sync<kProducerFed>();
   const bool partial = p.num_splits > 1;
   const int64_t rows_total = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads_q;
 #pragma unroll

@@ -34,6 +34,7 @@ struct DequantSource {
   // A part completes on two arrivals of each of its 128 threads: the cp.async arrival of its RoPE
   // copies and the plain one after its dequantised stores.
   static constexpr int kArrivals = 2 * prefill::kWarpgroupThreads;
+  static constexpr bool kProducerFed = false;
 
   const SparseDecodeParams& p;
   int req, token;
@@ -162,12 +163,9 @@ struct DequantSource {
                   reinterpret_cast<uint16_t*>(tile_base + sm90::swizzled_offset(row, 2 * c4 + 1)));
       }
     }
-    // The stores are generic-proxy writes that wgmma reads through the async proxy.
-    sm90::fence_proxy_async();
-    sm90::mbar_arrive(&s.k_full[stage][part]);
-    sm90::cp_async_mbar_arrive(&s.k_full[stage][part]);  // once this thread's RoPE copies have landed
     if (part == stage) {
       // Bit r of word w: entry 16 w + r of the block is read (lanes 4 q of this warp hold rows q, q + 8).
+      // Published before the arrivals below, so whoever waits on the part's k_full also sees it.
       uint32_t bits = 0;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -176,8 +174,28 @@ struct DequantSource {
         for (int q = 0; q < 8; ++q) bits |= ((b >> (4 * q)) & 1u) << (q + 8 * i);
       }
       if (lane == 0) s.mask[block % kMaskSlots][warp] = static_cast<uint16_t>(bits);
-      sm90::bar_sync(sm90::kBarWarpgroup + part, prefill::kWarpgroupThreads);
     }
+    // The stores are generic-proxy writes that wgmma reads through the async proxy.
+    sm90::fence_proxy_async();
+    sm90::mbar_arrive(&s.k_full[stage][part]);
+    sm90::cp_async_mbar_arrive(&s.k_full[stage][part]);  // once this thread's RoPE copies have landed
+    if (part == stage) sm90::bar_sync(sm90::kBarWarpgroup + part, prefill::kWarpgroupThreads);
+  }
+};
+
+// The consumers' source when a producer warpgroup loads the blocks (kProducer): filling a part means
+// handing it back, an arrival on its k_free mbarrier; the producer (the kernel) does the rest.
+struct ReleaseSource {
+  struct Rows {};
+  static constexpr int kArrivals = 2 * prefill::kWarpgroupThreads;  // the producer's DequantSource fills
+  static constexpr bool kProducerFed = true;
+  uint64_t (*k_free)[2];
+
+  __device__ __forceinline__ Rows rows(int) const { return {}; }
+  __device__ __forceinline__ void prefetch(int, int, const Rows&) const {}
+  template <int kDqk>
+  __device__ __forceinline__ void fill(prefill::SharedStorage<kDqk>&, int stage, int part, int, const Rows&) const {
+    sm90::mbar_arrive(&k_free[stage][part]);
   }
 };
 

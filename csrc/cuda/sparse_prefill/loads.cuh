@@ -132,6 +132,7 @@ __device__ __forceinline__ void issue_part(SharedStorage<kDqk>& s, const SparseP
 struct GatherSource {
   using Rows = PartRows;
   static constexpr int kArrivals = kWarpgroupThreads;  // a part completes on its threads' cp.async arrivals
+  static constexpr bool kProducerFed = false;
   const SparsePrefillParams& p;
   int64_t token;
   int n;

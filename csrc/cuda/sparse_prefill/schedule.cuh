@@ -12,6 +12,10 @@
 //       in mask[block % kMaskSlots], visible to the warpgroup on return.
 //   void prefetch(int part, int block, const Rows& rows) const: a hint, by warpgroup `part`, that it
 //       will fill that part of the block later in the pair (its rows read by then); may do nothing.
+//   kArrivals: the arrivals that complete a part's k_full phase.
+//   kProducerFed: a third warpgroup of the CTA loads the blocks (fill then only says the part is free
+//       again); the kernel initialises the mbarriers itself, and the walk's CTA-wide barriers become
+//       the named barrier kBarConsumers over the two consumer warpgroups.
 //
 // prefill/loads.cuh's GatherSource copies bfloat16 rows by cp.async; the sparse FP8 decode's source
 // (sparse_decode_seesaw/loads.cuh) dequantises token records.
@@ -32,6 +36,15 @@ namespace prefill {
 using sm90::RowPair;
 using sm90::RowState;
 using sm90::ThreadCoord;
+
+constexpr int kBarConsumers = sm90::kBarWarpgroup + 2;  // the two consumer warpgroups of a producer-fed walk
+
+// A barrier over the threads that walk the blocks: the whole CTA, or its two consumer warpgroups.
+template <bool kProducerFed>
+__device__ __forceinline__ void consumers_sync() {
+  if constexpr (kProducerFed) sm90::bar_sync(kBarConsumers, 2 * kWarpgroupThreads);
+  else __syncthreads();
+}
 
 // S = Q K^T of the block in `stage` (raw scores), once both its parts have landed; returns with the
 // wgmma done.
@@ -135,7 +148,7 @@ __device__ __forceinline__ void walk_blocks(SharedStorage<kDqk>& s, const Source
   };
 
   if (blocks > 0) {
-    if (t.tid == 0) {
+    if (!Source::kProducerFed && t.tid == 0) {
       for (int i = 0; i < 2; ++i) {
         for (int w = 0; w < 2; ++w) sm90::mbar_init(&s.k_full[i][w], Source::kArrivals);
       }
@@ -143,12 +156,12 @@ __device__ __forceinline__ void walk_blocks(SharedStorage<kDqk>& s, const Source
     }
     issue_q_tile(s, q_row0, q_rows);
     sm90::cp_async_commit();
-    __syncthreads();  // the mbarriers are initialised
+    consumers_sync<Source::kProducerFed>();  // the mbarriers are initialised
     src.fill(s, 0, t.wg, 0, src.rows(0));
     if (blocks > 1) src.fill(s, 1, t.wg, 1, src.rows(1));
     sm90::cp_async_wait_group<0>();  // this thread's part of the Q tile (the block copies are not committed)
     sm90::fence_proxy_async();
-    __syncthreads();
+    consumers_sync<Source::kProducerFed>();
 
     uint32_t uses[2] = {0, 0};  // blocks each stage has held so far: the parity of its mbarrier phases
     // Folds a block's raw row maxima into the exact ones.
