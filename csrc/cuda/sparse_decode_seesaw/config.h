@@ -27,6 +27,9 @@
 #define JAX_FLASHMLA_SPARSE_DECODE_SEESAW 0
 #endif
 
+static_assert(JAX_FLASHMLA_SPARSE_DECODE_SEESAW >= 0 && JAX_FLASHMLA_SPARSE_DECODE_SEESAW <= 2,
+              "JAX_FLASHMLA_SPARSE_DECODE_SEESAW is 0 (mma.sync), 1 (seesaw) or 2 (seesaw with a producer)");
+
 namespace jax_flashmla {
 namespace sparse_sm90 {
 namespace seesaw {
@@ -37,17 +40,19 @@ constexpr bool kSelectedProducer = JAX_FLASHMLA_SPARSE_DECODE_SEESAW == 2;
 // With a producer warpgroup (kProducer): a third warpgroup (threads 256..383) loads and dequantises
 // every part, so the two consumer warpgroups never wait on memory; a consumer that is done with a part
 // arrives on the part's k_free mbarrier instead of refilling it, and the producer waits there.
-// Registers: the CTA's pool holds 168 a thread at launch (384 threads); the producer lowers itself to
-// kProducerRegs and the consumers raise themselves to kConsumerRegs, which the pool can pay for:
-// 128 * (168 - 56) = 256 * (224 - 168).
-constexpr int kProducerRegs = 56;
-constexpr int kConsumerRegs = 224;
-static_assert(128 * (168 - kProducerRegs) >= 256 * (kConsumerRegs - 168), "the register split must fit the pool");
-
+// Registers: the CTA's pool holds kLaunchRegs a thread at launch (384 threads: 168); the producer
+// lowers itself to kProducerRegs and the consumers raise themselves to kConsumerRegs, which the pool
+// can pay for: 128 * (168 - 56) = 256 * (224 - 168). A consumer's raise waits until the pool holds the
+// registers, so a launch count below kLaunchRegs would hang it: the launch checks the count ptxas gave.
 template <bool kProducer>
 constexpr int threads() {
   return kProducer ? kThreads + 128 : kThreads;
 }
+constexpr int kLaunchRegs = (65536 / threads<true>()) & ~7;
+constexpr int kProducerRegs = 56;
+constexpr int kConsumerRegs = 224;
+static_assert(128 * (kLaunchRegs - kProducerRegs) >= 256 * (kConsumerRegs - kLaunchRegs),
+              "the register split must fit the pool");
 
 // The prefill's plan, plus the producer's k_free mbarriers.
 template <int kDqk>

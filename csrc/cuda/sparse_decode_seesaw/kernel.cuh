@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(threads<kProducer>(), 1)
     if (t.tid == 0) {
       for (int i = 0; i < 2; ++i) {
         for (int w = 0; w < 2; ++w) {
-          sm90::mbar_init(&s.k_full[i][w], ReleaseSource::kArrivals);
+          sm90::mbar_init(&s.k_full[i][w], DequantSource<kFormat>::kArrivals);
           sm90::mbar_init(&s.k_free[i][w], prefill::kWarpgroupThreads);
         }
       }

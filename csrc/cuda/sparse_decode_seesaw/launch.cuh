@@ -21,6 +21,16 @@ cudaError_t launch_sparse_decode_seesaw_kernel(const SparseDecodeParams& p, cuda
       err != cudaSuccess) {
     return err;
   }
+  if constexpr (kProducer) {
+    // The register split (config.h) assumes the launch count; checked once per process.
+    static const cudaError_t regs_ok = [] {
+      cudaFuncAttributes attr{};
+      const cudaError_t err = cudaFuncGetAttributes(&attr, sparse_decode_seesaw_kernel<kFormat, kProducer>);
+      if (err != cudaSuccess) return err;
+      return attr.numRegs == kLaunchRegs ? cudaSuccess : cudaErrorInvalidConfiguration;
+    }();
+    if (regs_ok != cudaSuccess) return regs_ok;
+  }
   const int64_t ctas = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_splits * ceil_div(p.num_heads_q, kRows);
   if (ctas == 0) return cudaSuccess;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidConfiguration;

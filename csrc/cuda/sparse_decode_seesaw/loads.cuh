@@ -188,6 +188,9 @@ struct DequantSource {
 struct ReleaseSource {
   struct Rows {};
   static constexpr int kArrivals = 2 * prefill::kWarpgroupThreads;  // the producer's DequantSource fills
+  static_assert(kArrivals == DequantSource<KvFormat::kV32>::kArrivals &&
+                    kArrivals == DequantSource<KvFormat::kModel1>::kArrivals,
+                "k_full completes on the producer's fills");
   static constexpr bool kProducerFed = true;
   uint64_t (*k_free)[2];
 

@@ -200,6 +200,9 @@ __device__ __forceinline__ void walk_blocks(SharedStorage<kDqk>& s, const Source
       if constexpr (kHasB) {
         sm90::bar_sync(sm90::kBarMaxB, 2 * kWarpgroupThreads);
         sm90::adopt_max(s.max_b, t.r_lo, o, st);
+        // Producer-fed: this warpgroup's part of stage 1 was filled by the producer, and only the
+        // other warpgroup waited for it; wait here too (the phase is complete: no stall).
+        if constexpr (Source::kProducerFed) sm90::mbar_wait(&s.k_full[1][0], uses[1] & 1);
         issue_values_from_shared(o, p_tile(1), s.k[1], 0);
         finish_wgmma(o);
         if (kNext && a + 3 < blocks) src.fill(s, 1, 0, a + 3, next_b);
@@ -224,6 +227,7 @@ __device__ __forceinline__ void walk_blocks(SharedStorage<kDqk>& s, const Source
       }
       sm90::bar_sync(sm90::kBarMaxA, 2 * kWarpgroupThreads);
       sm90::adopt_max(s.max_a, t.r_lo, o, st);
+      if constexpr (Source::kProducerFed) sm90::mbar_wait(&s.k_full[0][1], uses[0] & 1);  // as above
       issue_values_from_shared(o, p_tile(0), s.k[0], 1);
       if constexpr (kNext) {
         src.prefetch(1, a + 2, next_a);
