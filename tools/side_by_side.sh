@@ -16,8 +16,9 @@
 #            SEESAW_TESTS (default test_gpu_sparse_decode.py) first (the A/B's check), then
 #            bench_sparse.py --flashmla (SEESAW_ARGS, default "--suite v32 --iters 20") times the
 #            three builds beside FlashMLA; summary in $OUT/ab_seesaw/ab_summary.md (ours_wall_ms)
-#   tests    the GPU test files named by TEST_FILES (default test_gpu_decode.py) on this build (the
-#            sparse prefill's, test_gpu_sparse_prefill.py, check its schedule that the seesaw shares)
+#   tests    the GPU test files named by TEST_FILES on this build (default: test_gpu_decode.py,
+#            test_gpu_sparse_prefill.py, whose kernel runs the schedule the seesaw shares, and
+#            test_gpu_indexer.py)
 #
 # Environment:
 #   FLASHMLA_SRC  FlashMLA's source (a `git archive` of deepseek-ai/FlashMLA) in an ignored folder or
@@ -110,9 +111,10 @@ if want seesaw && [ "$(left)" -gt 60 ]; then
   head -n 40 "$OUT/ab_seesaw/ab_summary.md"
 fi
 if want tests && [ "$(left)" -gt 30 ]; then
-  log "GPU tests: ${TEST_FILES:-test_gpu_decode.py}"
+  test_files=${TEST_FILES:-test_gpu_decode.py test_gpu_sparse_prefill.py test_gpu_indexer.py}
+  log "GPU tests: $test_files"
   # shellcheck disable=SC2086
   (cd tests && XLA_FLAGS=--xla_gpu_autotune_level=0 timeout "$(left)" python3 -m pytest -q -m gpu -rfE \
-    ${TEST_FILES:-test_gpu_decode.py} >"$OUT/tests.log" 2>&1; tail -n 4 "$OUT/tests.log")
+    $test_files >"$OUT/tests.log" 2>&1; tail -n 4 "$OUT/tests.log")
 fi
 log "done; logs in $OUT"
