@@ -4,7 +4,8 @@
 Files read (all optional): variants.txt (order), status.tsv (variant, key, value; last one wins),
 runs.tsv (variant, rep, rc, start, end, secs, json), json/*.json (bench_decode.py --json output:
 report["matrix"] = [{b, s_k, h_q, s_q, h_kv, kernel_ms, src, ...}], report["env"]; or
-bench_sparse.py's: report["sparse"] = [{fmt, b, s_k, topk, extra_topk, h_q, s_q, kernel_ms, ...}]), clocks.csv
+bench_sparse.py's: report["sparse"] = [{fmt, b, s_k, topk, extra_topk, h_q, s_q, kernel_ms, ...}]; or
+bench_prefill.py's: report["prefill"] = [{d_qk, s_kv, topk, h_q, s_q, fwd_ms, ...}]), clocks.csv
 (nvidia-smi "timestamp, 1980 MHz, 350.12 W"), ptxas_<variant>.txt ("Used N registers | props | fn"),
 env.txt.
 
@@ -95,7 +96,11 @@ def parse_clocks(lines):
 
 
 def case_key(rec):
-    """(b, s_k, h_q, s_q, h_kv) of a row; a sparse row's s_k cell names its format, s_k and topk."""
+    """(b, s_k, h_q, s_q, h_kv) of a row; a sparse row's s_k cell names its format, s_k and topk, a
+    prefill row's its d_qk, s_kv and topk."""
+    if "s_kv" in rec:
+        return (None, f"d_qk {rec.get('d_qk')} s_kv {rec.get('s_kv')} topk {rec.get('topk')}", rec.get("h_q"),
+                rec.get("s_q"), 1)
     if "topk" in rec:
         s_k = f"{rec.get('fmt')} {rec.get('s_k')} topk {rec.get('topk')}"
         if rec.get("extra_topk"):
@@ -160,7 +165,7 @@ def main(argv=None):
         kpaths.setdefault(r["variant"], set()).add(kp)
         if r["rep"] not in reps_seen:
             reps_seen.append(r["rep"])
-        for rec in report.get("matrix", []) + report.get("sparse", []):
+        for rec in report.get("matrix", []) + report.get("sparse", []) + report.get("prefill", []):
             key = case_key(rec)
             if key not in case_keys:
                 case_keys.append(key)

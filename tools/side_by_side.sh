@@ -3,7 +3,7 @@
 # background (tools/flashmla_build.sh) while this package builds, then the named benchmarks run with
 # --flashmla on the same inputs in one process. Nothing of FlashMLA enters this repository.
 #
-#   bash tools/side_by_side.sh [decode] [sparse] [prefill] [pdl] [seesaw] [tests]   # none named: decode
+#   bash tools/side_by_side.sh [decode] [sparse] [prefill] [pdl] [seesaw] [pproducer] [tests]   # default: decode
 #
 #   decode   bench_decode.py --no-ref --flashmla over the standard matrix (the dense decode, #31's table)
 #   sparse   bench_sparse.py --flashmla --suite v32 (SPARSE_ARGS adds options, e.g. --cases s_q=2)
@@ -16,6 +16,10 @@
 #            SEESAW_TESTS (default test_gpu_sparse_decode.py) first (the A/B's check), then
 #            bench_sparse.py --flashmla (SEESAW_ARGS, default "--suite v32 --iters 20") times the
 #            three builds beside FlashMLA; summary in $OUT/ab_seesaw/ab_summary.md (ours_wall_ms)
+#   pproducer the sparse prefill with a producer warpgroup (JAX_FLASHMLA_SPARSE_PREFILL_PRODUCER=1):
+#            its build runs test_gpu_sparse_prefill.py first, then bench_prefill.py --flashmla --no-bwd
+#            (PPRODUCER_ARGS, default "--suite v32,v4 --cases s_kv=8192 --iters 5") times both builds
+#            beside FlashMLA; summary in $OUT/ab_pproducer/ab_summary.md (fwd_ms)
 #   tests    the GPU test files named by TEST_FILES on this build (default: test_gpu_decode.py,
 #            test_gpu_sparse_prefill.py, whose kernel runs the schedule the seesaw shares, and
 #            test_gpu_indexer.py)
@@ -43,9 +47,9 @@ SECONDS=0
 steps=()
 for a in "$@"; do
   case "$a" in
-    decode|sparse|prefill|pdl|seesaw|tests) steps+=("$a") ;;
+    decode|sparse|prefill|pdl|seesaw|pproducer|tests) steps+=("$a") ;;
     -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
-    *) echo "side_by_side.sh: unknown step '$a' (decode sparse prefill pdl seesaw tests)"; exit 2 ;;
+    *) echo "side_by_side.sh: unknown step '$a' (decode sparse prefill pdl seesaw pproducer tests)"; exit 2 ;;
   esac
 done
 [ ${#steps[@]} -eq 0 ] && steps=(decode)
@@ -63,9 +67,11 @@ variant() { mkdir -p "$REPO/tools/variants/$1" && echo "$2" >"$REPO/tools/varian
 want pdl && variant pdl JAX_FLASHMLA_DECODE_PDL=1
 want seesaw && variant seesaw JAX_FLASHMLA_SPARSE_DECODE_SEESAW=1
 want seesaw && variant producer JAX_FLASHMLA_SPARSE_DECODE_SEESAW=2
+want pproducer && variant pproducer JAX_FLASHMLA_SPARSE_PREFILL_PRODUCER=1
 ab_variants=()
 want pdl && ab_variants+=(pdl)
 want seesaw && ab_variants+=(seesaw producer)
+want pproducer && ab_variants+=(pproducer)
 if [ ${#ab_variants[@]} -gt 0 ]; then
   # REPS=0: build the variants only (in parallel); the timed runs follow once FlashMLA is built.
   VARIANTS="base ${ab_variants[*]}" REPS=0 OUT=$OUT/ab_build bash tools/ab_variants.sh >"$OUT/ab_build.log" 2>&1
@@ -109,6 +115,15 @@ if want seesaw && [ "$(left)" -gt 60 ]; then
     BENCH_ARGS="--flashmla ${SEESAW_ARGS:---suite v32 --iters 20}" \
     AB_BUDGET_S=$(($(left) - 20)) AB_HARD_S=$(left) OUT=$OUT/ab_seesaw bash tools/ab_variants.sh >"$OUT/ab_seesaw.log" 2>&1
   head -n 40 "$OUT/ab_seesaw/ab_summary.md"
+fi
+if want pproducer && [ "$(left)" -gt 60 ]; then
+  log "A/B pproducer against base (its GPU tests first)"
+  VARIANTS="base pproducer" AB_REF=base CHECK_VARIANTS=pproducer SKIP_QUICK=1 PYTEST_FILE=test_gpu_sparse_prefill.py \
+    PYTEST_K="not nothing" PYTEST_ARGS="--maxfail=10" PYTEST_TIMEOUT=200 REPS=1 AB_FIELD=fwd_ms \
+    AB_BENCH=benchmarks/bench_prefill.py \
+    BENCH_ARGS="--flashmla --no-bwd ${PPRODUCER_ARGS:---suite v32,v4 --cases s_kv=8192 --iters 5}" \
+    AB_BUDGET_S=$(($(left) - 20)) AB_HARD_S=$(left) OUT=$OUT/ab_pproducer bash tools/ab_variants.sh >"$OUT/ab_pproducer.log" 2>&1
+  head -n 40 "$OUT/ab_pproducer/ab_summary.md"
 fi
 if want tests && [ "$(left)" -gt 30 ]; then
   test_files=${TEST_FILES:-test_gpu_decode.py test_gpu_sparse_prefill.py test_gpu_indexer.py}

@@ -95,3 +95,23 @@ def test_sparse_rows_are_keyed_by_format_and_topk(tmp_path):
     assert "| v32 8192 topk 2048 | 64 | 1 | 0.080 | 0.100 | 0.800 |" in text
     assert "| model1 8192 topk 512+512 | 64 | 1 | 0.160 | 0.200 | 0.800 |" in text
     assert "define JAX_FLASHMLA_SPARSE_DECODE_PIPELINE=0" in text
+
+
+def test_prefill_rows_are_keyed_by_d_qk_s_kv_and_topk(tmp_path):
+    """bench_prefill.py's rows (AB_BENCH=benchmarks/bench_prefill.py, AB_FIELD=fwd_ms): one table row per
+    d_qk, s_kv, topk, h_q and s_q."""
+    runs = ["variant\trep\trc\tstart\tend\tsecs\tjson"]
+    for variant, ms in (("base", 5.0), ("pproducer", 4.0)):
+        rows = [dict(suite="v32", d_qk=576, s_kv=8192, topk=2048, h_q=128, s_q=4096, fwd_ms=ms),
+                dict(suite="v4", d_qk=512, s_kv=8192, topk=512, h_q=64, s_q=4096, fwd_ms=ms / 4)]
+        path = tmp_path / f"{variant}.json"
+        path.write_text(json.dumps({"env": {"kernel_path": "cuda-sm90"}, "prefill": rows}))
+        runs.append(f"{variant}\t1\t0\t\t\t16\t{path}")
+    (tmp_path / "runs.tsv").write_text("\n".join(runs) + "\n")
+    (tmp_path / "variants.txt").write_text("base\npproducer\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert _load().main(["--dir", str(tmp_path), "--field", "fwd_ms"]) == 0
+    text = out.getvalue()
+    assert "| d_qk 576 s_kv 8192 topk 2048 | 128 | 4096 | 5.000 | 4.000 | 1.250 |" in text, text
+    assert "| d_qk 512 s_kv 8192 topk 512 | 64 | 4096 | 1.250 | 1.000 | 1.250 |" in text, text

@@ -112,5 +112,5 @@ def test_side_by_side_refuses_an_unknown_step(tmp_path):
     result = subprocess.run(["bash", str(TOOLS / "side_by_side.sh"), "decode", "dense"], capture_output=True,
                             text=True, env=env)
     assert result.returncode == 2
-    assert "unknown step 'dense' (decode sparse prefill pdl seesaw tests)" in result.stdout
+    assert "unknown step 'dense' (decode sparse prefill pdl seesaw pproducer tests)" in result.stdout
     assert not (tmp_path / "flashmla_build.log").exists()  # nothing was started

@@ -44,6 +44,17 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 
 // ---- named barriers (id 0 is __syncthreads) ------------------------------------------------------
 
+// bar_sync that also returns whether `pred` held for any of the `count` threads (barrier id `id`).
+__device__ __forceinline__ bool bar_sync_or(int id, int count, bool pred) {
+  uint32_t any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}"
+      : "=r"(any)
+      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(count)
+      : "memory");
+  return any != 0;
+}
+
 // Waits until `count` threads have reached barrier `id` (by bar_sync or bar_arrive).
 __device__ __forceinline__ void bar_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");

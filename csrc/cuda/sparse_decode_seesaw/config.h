@@ -37,39 +37,20 @@ namespace seesaw {
 constexpr bool kSelected = JAX_FLASHMLA_SPARSE_DECODE_SEESAW != 0;
 constexpr bool kSelectedProducer = JAX_FLASHMLA_SPARSE_DECODE_SEESAW == 2;
 
-// With a producer warpgroup (kProducer): a third warpgroup (threads 256..383) loads and dequantises
-// every part, so the two consumer warpgroups never wait on memory; a consumer that is done with a part
-// arrives on the part's k_free mbarrier instead of refilling it, and the producer waits there.
-// Registers: the CTA's pool holds kLaunchRegs a thread at launch (384 threads: 168); the producer
-// lowers itself to kProducerRegs and the consumers raise themselves to kConsumerRegs, which the pool
-// can pay for: 128 * (168 - 56) = 256 * (224 - 168). A consumer's raise waits until the pool holds the
-// registers, so a launch count below kLaunchRegs would hang it: the launch checks the count ptxas gave.
+// With a producer warpgroup (kProducer, sparse_prefill/config.h's plan): the third warpgroup loads
+// and dequantises every part, so the two consumer warpgroups never wait on memory.
 template <bool kProducer>
 constexpr int threads() {
-  return kProducer ? kThreads + 128 : kThreads;
+  return prefill::cta_threads<kProducer>();
 }
-constexpr int kLaunchRegs = (65536 / threads<true>()) & ~7;
-constexpr int kProducerRegs = 56;
-constexpr int kConsumerRegs = 224;
-static_assert(128 * (kLaunchRegs - kProducerRegs) >= 256 * (kConsumerRegs - kLaunchRegs),
-              "the register split must fit the pool");
-
-// The prefill's plan, plus the producer's k_free mbarriers.
-template <int kDqk>
-struct SeesawStorage : prefill::SharedStorage<kDqk> {
-  uint64_t k_free[2][2];  // [stage][part] the consumers are done with the part (128 arrivals)
-};
 
 template <KvFormat kFormat>
-using Storage = SeesawStorage<kv_format_layout(kFormat).d_qk>;
+using Storage = prefill::ProducerStorage<kv_format_layout(kFormat).d_qk>;
 
 template <KvFormat kFormat>
 constexpr int smem_bytes() {
-  return static_cast<int>(sizeof(Storage<kFormat>)) + 1024;  // + room to align the dynamic base
+  return prefill::producer_smem_bytes<kv_format_layout(kFormat).d_qk>();
 }
-
-static_assert(smem_bytes<KvFormat::kV32>() <= 227 * 1024 && smem_bytes<KvFormat::kModel1>() <= 227 * 1024,
-              "the seesaw plan must fit one SM's shared memory");
 
 // The 64-channel tiles of a block that hold e4m3 values (the rest of the token, RoPE, is bfloat16).
 template <KvFormat kFormat>

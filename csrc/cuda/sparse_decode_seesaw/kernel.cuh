@@ -2,7 +2,8 @@
 // prefill's two-warpgroup walk over the split's entry blocks (sparse_prefill/schedule.cuh), and the
 // decode's epilogue (epilogue.cuh). Without a producer (kProducer false) the walk's source is
 // DequantSource (loads.cuh): each consumer warpgroup refills the parts it is done with. With one, the
-// walk's source is ReleaseSource and a third warpgroup runs producer_loop. launch.cuh launches it.
+// walk's source is ReleaseSource and a third warpgroup runs producer_loop with DequantSource (both in
+// sparse_prefill/schedule.cuh). launch.cuh launches it.
 #pragma once
 
 #include "common/sparse_params.h"
@@ -13,32 +14,6 @@
 namespace jax_flashmla {
 namespace sparse_sm90 {
 namespace seesaw {
-
-// The producer warpgroup: every block of the split, both parts, in order; a part's stage is refilled
-// once the consumer warpgroup that reads it last has handed it back (k_free, one phase per use of the
-// stage: the walk hands back both stages before their first blocks). The next block's ids are read,
-// and its lines prefetched into L2, before the current block's parts are waited for.
-template <KvFormat kFormat>
-__device__ __forceinline__ void producer_loop(Storage<kFormat>& s, const DequantSource<kFormat>& src, int blocks) {
-  using Rows = typename DequantSource<kFormat>::Rows;
-  Rows next = blocks > 0 ? src.rows(0) : Rows{};
-  for (int b = 0; b < blocks; ++b) {
-    const Rows cur = next;
-    if (b + 1 < blocks) {
-      next = src.rows(b + 1);
-      src.prefetch(0, b + 1, next);
-      src.prefetch(1, b + 1, next);
-    }
-    const int stage = b & 1;
-    const uint32_t parity = (b >> 1) & 1;
-#pragma unroll
-    for (int part = 0; part < 2; ++part) {
-      sm90::mbar_wait(&s.k_free[stage][part], parity);
-      src.fill(s, stage, part, b, cur);
-    }
-  }
-  sm90::cp_async_wait_all();  // the last RoPE copies land before the warpgroup leaves
-}
 
 // Grid: one CTA per (request, query token, split, head tile), head tiles innermost, then splits, then
 // query tokens (the mma.sync kernel's order: the CTAs that read the same tokens run side by side).
@@ -67,23 +42,15 @@ __global__ void __launch_bounds__(threads<kProducer>(), 1)
   const int blocks = range.e_end > range.e_begin ? ceil_div(range.e_end - range.e_begin, kBlockN) : 0;
   const DequantSource<kFormat> dequant{p, req, token, range};
 
+  using Release = prefill::ReleaseSource<DequantSource<kFormat>::kArrivals>;
   if constexpr (kProducer) {
-    if (t.tid == 0) {
-      for (int i = 0; i < 2; ++i) {
-        for (int w = 0; w < 2; ++w) {
-          sm90::mbar_init(&s.k_full[i][w], DequantSource<kFormat>::kArrivals);
-          sm90::mbar_init(&s.k_free[i][w], prefill::kWarpgroupThreads);
-        }
-      }
-      sm90::fence_mbar_init();
-    }
-    __syncthreads();  // all three warpgroups see the initialised mbarriers
+    prefill::init_producer_barriers<DequantSource<kFormat>>(s);
     if (t.wg == 2) {
-      sm90::warpgroup_reg_dealloc<kProducerRegs>();
-      producer_loop(s, dequant, blocks);
+      sm90::warpgroup_reg_dealloc<prefill::kProducerRegs>();
+      prefill::producer_loop(s, dequant, blocks);
       return;
     }
-    sm90::warpgroup_reg_alloc<kConsumerRegs>();
+    sm90::warpgroup_reg_alloc<prefill::kConsumerRegs>();
   }
 
   float o[128];
@@ -94,7 +61,7 @@ __global__ void __launch_bounds__(threads<kProducer>(), 1)
   bool any_read = false;
   const uint16_t* q_row0 = p.q + tp.qo_row0 * kDqk;
   if constexpr (kProducer) {
-    prefill::walk_blocks(s, ReleaseSource{s.k_free}, blocks, q_row0, tp.rows, t, scale_log2, o, st, row_max,
+    prefill::walk_blocks(s, Release{s.k_free}, blocks, q_row0, tp.rows, t, scale_log2, o, st, row_max,
                          any_read);
   } else {
     prefill::walk_blocks(s, dequant, blocks, q_row0, tp.rows, t, scale_log2, o, st, row_max, any_read);

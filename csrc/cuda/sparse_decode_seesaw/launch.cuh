@@ -27,7 +27,7 @@ cudaError_t launch_sparse_decode_seesaw_kernel(const SparseDecodeParams& p, cuda
       cudaFuncAttributes attr{};
       const cudaError_t err = cudaFuncGetAttributes(&attr, sparse_decode_seesaw_kernel<kFormat, kProducer>);
       if (err != cudaSuccess) return err;
-      return attr.numRegs == kLaunchRegs ? cudaSuccess : cudaErrorInvalidConfiguration;
+      return attr.numRegs == prefill::kLaunchRegs ? cudaSuccess : cudaErrorInvalidConfiguration;
     }();
     if (regs_ok != cudaSuccess) return regs_ok;
   }

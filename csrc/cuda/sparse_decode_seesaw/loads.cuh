@@ -183,25 +183,6 @@ struct DequantSource {
   }
 };
 
-// The consumers' source when a producer warpgroup loads the blocks (kProducer): filling a part means
-// handing it back, an arrival on its k_free mbarrier; the producer (the kernel) does the rest.
-struct ReleaseSource {
-  struct Rows {};
-  static constexpr int kArrivals = 2 * prefill::kWarpgroupThreads;  // the producer's DequantSource fills
-  static_assert(kArrivals == DequantSource<KvFormat::kV32>::kArrivals &&
-                    kArrivals == DequantSource<KvFormat::kModel1>::kArrivals,
-                "k_full completes on the producer's fills");
-  static constexpr bool kProducerFed = true;
-  uint64_t (*k_free)[2];
-
-  __device__ __forceinline__ Rows rows(int) const { return {}; }
-  __device__ __forceinline__ void prefetch(int, int, const Rows&) const {}
-  template <int kDqk>
-  __device__ __forceinline__ void fill(prefill::SharedStorage<kDqk>&, int stage, int part, int, const Rows&) const {
-    sm90::mbar_arrive(&k_free[stage][part]);
-  }
-};
-
 }  // namespace seesaw
 }  // namespace sparse_sm90
 }  // namespace jax_flashmla

@@ -16,14 +16,24 @@
 #include "common/mla_contract.h"
 #include "cuda/sparse_common/tile.h"
 
+// 1: the sparse prefill runs with a producer warpgroup gathering the blocks (below); 0 (default until
+// it has passed the GPU tests and been timed against the kernel without): the consumer warpgroups
+// gather them. Both are compiled in every build.
+#ifndef JAX_FLASHMLA_SPARSE_PREFILL_PRODUCER
+#define JAX_FLASHMLA_SPARSE_PREFILL_PRODUCER 0
+#endif
+
 namespace jax_flashmla {
 namespace sparse_sm90 {
 namespace prefill {
+
+constexpr bool kSelectedProducer = JAX_FLASHMLA_SPARSE_PREFILL_PRODUCER != 0;
 
 constexpr int kWarps = kThreads / 32;     // the row copies of loads.cuh (shared with the backward)
 constexpr int kWarpgroupThreads = 128;
 constexpr int kTileBytes = 64 * 64 * 2;   // 64 rows x 64 bf16 channels, 128-byte swizzled
 constexpr int kMaskSlots = 4;             // read-entry masks of blocks b % 4 (loads.cuh)
+constexpr int kBarConsumers = 5;          // named barrier of the two consumer warpgroups of a producer-fed walk
 
 template <int kDqk>
 struct SharedStorage {
@@ -46,6 +56,37 @@ template <int kDqk>
 constexpr int smem_bytes() {
   return static_cast<int>(sizeof(SharedStorage<kDqk>)) + 1024;  // + room to align the dynamic base
 }
+
+// A producer warpgroup (threads 256..383) can load the blocks instead of the two consumer warpgroups
+// (schedule.cuh: producer_loop, ReleaseSource): a consumer that is done with a part arrives on the
+// part's k_free mbarrier, and the producer refills it once all its readers have. Registers: the CTA's
+// pool holds kLaunchRegs a thread at launch (384 threads: 168); the producer lowers itself to
+// kProducerRegs and the consumers raise themselves to kConsumerRegs, which the pool can pay for:
+// 128 * (168 - 56) = 256 * (224 - 168). A consumer's raise waits until the pool holds the registers, so
+// a launch count below kLaunchRegs would hang it: the launches check the count ptxas gave.
+template <bool kProducer>
+constexpr int cta_threads() {
+  return kProducer ? kThreads + kWarpgroupThreads : kThreads;
+}
+constexpr int kLaunchRegs = (65536 / cta_threads<true>()) & ~7;
+constexpr int kProducerRegs = 56;
+constexpr int kConsumerRegs = 224;
+static_assert(kWarpgroupThreads * (kLaunchRegs - kProducerRegs) >= kThreads * (kConsumerRegs - kLaunchRegs),
+              "the register split must fit the pool");
+
+// The plan plus the producer's k_free mbarriers (unused without a producer).
+template <int kDqk>
+struct ProducerStorage : SharedStorage<kDqk> {
+  uint64_t k_free[2][2];  // [stage][part] the consumers are done with the part (128 arrivals)
+};
+
+template <int kDqk>
+constexpr int producer_smem_bytes() {
+  return static_cast<int>(sizeof(ProducerStorage<kDqk>)) + 1024;
+}
+
+static_assert(producer_smem_bytes<576>() <= 227 * 1024 && producer_smem_bytes<512>() <= 227 * 1024,
+              "the producer's plan must fit one SM's shared memory");
 
 static_assert(smem_bytes<576>() <= 227 * 1024, "the d_qk 576 stages must fit one SM's shared memory");
 static_assert(smem_bytes<512>() <= 227 * 1024, "the d_qk 512 stages must fit one SM's shared memory");

@@ -28,9 +28,9 @@ struct TileRows {
 };
 
 // `st` holds this thread's partial row sums over its own columns and blocks, `row_max` its
-// warpgroup's exact row maxima (log2 units); `any_read`: the token reads at least one entry. All
-// kThreads threads call it.
-template <int kDqk>
+// warpgroup's exact row maxima (log2 units); `any_read`: the token reads at least one entry. The two
+// consumer warpgroups (kThreads threads) call it.
+template <bool kProducerFed = false, int kDqk>
 __device__ __forceinline__ void finish_tile(const SparsePrefillParams& p, SharedStorage<kDqk>& s, const float* o,
                                             const sm90::ThreadCoord& t, sm90::RowState st, sm90::RowPair row_max,
                                             bool any_read, const TileRows& tr) {
@@ -45,7 +45,9 @@ __device__ __forceinline__ void finish_tile(const SparsePrefillParams& p, Shared
     s.row_max[t.wg][t.r_lo] = row_max.lo;
     s.row_max[t.wg][t.r_lo + 8] = row_max.hi;
   }
-  const bool token_reads = __syncthreads_or(any_read);
+  // Over the two consumer warpgroups (kProducerFed: the producer warpgroup has left).
+  const bool token_reads = kProducerFed ? sm90::bar_sync_or(kBarConsumers, kThreads, any_read)
+                                        : __syncthreads_or(any_read);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = t.r_lo + 8 * half;

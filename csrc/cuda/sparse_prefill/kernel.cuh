@@ -18,6 +18,8 @@
 // start of the pair, so their latency hides under its math.
 #pragma once
 
+#include <type_traits>
+
 #include "common/sparse_params.h"
 #include "cuda/sparse_prefill/epilogue.cuh"
 #include "cuda/sparse_prefill/loads.cuh"
@@ -32,10 +34,12 @@ using sm90::RowState;
 using sm90::ThreadCoord;
 
 // Grid: one CTA per (query token, head tile), head tiles innermost, so the tiles of one token run side
-// by side and the second reads the token's rows from L2.
-template <int kDqk>
-__global__ void __launch_bounds__(kThreads, 1) sparse_prefill_kernel(const __grid_constant__ SparsePrefillParams p) {
-  using Storage = SharedStorage<kDqk>;
+// by side and the second reads the token's rows from L2. kProducer: a third warpgroup gathers the
+// blocks (config.h's producer plan; schedule.cuh's producer_loop and ReleaseSource).
+template <int kDqk, bool kProducer>
+__global__ void __launch_bounds__(cta_threads<kProducer>(), 1)
+    sparse_prefill_kernel(const __grid_constant__ SparsePrefillParams p) {
+  using Storage = std::conditional_t<kProducer, ProducerStorage<kDqk>, SharedStorage<kDqk>>;
   extern __shared__ uint8_t smem_raw[];
   // Aligned by an offset from smem_raw, so the compiler still knows these are shared-memory addresses.
   Storage& s = *reinterpret_cast<Storage*>(smem_raw + (1024 - sm90::smem_addr(smem_raw) % 1024) % 1024);
@@ -49,6 +53,16 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_prefill_kernel(const __gri
   const int n = entries_of(p, token);
   const int blocks = ceil_div(n, kBlockN);
 
+  if constexpr (kProducer) {
+    init_producer_barriers<GatherSource<true>>(s);
+    if (t.wg == 2) {
+      sm90::warpgroup_reg_dealloc<kProducerRegs>();
+      producer_loop(s, GatherSource<true>{p, token, n}, blocks);
+      return;
+    }
+    sm90::warpgroup_reg_alloc<kConsumerRegs>();
+  }
+
   float o[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
@@ -56,10 +70,15 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_prefill_kernel(const __gri
   RowPair row_max{-INFINITY, -INFINITY};  // exact (log2 units), for max_logits: the base may lag it
   bool any_read = false;
 
-  walk_blocks(s, GatherSource{p, token, n}, blocks, p.q + tr.qo_row0 * kDqk, tr.rows, t, scale_log2, o, st,
-              row_max, any_read);
+  if constexpr (kProducer) {
+    walk_blocks(s, ReleaseSource<GatherSource<true>::kArrivals>{s.k_free}, blocks, p.q + tr.qo_row0 * kDqk, tr.rows,
+                t, scale_log2, o, st, row_max, any_read);
+  } else {
+    walk_blocks(s, GatherSource<>{p, token, n}, blocks, p.q + tr.qo_row0 * kDqk, tr.rows, t, scale_log2, o, st,
+                row_max, any_read);
+  }
 
-  finish_tile(p, s, o, t, st, row_max, any_read, tr);
+  finish_tile<kProducer>(p, s, o, t, st, row_max, any_read, tr);
 }
 
 }  // namespace prefill

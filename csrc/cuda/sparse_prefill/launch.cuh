@@ -1,6 +1,7 @@
-// Launch of the sparse prefill kernel for one d_qk: the grid and the shared-memory attribute.
-// sparse_prefill_576.cu and sparse_prefill_512.cu instantiate launch_sparse_prefill_kernel;
-// launch_sparse_prefill (sparse_prefill.cu) picks by d_qk.
+// Launch of the sparse prefill kernel for one d_qk, with or without its producer warpgroup: the grid,
+// the block size and the shared-memory attribute. sparse_prefill_576.cu and sparse_prefill_512.cu
+// instantiate launch_sparse_prefill_kernel; launch_sparse_prefill (sparse_prefill.cu) picks by d_qk and
+// by the build (config.h).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,19 +12,29 @@ namespace jax_flashmla {
 namespace sparse_sm90 {
 namespace prefill {
 
-template <int kDqk>
+template <int kDqk, bool kProducer>
 cudaError_t launch_sparse_prefill_kernel(const SparsePrefillParams& p, cudaStream_t stream) {
-  constexpr int kSmem = smem_bytes<kDqk>();
+  constexpr int kSmem = kProducer ? producer_smem_bytes<kDqk>() : smem_bytes<kDqk>();
   // The attribute belongs to the current device; setting it again is cheap and keeps this stateless.
-  if (cudaError_t err = cudaFuncSetAttribute(sparse_prefill_kernel<kDqk>,
+  if (cudaError_t err = cudaFuncSetAttribute(sparse_prefill_kernel<kDqk, kProducer>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
       err != cudaSuccess) {
     return err;
   }
+  if constexpr (kProducer) {
+    // The register split (config.h) assumes the launch count; checked once per process.
+    static const cudaError_t regs_ok = [] {
+      cudaFuncAttributes attr{};
+      const cudaError_t err = cudaFuncGetAttributes(&attr, sparse_prefill_kernel<kDqk, kProducer>);
+      if (err != cudaSuccess) return err;
+      return attr.numRegs == kLaunchRegs ? cudaSuccess : cudaErrorInvalidConfiguration;
+    }();
+    if (regs_ok != cudaSuccess) return regs_ok;
+  }
   const int64_t ctas = p.seqlen_q * ceil_div(p.num_heads_q, kRows);
   if (ctas == 0) return cudaSuccess;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  sparse_prefill_kernel<kDqk><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
+  sparse_prefill_kernel<kDqk, kProducer><<<static_cast<unsigned>(ctas), cta_threads<kProducer>(), kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 

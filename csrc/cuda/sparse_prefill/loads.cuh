@@ -88,18 +88,40 @@ __device__ __forceinline__ PartRows part_rows(const SparsePrefillParams& p, int6
   return rows;
 }
 
+// The block's mask word of this thread's warp (bit r: entry 16 warp + r is read) from `rows`: lanes
+// 8 q of the warp hold rows 16 warp + q + 4 j. All lanes call it.
+__device__ __forceinline__ uint16_t part_mask_bits(const PartRows& rows) {
+  uint32_t bits = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t b = __ballot_sync(0xffffffffu, rows.id[j] >= 0);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) bits |= ((b >> (8 * q)) & 1u) << (4 * j + q);
+  }
+  return static_cast<uint16_t>(bits);
+}
+
 // Gathers part `part` of block `block` into stage `stage` (the warpgroup `part` calls it, all 128
 // threads): V tiles 4 part .. 4 part + 3, and with d_qk 576 the RoPE tile when part == 1 - stage (the
 // part of the warpgroup that reads the block's P from that tile, kernel.cuh). Rows of unread entries
 // are zero-filled, never read. The part's mbarrier completes when every thread's copies have
 // landed. The warpgroup that runs the block's softmax (part == stage) also publishes the block's
 // mask of read entries in mask[block % kMaskSlots], visible to the warpgroup on return.
-template <int kDqk>
+// kForProducer (a producer warpgroup fills every part, schedule.cuh): the mask is published before the
+// copies, and a plain mbarrier arrival follows the cp.async one, so whoever waits on the part's k_full
+// also sees the mask (the part then completes on 256 arrivals).
+template <int kDqk, bool kForProducer = false>
 __device__ __forceinline__ void issue_part(SharedStorage<kDqk>& s, const SparsePrefillParams& p, int stage, int part,
                                            int block, const PartRows& rows) {
   const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4, chunk = lane % 8;
   const bool rope = kDqk == 576 && part == 1 - stage;
   uint8_t* base = s.k[stage];
+  if constexpr (kForProducer) {
+    if (part == stage) {
+      const uint16_t bits = part_mask_bits(rows);
+      if (lane == 0) s.mask[block % kMaskSlots][warp] = bits;
+    }
+  }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int row = 16 * warp + lane / 8 + 4 * j;
@@ -114,24 +136,23 @@ __device__ __forceinline__ void issue_part(SharedStorage<kDqk>& s, const SparseP
     }
   }
   sm90::cp_async_mbar_arrive(&s.k_full[stage][part]);
-  if (part == stage) {
-    uint32_t bits = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t b = __ballot_sync(0xffffffffu, rows.id[j] >= 0);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) bits |= ((b >> (8 * q)) & 1u) << (4 * j + q);
-    }
-    if (lane == 0) s.mask[block % kMaskSlots][warp] = static_cast<uint16_t>(bits);
+  if constexpr (kForProducer) {
+    sm90::mbar_arrive(&s.k_full[stage][part]);
+  } else if (part == stage) {
+    const uint16_t bits = part_mask_bits(rows);
+    if (lane == 0) s.mask[block % kMaskSlots][warp] = bits;
     sm90::bar_sync(sm90::kBarWarpgroup + part, kWarpgroupThreads);
   }
 }
 
 // The prefill's source of blocks for walk_blocks (schedule.cuh): query token `token`'s first n
 // entries, their kv rows gathered by cp.async.
+// kForProducer: the producer warpgroup's source (issue_part's kForProducer).
+template <bool kForProducer = false>
 struct GatherSource {
   using Rows = PartRows;
-  static constexpr int kArrivals = kWarpgroupThreads;  // a part completes on its threads' cp.async arrivals
+  // A part completes on its threads' cp.async arrivals (and, for the producer, their plain ones).
+  static constexpr int kArrivals = kForProducer ? 2 * kWarpgroupThreads : kWarpgroupThreads;
   static constexpr bool kProducerFed = false;
   const SparsePrefillParams& p;
   int64_t token;
@@ -142,7 +163,7 @@ struct GatherSource {
   __device__ __forceinline__ void prefetch(int, int, const Rows&) const {}
   template <int kDqk>
   __device__ __forceinline__ void fill(SharedStorage<kDqk>& s, int stage, int part, int block, const Rows& r) const {
-    issue_part(s, p, stage, part, block, r);
+    issue_part<kDqk, kForProducer>(s, p, stage, part, block, r);
   }
 };
 

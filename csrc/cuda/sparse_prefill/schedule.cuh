@@ -14,8 +14,9 @@
 //       will fill that part of the block later in the pair (its rows read by then); may do nothing.
 //   kArrivals: the arrivals that complete a part's k_full phase.
 //   kProducerFed: a third warpgroup of the CTA loads the blocks (fill then only says the part is free
-//       again); the kernel initialises the mbarriers itself, and the walk's CTA-wide barriers become
-//       the named barrier kBarConsumers over the two consumer warpgroups.
+//       again: ReleaseSource, below, with producer_loop); the kernel initialises the mbarriers itself
+//       (init_producer_barriers), and the walk's CTA-wide barriers become the named barrier
+//       kBarConsumers over the two consumer warpgroups.
 //
 // prefill/loads.cuh's GatherSource copies bfloat16 rows by cp.async; the sparse FP8 decode's source
 // (sparse_decode_seesaw/loads.cuh) dequantises token records.
@@ -37,7 +38,7 @@ using sm90::RowPair;
 using sm90::RowState;
 using sm90::ThreadCoord;
 
-constexpr int kBarConsumers = sm90::kBarWarpgroup + 2;  // the two consumer warpgroups of a producer-fed walk
+static_assert(kBarConsumers == sm90::kBarWarpgroup + 2, "named barriers 1..4 are the hand-offs' and the warpgroups'");
 
 // A barrier over the threads that walk the blocks: the whole CTA, or its two consumer warpgroups.
 template <bool kProducerFed>
@@ -265,6 +266,66 @@ __device__ __forceinline__ void walk_blocks(SharedStorage<kDqk>& s, const Source
     else walk_pairs(wg1_pair);
   }
 
+}
+
+// The consumers' source when a producer warpgroup loads the blocks: filling a part means handing it
+// back, an arrival on its k_free mbarrier (the walk's prologue hands both stages over for the first
+// two blocks). kFillArrivals: the arrivals of the producer's fills that complete a part's k_full phase.
+template <int kFillArrivals>
+struct ReleaseSource {
+  struct Rows {};
+  static constexpr int kArrivals = kFillArrivals;
+  static constexpr bool kProducerFed = true;
+  uint64_t (*k_free)[2];
+
+  __device__ __forceinline__ Rows rows(int) const { return {}; }
+  __device__ __forceinline__ void prefetch(int, int, const Rows&) const {}
+  template <int kDqk>
+  __device__ __forceinline__ void fill(SharedStorage<kDqk>&, int stage, int part, int, const Rows&) const {
+    sm90::mbar_arrive(&k_free[stage][part]);
+  }
+};
+
+// The mbarriers of a producer-fed tile (k_full completed by the producer's Source fills, k_free by one
+// consumer warpgroup's hand-back), initialised and visible to all three warpgroups. All threads call it.
+template <class Source, int kDqk>
+__device__ __forceinline__ void init_producer_barriers(ProducerStorage<kDqk>& s) {
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      for (int w = 0; w < 2; ++w) {
+        sm90::mbar_init(&s.k_full[i][w], Source::kArrivals);
+        sm90::mbar_init(&s.k_free[i][w], kWarpgroupThreads);
+      }
+    }
+    sm90::fence_mbar_init();
+  }
+  __syncthreads();
+}
+
+// The producer warpgroup: every block, both parts, in order, through `src`; a part's stage is refilled
+// once the consumer warpgroup that reads it last has handed it back (k_free, one phase per use of the
+// stage). The next block's rows are read, and the source told to prefetch them, before the current
+// block's parts are waited for.
+template <int kDqk, class Source>
+__device__ __forceinline__ void producer_loop(ProducerStorage<kDqk>& s, const Source& src, int blocks) {
+  using Rows = typename Source::Rows;
+  Rows next = blocks > 0 ? src.rows(0) : Rows{};
+  for (int b = 0; b < blocks; ++b) {
+    const Rows cur = next;
+    if (b + 1 < blocks) {
+      next = src.rows(b + 1);
+      src.prefetch(0, b + 1, next);
+      src.prefetch(1, b + 1, next);
+    }
+    const int stage = b & 1;
+    const uint32_t parity = (b >> 1) & 1;
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+      sm90::mbar_wait(&s.k_free[stage][part], parity);
+      src.fill(s, stage, part, b, cur);
+    }
+  }
+  sm90::cp_async_wait_all();  // its last copies land before the warpgroup leaves
 }
 
 }  // namespace prefill

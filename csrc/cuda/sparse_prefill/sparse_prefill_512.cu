@@ -1,11 +1,12 @@
-// The sparse prefill kernel at d_qk 512 (V4).
+// The sparse prefill kernel, without and with its producer warpgroup, at d_qk 512 (V4).
 #include "cuda/sparse_prefill/launch.cuh"
 
 namespace jax_flashmla {
 namespace sparse_sm90 {
 namespace prefill {
 
-template cudaError_t launch_sparse_prefill_kernel<512>(const SparsePrefillParams&, cudaStream_t);
+template cudaError_t launch_sparse_prefill_kernel<512, false>(const SparsePrefillParams&, cudaStream_t);
+template cudaError_t launch_sparse_prefill_kernel<512, true>(const SparsePrefillParams&, cudaStream_t);
 
 }  // namespace prefill
 }  // namespace sparse_sm90
