@@ -27,14 +27,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const __grid
 
   // With splits, the combine grid may launch now: it waits for this grid's completion itself.
   sm90::allow_dependent_launch();
-  const int head_tiles = ceil_div(p.num_heads_q, kRows);
-  const int head_tile = blockIdx.x % head_tiles;
-  const int split = (blockIdx.x / head_tiles) % p.num_splits;
-  const int token = (blockIdx.x / head_tiles / p.num_splits) % p.seqlen_q;
-  const int req = blockIdx.x / head_tiles / p.num_splits / p.seqlen_q;
-  const int head0 = head_tile * kRows;
-  const int rows = min(kRows, p.num_heads_q - head0);
-  const int64_t qo_row0 = (static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head0;
+  const DecodeCta cta = decode_cta(p);
+  const int req = cta.req, token = cta.token, split = cta.split, head0 = cta.head0, rows = cta.rows;
+  const int64_t qo_row0 = cta.qo_row0;
 
   const int tid = threadIdx.x;
   const int half = tid / 128;  // output channels 256 half ..

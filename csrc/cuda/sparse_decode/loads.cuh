@@ -39,6 +39,25 @@ __device__ __forceinline__ SplitRange split_range(const SparseDecodeParams& p, i
   return r;
 }
 
+// A CTA of the sparse decode grids: one per (request, query token, split, head tile), head tiles
+// innermost, then splits, then query tokens (the CTAs that read the same tokens run side by side).
+struct DecodeCta {
+  int req, token, split, head0, rows;  // rows: live heads of the tile (head0 .. head0 + rows - 1)
+  int64_t qo_row0;                     // row of head head0 in out (and in each split's partials)
+};
+
+__device__ __forceinline__ DecodeCta decode_cta(const SparseDecodeParams& p) {
+  const int head_tiles = ceil_div(p.num_heads_q, kRows);
+  DecodeCta c;
+  c.head0 = (blockIdx.x % head_tiles) * kRows;
+  c.split = (blockIdx.x / head_tiles) % p.num_splits;
+  c.token = (blockIdx.x / head_tiles / p.num_splits) % p.seqlen_q;
+  c.req = blockIdx.x / head_tiles / p.num_splits / p.seqlen_q;
+  c.rows = min(kRows, p.num_heads_q - c.head0);
+  c.qo_row0 = (static_cast<int64_t>(c.req) * p.seqlen_q + c.token) * p.num_heads_q + c.head0;
+  return c;
+}
+
 // Loads the Q rows (heads head0 .. head0 + rows - 1 of one query token) into the swizzled tile; rows
 // past `rows` are zero. `q_row0` points at head head0's first channel.
 template <class Tr, class SmemTensor>

@@ -14,35 +14,22 @@
 
 #include "common/sparse_params.h"
 #include "cuda/decode/softmax.cuh"
+#include "cuda/sparse_decode/loads.cuh"
 #include "cuda/sparse_decode_seesaw/config.h"
+#include "cuda/sparse_prefill/epilogue.cuh"
 #include "cuda/sparse_prefill/schedule.cuh"
 
 namespace jax_flashmla {
 namespace sparse_sm90 {
 namespace seesaw {
 
-// The tile's place: rows are heads head0 .. head0 + rows - 1 of (req, token), at row qo_row0 + r of
-// out (and of each split's partials); `split` is the split this CTA walked.
-struct TilePlace {
-  int64_t qo_row0;
-  int req, token, head0, rows, split;
-};
-
 // `st` holds this thread's partial row sums over its own columns and blocks. The two consumer
 // warpgroups (kThreads threads) call it; kProducerFed: a producer warpgroup, which does not, exists.
 template <bool kProducerFed, int kDqk>
 __device__ __forceinline__ void finish_tile(const SparseDecodeParams& p, prefill::SharedStorage<kDqk>& s,
                                             const float* o, const sm90::ThreadCoord& t, sm90::RowState st,
-                                            const TilePlace& tp) {
-#pragma unroll
-  for (int d = 1; d <= 2; d <<= 1) {
-    st.l_lo += __shfl_xor_sync(0xffffffffu, st.l_lo, d);
-    st.l_hi += __shfl_xor_sync(0xffffffffu, st.l_hi, d);
-  }
-  if (t.lane % 4 == 0) {
-    s.row_sum[t.wg][t.r_lo] = st.l_lo;
-    s.row_sum[t.wg][t.r_lo + 8] = st.l_hi;
-  }
+                                            const DecodeCta& tp) {
+  prefill::publish_row_sums(s, t, st);
   prefill::consumers_sync<kProducerFed>();
   const bool partial = p.num_splits > 1;
   const int64_t rows_total = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads_q;

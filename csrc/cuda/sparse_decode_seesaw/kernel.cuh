@@ -15,8 +15,7 @@ namespace jax_flashmla {
 namespace sparse_sm90 {
 namespace seesaw {
 
-// Grid: one CTA per (request, query token, split, head tile), head tiles innermost, then splits, then
-// query tokens (the mma.sync kernel's order: the CTAs that read the same tokens run side by side).
+// Grid: the mma.sync kernel's (decode_cta, sparse_decode/loads.cuh).
 template <KvFormat kFormat, bool kProducer>
 __global__ void __launch_bounds__(threads<kProducer>(), 1)
     sparse_decode_seesaw_kernel(const __grid_constant__ SparseDecodeParams p) {
@@ -28,19 +27,12 @@ __global__ void __launch_bounds__(threads<kProducer>(), 1)
 
   // With splits, the combine grid may launch now: it waits for this grid's completion itself.
   sm90::allow_dependent_launch();
-  const int head_tiles = ceil_div(p.num_heads_q, kRows);
-  const int head_tile = blockIdx.x % head_tiles;
-  const int split = (blockIdx.x / head_tiles) % p.num_splits;
-  const int token = (blockIdx.x / head_tiles / p.num_splits) % p.seqlen_q;
-  const int req = blockIdx.x / head_tiles / p.num_splits / p.seqlen_q;
-  const int head0 = head_tile * kRows;
-  const TilePlace tp{(static_cast<int64_t>(req) * p.seqlen_q + token) * p.num_heads_q + head0, req, token, head0,
-                     min(kRows, p.num_heads_q - head0), split};
+  const DecodeCta tp = decode_cta(p);
   const sm90::ThreadCoord t = sm90::thread_coord();
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const SplitRange range = split_range(p, req, split);
+  const SplitRange range = split_range(p, tp.req, tp.split);
   const int blocks = range.e_end > range.e_begin ? ceil_div(range.e_end - range.e_begin, kBlockN) : 0;
-  const DequantSource<kFormat> dequant{p, req, token, range};
+  const DequantSource<kFormat> dequant{p, tp.req, tp.token, range};
 
   using Release = prefill::ReleaseSource<DequantSource<kFormat>::kArrivals>;
   if constexpr (kProducer) {

@@ -22,14 +22,8 @@ cudaError_t launch_sparse_decode_seesaw_kernel(const SparseDecodeParams& p, cuda
     return err;
   }
   if constexpr (kProducer) {
-    // The register split (config.h) assumes the launch count; checked once per process.
-    static const cudaError_t regs_ok = [] {
-      cudaFuncAttributes attr{};
-      const cudaError_t err = cudaFuncGetAttributes(&attr, sparse_decode_seesaw_kernel<kFormat, kProducer>);
-      if (err != cudaSuccess) return err;
-      return attr.numRegs == prefill::kLaunchRegs ? cudaSuccess : cudaErrorInvalidConfiguration;
-    }();
-    if (regs_ok != cudaSuccess) return regs_ok;
+    constexpr auto kKernel = sparse_decode_seesaw_kernel<kFormat, kProducer>;
+    if (cudaError_t err = prefill::check_launch_regs<kKernel>(); err != cudaSuccess) return err;
   }
   const int64_t ctas = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_splits * ceil_div(p.num_heads_q, kRows);
   if (ctas == 0) return cudaSuccess;

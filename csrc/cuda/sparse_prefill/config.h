@@ -11,6 +11,8 @@
 // its rows past h_q hold zero queries and are never written. h_q 1..128 is one or two tiles.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
 
 #include "common/mla_contract.h"
@@ -75,6 +77,19 @@ constexpr int kProducerRegs = 56;
 constexpr int kConsumerRegs = 224;
 static_assert(kWarpgroupThreads * (kLaunchRegs - kProducerRegs) >= kThreads * (kConsumerRegs - kLaunchRegs),
               "the register split must fit the pool");
+
+// cudaSuccess when the producer-fed kernel kKernel got kLaunchRegs registers a thread from ptxas (the
+// register split assumes it), else cudaErrorInvalidConfiguration; checked once per process.
+template <auto kKernel>
+inline cudaError_t check_launch_regs() {
+  static const cudaError_t result = [] {
+    cudaFuncAttributes attr{};
+    const cudaError_t err = cudaFuncGetAttributes(&attr, kKernel);
+    if (err != cudaSuccess) return err;
+    return attr.numRegs == kLaunchRegs ? cudaSuccess : cudaErrorInvalidConfiguration;
+  }();
+  return result;
+}
 
 // The plan plus the producer's k_free mbarriers (unused without a producer).
 template <int kDqk>

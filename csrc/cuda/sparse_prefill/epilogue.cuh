@@ -27,13 +27,11 @@ struct TileRows {
   int rows;
 };
 
-// `st` holds this thread's partial row sums over its own columns and blocks, `row_max` its
-// warpgroup's exact row maxima (log2 units); `any_read`: the token reads at least one entry. The two
-// consumer warpgroups (kThreads threads) call it.
-template <bool kProducerFed = false, int kDqk>
-__device__ __forceinline__ void finish_tile(const SparsePrefillParams& p, SharedStorage<kDqk>& s, const float* o,
-                                            const sm90::ThreadCoord& t, sm90::RowState st, sm90::RowPair row_max,
-                                            bool any_read, const TileRows& tr) {
+// Sums this thread's row sums over its quad (the row's columns of this warpgroup) and stores them in
+// s.row_sum[warpgroup] for the join of the two warpgroups; the caller then synchronises.
+template <int kDqk>
+__device__ __forceinline__ void publish_row_sums(SharedStorage<kDqk>& s, const sm90::ThreadCoord& t,
+                                                 sm90::RowState& st) {
 #pragma unroll
   for (int d = 1; d <= 2; d <<= 1) {
     st.l_lo += __shfl_xor_sync(0xffffffffu, st.l_lo, d);
@@ -42,6 +40,18 @@ __device__ __forceinline__ void finish_tile(const SparsePrefillParams& p, Shared
   if (t.lane % 4 == 0) {
     s.row_sum[t.wg][t.r_lo] = st.l_lo;
     s.row_sum[t.wg][t.r_lo + 8] = st.l_hi;
+  }
+}
+
+// `st` holds this thread's partial row sums over its own columns and blocks, `row_max` its
+// warpgroup's exact row maxima (log2 units); `any_read`: the token reads at least one entry. The two
+// consumer warpgroups (kThreads threads) call it.
+template <bool kProducerFed = false, int kDqk>
+__device__ __forceinline__ void finish_tile(const SparsePrefillParams& p, SharedStorage<kDqk>& s, const float* o,
+                                            const sm90::ThreadCoord& t, sm90::RowState st, sm90::RowPair row_max,
+                                            bool any_read, const TileRows& tr) {
+  publish_row_sums(s, t, st);
+  if (t.lane % 4 == 0) {
     s.row_max[t.wg][t.r_lo] = row_max.lo;
     s.row_max[t.wg][t.r_lo + 8] = row_max.hi;
   }

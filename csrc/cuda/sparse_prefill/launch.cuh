@@ -22,14 +22,8 @@ cudaError_t launch_sparse_prefill_kernel(const SparsePrefillParams& p, cudaStrea
     return err;
   }
   if constexpr (kProducer) {
-    // The register split (config.h) assumes the launch count; checked once per process.
-    static const cudaError_t regs_ok = [] {
-      cudaFuncAttributes attr{};
-      const cudaError_t err = cudaFuncGetAttributes(&attr, sparse_prefill_kernel<kDqk, kProducer>);
-      if (err != cudaSuccess) return err;
-      return attr.numRegs == kLaunchRegs ? cudaSuccess : cudaErrorInvalidConfiguration;
-    }();
-    if (regs_ok != cudaSuccess) return regs_ok;
+    constexpr auto kKernel = sparse_prefill_kernel<kDqk, kProducer>;
+    if (cudaError_t err = check_launch_regs<kKernel>(); err != cudaSuccess) return err;
   }
   const int64_t ctas = p.seqlen_q * ceil_div(p.num_heads_q, kRows);
   if (ctas == 0) return cudaSuccess;
