@@ -8,8 +8,8 @@
 //       (V tiles 4 part .. 4 part + 3, and with d_qk 576 the RoPE tile when part == 1 - stage: the
 //       part of the warpgroup that reads the block's P from that tile), rows of unread entries as
 //       zeros; k_full[stage][part] completes after Source::kArrivals arrivals once the part is in
-//       shared memory and visible to wgmma. When part == stage it also publishes the block's mask of read entries
-//       in mask[block % kMaskSlots], visible to the warpgroup on return.
+//       shared memory and visible to wgmma. When part == stage it also publishes the block's mask
+//       of read entries in mask[block % kMaskSlots], visible to the warpgroup on return.
 //   void prefetch(int part, int block, const Rows& rows) const: a hint, by warpgroup `part`, that it
 //       will fill that part of the block later in the pair (its rows read by then); may do nothing.
 //   kArrivals: the arrivals that complete a part's k_full phase.
