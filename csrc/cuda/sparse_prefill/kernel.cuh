@@ -29,10 +29,6 @@ namespace jax_flashmla {
 namespace sparse_sm90 {
 namespace prefill {
 
-using sm90::RowPair;
-using sm90::RowState;
-using sm90::ThreadCoord;
-
 // Grid: one CTA per (query token, head tile), head tiles innermost, so the tiles of one token run side
 // by side and the second reads the token's rows from L2. kProducer: a third warpgroup gathers the
 // blocks (config.h's producer plan; schedule.cuh's producer_loop and ReleaseSource).
